@@ -1,0 +1,87 @@
+"""Redis key layout.
+
+Every key of a customer carries the hash tag of its Kafka partition, and nothing else is in
+braces: ``rfm:<namespace>:{p<partition>}:<kind>[:<customer_id>]``. Redis Cluster hashes only
+the first ``{...}``, so all keys of one partition live in one slot and one Lua call can update
+a whole batch of that partition atomically.
+
+Kinds
+-----
+``meta``          hash: ``offset`` (last applied Kafka offset), ``wm`` (max event time, epoch ms)
+``c:<id>``        hash: the customer's RFM state, stored segment and cluster
+``ev:<id>``       list: the customer's recently applied ``event_id`` values, newest first
+``ord:<id>``      list: the customer's recent purchase ``order_id`` values, newest first
+``z:last``        sorted set: customer -> last purchase (epoch ms), the recency population
+``z:freq``        sorted set: customer -> frequency, the frequency population
+``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
+``segcount``      hash: segment name -> number of customers whose stored segment it is
+``model``         (no hash tag) the clustering model's JSON snapshot: ``rfm:<namespace>:model``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """The keys of one (namespace, partition).
+
+    Examples
+    --------
+    >>> k = PartitionKeys("live", 7)
+    >>> k.customer("00042"), k.meta
+    ('rfm:live:{p7}:c:00042', 'rfm:live:{p7}:meta')
+    """
+
+    namespace: str
+    partition: int
+
+    def __post_init__(self) -> None:
+        if not self.namespace or any(ch in self.namespace for ch in "{}:*?[]"):
+            raise ValueError(f"invalid namespace {self.namespace!r}")
+        if self.partition < 0:
+            raise ValueError(f"invalid partition {self.partition}")
+
+    @property
+    def prefix(self) -> str:
+        return f"rfm:{self.namespace}:{{p{self.partition}}}:"
+
+    @property
+    def meta(self) -> str:
+        return self.prefix + "meta"
+
+    @property
+    def z_last(self) -> str:
+        return self.prefix + "z:last"
+
+    @property
+    def z_freq(self) -> str:
+        return self.prefix + "z:freq"
+
+    @property
+    def z_mon(self) -> str:
+        return self.prefix + "z:mon"
+
+    @property
+    def segcount(self) -> str:
+        return self.prefix + "segcount"
+
+    def customer(self, customer_id: str) -> str:
+        return self.prefix + "c:" + customer_id
+
+    def event_ids(self, customer_id: str) -> str:
+        return self.prefix + "ev:" + customer_id
+
+    def order_ids(self, customer_id: str) -> str:
+        return self.prefix + "ord:" + customer_id
+
+    @property
+    def customer_pattern(self) -> str:
+        """SCAN pattern of this partition's customer hashes (braces escaped for glob)."""
+        return f"rfm:{self.namespace}:\\{{p{self.partition}\\}}:c:*"
+
+
+def model_key(namespace: str) -> str:
+    """Key of the clustering model snapshot of a namespace."""
+    return f"rfm:{namespace}:model"

@@ -1,0 +1,87 @@
+"""The CDNOW purchase file -> purchase events.
+
+Format (see ``stream/data/NOTICE.md``): whitespace separated, a header line, then
+``customer_id date number_of_cds dollar_value`` per row; ``date`` is YYYYMMDD with no time of
+day or zone (read as UTC midnight); ``dollar_value`` is USD with 2 decimals.
+
+Every row is one order (same-day rows are separate orders). There is no order id, so one is
+derived deterministically: ``<customer>:<date>:<n>`` with ``n`` the row's index among that
+customer's rows of that day (0, 1, ...). The ``event_id`` is ``cdnow:<order_id>``, so loading
+the file twice produces the same ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import IO
+
+N_ROWS = 69_659
+N_CUSTOMERS = 23_570
+
+
+@dataclass(frozen=True, slots=True)
+class CdnowRow:
+    """One CDNOW row with its derived ids."""
+
+    customer_id: str
+    day: str  # YYYYMMDD
+    quantity: int
+    amount: Decimal  # USD
+    order_id: str
+
+    @property
+    def occurred_at(self) -> datetime:
+        return datetime.strptime(self.day, "%Y%m%d").replace(tzinfo=UTC)
+
+    @property
+    def event_id(self) -> str:
+        return f"cdnow:{self.order_id}"
+
+    def event(self) -> dict[str, object]:
+        """The row as a ``PurchaseRecorded`` JSON object (amount as a decimal string)."""
+        return {"event_id": self.event_id, "customer_id": self.customer_id,
+                "order_id": self.order_id, "type": "purchase", "amount": str(self.amount),
+                "currency": "USD", "occurred_at": self.occurred_at.isoformat(),
+                "quantity": self.quantity, "attributes": {"source": "cdnow"}}
+
+
+def open_default() -> IO[bytes]:
+    """The CDNOW file shipped with the package (gzip)."""
+    return resources.files("stream").joinpath("data", "CDNOW_master.txt.gz").open("rb")
+
+
+def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
+    """Rows of a CDNOW file (plain or ``.gz``); None reads the shipped copy.
+
+    Raises
+    ------
+    ValueError
+        On a malformed line (names the line number).
+    """
+    raw = open_default() if path is None else open(path, "rb")
+    with raw:
+        data = gzip.decompress(raw.read()) if _is_gzip(raw, path) else raw.read()
+    seen: dict[tuple[str, str], int] = {}
+    for lineno, line in enumerate(data.decode("ascii").splitlines(), start=1):
+        parts = line.split()
+        if not parts or parts[0] == "customer_id":
+            continue
+        try:
+            cust, day, qty, value = parts
+            amount = Decimal(value)
+            datetime.strptime(day, "%Y%m%d")
+        except ValueError as exc:
+            raise ValueError(f"CDNOW line {lineno} is malformed: {line!r}") from exc
+        n = seen.get((cust, day), 0)
+        seen[(cust, day)] = n + 1
+        yield CdnowRow(cust, day, int(qty), amount, f"{cust}:{day}:{n}")
+
+
+def _is_gzip(raw: IO[bytes], path: str | Path | None) -> bool:
+    return path is None or str(path).endswith(".gz")

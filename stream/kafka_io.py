@@ -1,0 +1,123 @@
+"""Small Kafka helpers over aiokafka: create topics, produce batched, read a topic to its end.
+
+The local broker's ``end_offsets()`` is wrong when the newest batch holds several records
+(LOCAL_STACK.md), so "the end" is read from fetch responses (``consumer.highwater``) and the
+producer's own acknowledgements, never from ListOffsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+
+def bootstrap_of(kafka_url: str) -> str:
+    """``kafka://h1:9092;h2:9092`` -> ``h1:9092,h2:9092``."""
+    return ",".join(u.split("://", 1)[-1] for u in kafka_url.replace(";", ",").split(","))
+
+
+async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create topics ``{name: partitions}`` (replication 1); existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        for name, partitions in topics.items():
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One record to produce: key, value, and a timestamp (epoch ms, e.g. the event time)."""
+
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int | None = None
+
+
+async def produce(bootstrap: str, topic: str, messages: Iterable[Message],
+                  progress: Callable[[int], None] | None = None, window: int = 5000
+                  ) -> dict[int, int]:
+    """Produce messages (batched, acks=all) and wait for every acknowledgement.
+
+    Returns
+    -------
+    dict
+        ``{partition: highest acknowledged offset}``.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, acks="all",
+                                max_batch_size=256 * 1024)
+    await producer.start()
+    last: dict[int, int] = {}
+    try:
+        futures = []
+
+        async def drain() -> None:
+            for meta in await asyncio.gather(*futures):
+                last[meta.partition] = max(last.get(meta.partition, -1), meta.offset)
+            if progress:
+                progress(len(futures))
+            futures.clear()
+
+        for m in messages:
+            futures.append(await producer.send(topic, m.value, key=m.key,
+                                               timestamp_ms=m.timestamp_ms))
+            if len(futures) >= window:
+                await drain()
+        await drain()
+    finally:
+        await producer.stop()
+    return last
+
+
+async def read_all(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: float = 60.0
+                   ) -> list[tuple[int, int, bytes | None, bytes]]:
+    """Read every record of a topic from the beginning to its current end.
+
+    Returns ``(partition, offset, key, value)`` in partition, then offset order. The end is
+    reached when every partition's position has met its high watermark (from fetch responses)
+    and nothing new arrived for ``idle_s`` seconds.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[tuple[int, int, bytes | None, bytes]] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if parts is None:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return out
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        quiet_since = loop.time()
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend((r.partition, r.offset, r.key, r.value) for r in recs)
+            if batch:
+                quiet_since = loop.time()
+            at_end = True
+            for tp in tps:
+                hw = consumer.highwater(tp)
+                if hw is None or await consumer.position(tp) < hw:
+                    at_end = False
+            if at_end and loop.time() - quiet_since >= idle_s:
+                break
+    finally:
+        await consumer.stop()
+    out.sort(key=lambda r: (r[0], r[1]))
+    return out

@@ -1,0 +1,106 @@
+"""One frozen settings object, read from ``RFM_*`` environment variables.
+
+Every knob of the service lives here (README "Configuration" lists them). Nothing else reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from state.rfm import Limits
+from stream.scoring import FixedThresholds
+from stream.validation import InputRules
+
+
+class Settings(BaseSettings):
+    """Service configuration. Environment: ``RFM_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="RFM_", frozen=True, extra="ignore")
+
+    # --- connections
+    kafka_url: str = Field("kafka://127.0.0.1:9092", description="faust broker URL(s), kafka://host:port;host2:port")
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"),
+                                 description="Redis URL (redis:// or rediss://; may hold a password)")
+    namespace: str = Field("live", description="State key namespace (rfm:<namespace>:...)")
+
+    # --- topics
+    app_id: str = Field("rfm-stream", description="faust app id = Kafka consumer group id")
+    purchases_topic: str = "purchases"
+    dead_letter_topic: str = "purchases-dlq"
+    segment_changes_topic: str = "segment-changes"
+    partitions: int = Field(4, ge=1, description="Partitions of the purchases topic")
+
+    # --- worker
+    batch_max: int = Field(1000, ge=1, description="Max records per processing batch")
+    batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch (seconds)")
+    session_timeout_s: float = Field(30.0, gt=0, description="Kafka consumer session timeout (s)")
+    heartbeat_interval_s: float = Field(3.0, gt=0, description="Kafka heartbeat interval (s)")
+    commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s)")
+    web_bind: str = Field("127.0.0.1", description="Address of the HTTP server (/metrics, ...)")
+    web_port: int = Field(6066, ge=0, le=65535, description="Port of the HTTP server")
+    metrics_prefix: str = "rfm"
+
+    # --- input rules
+    currency: str = Field("USD", min_length=3, max_length=3, description="Reporting currency (ISO 4217)")
+    currency_decimals: int = Field(2, ge=0, le=4, description="Minor-unit digits of the currency")
+    max_message_bytes: int = Field(65536, ge=256, description="Larger records are dead letters")
+    max_future_skew_s: float = Field(86400.0, ge=0,
+                                     description="Event times further in the future than this "
+                                     "(vs. the wall clock) are dead letters (seconds)")
+    recent_event_ids: int = Field(32, ge=1, description="Event ids remembered per customer")
+    recent_order_ids: int = Field(32, ge=1, description="Order ids remembered per customer")
+
+    # --- scoring
+    min_population: int = Field(100, ge=1,
+                                description="Below this many customers, fixed thresholds score")
+    fixed_recency_days: tuple[int, int, int, int] = Field(
+        (30, 90, 180, 365), description="Recency upper bounds (days) for R = 5, 4, 3, 2")
+    fixed_frequency: tuple[int, int, int, int] = Field(
+        (2, 3, 5, 8), description="Frequency lower bounds for F = 2, 3, 4, 5")
+    fixed_monetary: tuple[float, float, float, float] = Field(
+        (50.0, 100.0, 250.0, 500.0),
+        description="Monetary lower bounds (currency units) for M = 2, 3, 4, 5")
+    segment_table: str | None = Field(None, description="Path of a segment rule table (TOML); "
+                                      "default: the table shipped in stream/segments.toml")
+
+    # --- clustering
+    n_clusters: int = Field(5, ge=2, le=20)
+    cluster_seed: int = 42
+    cluster_halflife: float = Field(0.05, gt=0, le=1,
+                                    description="River KMeans step towards each point")
+    cluster_min_customers: int = Field(100, ge=1,
+                                       description="No cluster id before this many customers")
+    snapshot_every: int = Field(5000, ge=1,
+                                description="Save a model snapshot every N learned updates")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for name in ("fixed_recency_days", "fixed_frequency", "fixed_monetary"):
+            bounds = getattr(self, name)
+            if list(bounds) != sorted(bounds):
+                raise ValueError(f"{name} must be ascending, got {bounds}")
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError("heartbeat_interval_s must be below session_timeout_s")
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.recent_event_ids, self.recent_order_ids)
+
+    def fixed_thresholds(self) -> FixedThresholds:
+        """The fixed business thresholds, monetary converted to minor units."""
+        scale = 10 ** self.currency_decimals
+        m = tuple(round(x * scale) for x in self.fixed_monetary)
+        return FixedThresholds(self.fixed_recency_days, self.fixed_frequency,
+                               (m[0], m[1], m[2], m[3]))
+
+    def input_rules(self) -> InputRules:
+        """What a valid input record is."""
+        return InputRules(self.currency, self.currency_decimals, self.max_message_bytes,
+                          round(self.max_future_skew_s * 1000))
+
+    def redacted(self) -> dict[str, object]:
+        """Settings safe to log (secrets masked)."""
+        return self.model_dump(mode="json")
