@@ -198,7 +198,10 @@ class PartitionState:
 
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
-    """Counts of one batch: events applied, skipped by offset, skipped by ``event_id``."""
+    """Counts of one batch's events: applied, skipped by offset, skipped by ``event_id``.
+
+    Dead-letter records (no event) are not counted.
+    """
 
     applied: int = 0
     duplicate_offsets: int = 0
@@ -227,7 +230,7 @@ def apply_batch(
     applied = dup_off = dup_ev = 0
     for rec in records:
         if rec.offset <= last_offset:
-            dup_off += 1
+            dup_off += rec.event is not None
             continue
         last_offset = rec.offset
         if rec.event is None or rec.customer_id is None:

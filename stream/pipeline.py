@@ -118,11 +118,15 @@ class BatchProcessor:
                 state_records.append(Record(raw.offset, None, None))
                 result.dead_letters.append(self._dead_letter(raw, verdict.reason,
                                                              verdict.detail, now))
-                self.metrics.dead_lettered.labels(verdict.reason).inc()
         self.metrics.events_consumed.inc(len(records))
         if not state_records:
             return result
         applied = await self.store.apply_batch(partition, state_records)
+        # a redelivered record that was dead-lettered before is not dead-lettered again
+        result.dead_letters = [d for d in result.dead_letters
+                               if d.source_offset > applied.last_offset_before]
+        for d in result.dead_letters:
+            self.metrics.dead_lettered.labels(d.reason).inc()
         out = applied.outcome
         result.applied, result.duplicates = out.applied, out.duplicate_offsets + out.duplicate_events
         self.metrics.events_applied.inc(out.applied)

@@ -1,0 +1,41 @@
+# rfm-stream: every target sets up what it needs (a virtualenv in .venv) by itself.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: venv demo test test-unit lint schemas bench clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PY)" || { echo "Python 3.11 is required (python3.11 not found)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: the whole pipeline on the CDNOW purchases, on the embedded local stack
+demo: $(STAMP)
+	$(BIN)/rfm-stream demo --out out/demo
+
+## make test: the whole suite (unit, integration against real servers, e2e)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit stream state
+
+lint: $(STAMP)
+	$(BIN)/ruff check stream state tests bench
+
+schemas: $(STAMP)
+	$(BIN)/rfm-stream schemas docs/schemas
+
+## make bench: worker throughput on the CDNOW load (prints figures; not a test)
+bench: $(STAMP)
+	$(BIN)/python bench/worker_throughput.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,56 @@
+"""Scores 1-5: hand-worked quintiles (with ties), fixed thresholds, and the batch twin against
+brute-force counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream.scoring import FixedThresholds, population_scores, quintile_score
+
+
+def test_hand_worked_quintiles_with_ties():
+    # 10 customers' frequencies; 6 have one order (ties), then 2, 2, 3, 7
+    freq = [1, 1, 1, 1, 1, 1, 2, 2, 3, 7]
+    # worse counts by hand: F=1 -> 0, F=2 -> 6, F=3 -> 8, F=7 -> 9
+    # scores: 1 + floor(5*0/10)=1, 1 + floor(30/10)=4, 1 + floor(40/10)=5, 1 + floor(45/10)=5
+    assert population_scores(freq, True).tolist() == [1, 1, 1, 1, 1, 1, 4, 4, 5, 5]
+    assert [quintile_score(w, 10) for w in (0, 6, 8, 9)] == [1, 4, 5, 5]
+
+
+def test_hand_worked_recency_lower_is_better():
+    days = [0, 0, 30, 400, 10]
+    # strictly larger recency: 0 -> 3 worse, 30 -> 1, 400 -> 0, 10 -> 2
+    # scores: 1 + 15//5 = 4, 1 + 5//5 = 2, 1, 1 + 10//5 = 3
+    assert population_scores(days, False).tolist() == [4, 4, 2, 1, 3]
+
+
+def test_equal_values_always_equal_scores_and_lone_customer():
+    assert population_scores([5, 5, 5], True).tolist() == [1, 1, 1]
+    assert population_scores([42], True).tolist() == [1]
+    with pytest.raises(ValueError):
+        quintile_score(3, 3)
+
+
+def test_fixed_thresholds_for_the_first_customers():
+    t = FixedThresholds((30, 90, 180, 365), (2, 3, 5, 8), (5000, 10000, 25000, 50000))
+    # a first customer: bought today, one order of $12.00 -> R5 F1 M1
+    assert (t.r(0), t.f(1), t.m(1200)) == (5, 1, 1)
+    # 31 days later the same customer is R4 (the boundary is inclusive at 30)
+    assert (t.r(30), t.r(31)) == (5, 4)
+
+
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=60), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_population_scores_match_brute_force(values, higher_is_better):
+    n = len(values)
+    expected = []
+    for v in values:
+        worse = sum(1 for w in values if (w < v if higher_is_better else w > v))
+        expected.append(1 + (5 * worse) // n)
+    got = population_scores(np.array(values), higher_is_better).tolist()
+    assert got == expected
+    assert all(quintile_score(sum(1 for w in values if (w < v if higher_is_better else w > v)), n)
+               == g for v, g in zip(values, got, strict=True))
