@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from stream import localstack
 from stream.demo import local_settings
 from stream.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/oracles.py
 
 _counter = itertools.count()
 

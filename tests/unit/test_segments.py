@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from oracles import GRID
+
 from stream.segments import SegmentTable, SegmentTableError
 
-# The R x F grid written out by hand (rows R = 5..1, columns F = 1..5); M does not matter.
-GRID = {
-    5: ["New Customers", "Potential Loyalists", "Potential Loyalists", "Champions", "Champions"],
-    4: ["Promising", "Potential Loyalists", "Potential Loyalists", "Loyal Customers",
-        "Loyal Customers"],
-    3: ["About To Sleep", "About To Sleep", "Need Attention", "Loyal Customers",
-        "Loyal Customers"],
-    2: ["Hibernating", "Hibernating", "At Risk", "At Risk", "Can't Lose Them"],
-    1: ["Hibernating", "Hibernating", "At Risk", "At Risk", "Can't Lose Them"],
-}
 
 
 def test_default_table_matches_the_hand_written_grid_for_all_125_triples():

@@ -1,0 +1,81 @@
+"""The batch processor against a real Redis: hand-worked segments for the first customers
+(fixed thresholds), redelivery emits nothing, dead letters don't stop good records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stream.app import build_services
+from stream.pipeline import RawRecord
+
+DAY_MS = 86_400_000
+NOW = 1_800_000_000_000
+
+
+def purchase(n: int, customer: str, day: str, amount: str = "10.00", order: str | None = None,
+             kind: str = "purchase") -> bytes:
+    return json.dumps({"event_id": f"e{n}", "customer_id": customer, "order_id": order or f"o{n}",
+                       "type": kind, "amount": amount, "currency": "USD",
+                       "occurred_at": f"{day}T00:00:00Z"}).encode()
+
+
+def raw(offset: int, customer: str | None, value: bytes, partition: int = 0) -> RawRecord:
+    return RawRecord("purchases", partition, offset, None if customer is None else customer.encode(),
+                     value)
+
+
+@pytest.fixture
+async def services(settings):
+    s = build_services(settings.model_copy(update={"partitions": 1}))
+    yield s
+    await s.store.client.aclose()
+
+
+async def test_first_customers_use_fixed_thresholds_and_changes_are_emitted_once(services):
+    proc = services.processor
+    batch = [raw(0, "alice", purchase(0, "alice", "2024-03-01", "12.00")),
+             raw(1, "bob", purchase(1, "bob", "2024-01-01", "600.00")),
+             raw(2, "bob", purchase(2, "bob", "2024-01-01", "1.00", order="o1"))]  # 2nd line of o1
+    out = await proc.process(0, batch, now_ms=NOW)
+    # watermark = 2024-03-01. alice: 0 days, F1, $12 -> R5 F1 M1 = New Customers.
+    # bob: 60 days (31..90 -> R4), F1 (one order, two lines), $601 -> M5 = Promising.
+    got = {c.customer_id: c for c in out.changes}
+    assert set(got) == {"alice", "bob"}
+    a, b = got["alice"], got["bob"]
+    assert (a.r_score, a.f_score, a.m_score, a.current.segment) == (5, 1, 1, "New Customers")
+    assert (b.recency_days, b.frequency, str(b.monetary)) == (60, 1, "601.00")
+    assert (b.r_score, b.f_score, b.m_score, b.current.segment) == (4, 1, 5, "Promising")
+    assert a.previous is None and a.thresholds_version == "fixed" and a.current.cluster is None
+    assert a.cause == "purchase" and a.cause_event_id == "e0"
+    assert "second purchase" in a.strategy
+
+    again = await proc.process(0, batch, now_ms=NOW)  # a redelivery of the same batch
+    assert again.changes == [] and again.applied == 0 and again.duplicates == 3
+
+    # alice buys again 10 days later: F2 -> Potential Loyalists; bob is now 70 days: still R4
+    out2 = await proc.process(0, [raw(3, "alice", purchase(3, "alice", "2024-03-11"))], now_ms=NOW)
+    (c,) = out2.changes
+    assert (c.customer_id, c.previous.segment, c.current.segment) == (
+        "alice", "New Customers", "Potential Loyalists")
+    stored = await services.store.segment_counts([0])
+    assert stored == {"Potential Loyalists": 1, "Promising": 1}
+
+
+async def test_dead_letters_do_not_stop_good_records(services):
+    batch = [raw(0, "c1", b"{oops"),
+             raw(1, "c2", json.dumps({"event_id": "x", "order_id": "o", "type": "purchase",
+                                      "amount": "1.00", "currency": "USD",
+                                      "occurred_at": "2024-01-01T00:00:00Z"}).encode()),
+             raw(2, "c3", purchase(2, "c3", "2024-01-01", "-5.00")),
+             raw(3, "c4", purchase(3, "c4", "2024-01-01"))]
+    out = await services.processor.process(0, batch, now_ms=NOW)
+    assert [(d.source_offset, d.reason) for d in out.dead_letters] == [
+        (0, "not_json"), (1, "missing_field"), (2, "invalid_amount")]
+    assert out.dead_letters[0].value == "{oops" and out.dead_letters[0].source_topic == "purchases"
+    assert [c.customer_id for c in out.changes] == ["c4"]
+    again = await services.processor.process(0, batch, now_ms=NOW)
+    assert again.dead_letters == []  # a redelivered dead letter is not sent twice
+    meta = await services.store.partition_meta([0])
+    assert meta[0][0] == 3
