@@ -37,7 +37,7 @@ class CdnowRow:
 
     @property
     def occurred_at(self) -> datetime:
-        return datetime.strptime(self.day, "%Y%m%d").replace(tzinfo=UTC)
+        return datetime.strptime(self.day + "+0000", "%Y%m%d%z").astimezone(UTC)
 
     @property
     def event_id(self) -> str:
@@ -64,9 +64,10 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
     ValueError
         On a malformed line (names the line number).
     """
-    raw = open_default() if path is None else open(path, "rb")
-    with raw:
-        data = gzip.decompress(raw.read()) if _is_gzip(raw, path) else raw.read()
+    with open_default() if path is None else open(path, "rb") as raw:  # noqa: SIM115
+        data = raw.read()
+    if data[:2] == b"\x1f\x8b":  # gzip magic
+        data = gzip.decompress(data)
     seen: dict[tuple[str, str], int] = {}
     for lineno, line in enumerate(data.decode("ascii").splitlines(), start=1):
         parts = line.split()
@@ -75,13 +76,10 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
         try:
             cust, day, qty, value = parts
             amount = Decimal(value)
-            datetime.strptime(day, "%Y%m%d")
+            datetime.strptime(day + "+0000", "%Y%m%d%z")
         except ValueError as exc:
             raise ValueError(f"CDNOW line {lineno} is malformed: {line!r}") from exc
         n = seen.get((cust, day), 0)
         seen[(cust, day)] = n + 1
         yield CdnowRow(cust, day, int(qty), amount, f"{cust}:{day}:{n}")
 
-
-def _is_gzip(raw: IO[bytes], path: str | Path | None) -> bool:
-    return path is None or str(path).endswith(".gz")

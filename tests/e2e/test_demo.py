@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pandas as pd
-from oracles import GRID, cdnow_rfm
 
+from oracles import GRID, cdnow_rfm
 from stream.events import SegmentChanged
 
 

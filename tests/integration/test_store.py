@@ -82,9 +82,10 @@ async def test_redelivered_batch_changes_nothing(stack):
             Record(11, "c2", StateEvent("e2", "o2", "purchase", 99, 6 * DAY)),
             Record(12, "c1", StateEvent("e3", "o3", "refund", 34, 7 * DAY))]
     first = await store.apply_batch(3, recs)
-    dump1 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(f"rfm:{store.namespace}:*"))}
+    pattern = f"rfm:{store.namespace}:*"
+    dump1 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(pattern))}
     second = await store.apply_batch(3, recs)
-    dump2 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(f"rfm:{store.namespace}:*"))}
+    dump2 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(pattern))}
     assert first.outcome.applied == 3 and second.outcome.applied == 0
     assert second.outcome.duplicate_offsets == 3
     assert dump1 == dump2
@@ -116,7 +117,7 @@ async def test_population_counts_match_brute_force_across_partitions(stack):
         return (as_of - last) // DAY
 
     queries, expected = [], []
-    for cid, (_, last, f, mon) in people.items():
+    for _, last, f, mon in people.values():
         queries.append((recency_bound_ms(days(last), as_of), f, mon))
         expected.append((sum(days(o[1]) > days(last) for o in people.values()),
                          sum(o[2] < f for o in people.values()),

@@ -5,8 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.rfm import (CustomerState, Limits, PartitionState, Record, StateEvent, apply_batch,
-                       apply_event)
+from state.rfm import (
+    CustomerState,
+    Limits,
+    PartitionState,
+    Record,
+    StateEvent,
+    apply_batch,
+    apply_event,
+)
 
 DAY = 86_400_000
 

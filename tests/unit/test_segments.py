@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oracles import GRID
-
 from stream.segments import SegmentTable, SegmentTableError
-
 
 
 def test_default_table_matches_the_hand_written_grid_for_all_125_triples():
