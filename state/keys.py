@@ -7,7 +7,8 @@ a whole batch of that partition atomically.
 
 Kinds
 -----
-``meta``          hash: ``offset`` (last applied Kafka offset), ``wm`` (max event time, epoch ms)
+``meta``          hash: ``offset`` (last applied Kafka offset), ``wm`` (max event time, epoch ms),
+                  ``thr`` (the partition's current scoring thresholds, JSON)
 ``c:<id>``        hash: the customer's RFM state, stored segment and cluster
 ``ev:<id>``       list: the customer's recently applied ``event_id`` values, newest first
 ``ord:<id>``      list: the customer's recent purchase ``order_id`` values, newest first
@@ -15,6 +16,7 @@ Kinds
 ``z:freq``        sorted set: customer -> frequency, the frequency population
 ``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
 ``segcount``      hash: segment name -> number of customers whose stored segment it is
+``outbox``        stream: segment-change events not yet acknowledged by Kafka (field ``v``)
 ``model``         (no hash tag) the clustering model's JSON snapshot: ``rfm:<namespace>:model``
 """
 
@@ -66,6 +68,10 @@ class PartitionKeys:
     @property
     def segcount(self) -> str:
         return self.prefix + "segcount"
+
+    @property
+    def outbox(self) -> str:
+        return self.prefix + "outbox"
 
     def customer(self, customer_id: str) -> str:
         return self.prefix + "c:" + customer_id

@@ -1,26 +1,47 @@
-"""The Redis store: RFM state, population statistics, stored segments and model snapshots.
+"""The Redis store: RFM state, population statistics, segment assignments, the outbox and
+model snapshots.
 
 A thin adapter over the Lua scripts in ``state/lua/`` (each file's header gives its ``KEYS``,
-``ARGV`` and reply). Scripts are registered once and called by SHA (redis-py reloads them
-after ``SCRIPT FLUSH``). One call per (partition, batch): the batch's records are applied
-atomically with the partition's last applied offset, so a redelivered batch changes nothing.
+``ARGV`` and reply). Scripts are registered once and called by SHA (redis-py reloads them after
+``SCRIPT FLUSH``); script result codes become named exceptions.
+
+A batch of one partition goes read -> compute -> commit: :meth:`RedisStore.read_partition`
+reads what the batch needs, the caller computes new states and segment changes (pure code), and
+:meth:`RedisStore.commit_batch` writes all of it in one atomic script, only if the partition's
+applied offset is still the one that was read (else :class:`ConflictError`). A crash anywhere
+before the commit leaves nothing behind; after it, everything (state, offset, assignments,
+outbox entries) is there.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from state.keys import PartitionKeys, model_key
-from state.rfm import BatchOutcome, CustomerState, Limits, Record
+from state.rfm import MS_PER_DAY, BatchOutcome, CustomerState, Limits, Record
+
+_FIELDS = ("f", "buy", "ref", "last", "first", "seg", "cl")
 
 
 class StoreError(RuntimeError):
-    """A Redis reply that breaks the store's invariants."""
+    """Base class of the store's errors."""
+
+
+class ConflictError(StoreError):
+    """The partition's applied offset changed between read and commit (another writer).
+
+    Attributes: ``partition``, ``expected`` and ``stored`` offsets.
+    """
+
+    def __init__(self, partition: int, expected: int, stored: int):
+        super().__init__(f"partition {partition}: applied offset is {stored}, expected {expected}")
+        self.partition, self.expected, self.stored = partition, expected, stored
 
 
 def _script_text(name: str) -> str:
@@ -29,11 +50,7 @@ def _script_text(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StoredCustomer:
-    """A customer's state as stored, with the segment and cluster last published for it.
-
-    ``state.recent_event_ids``/``recent_order_ids`` are left empty (the batch reply omits
-    them; :meth:`RedisStore.read_customer` fills them).
-    """
+    """A customer's state as stored, with the segment and cluster last assigned to it."""
 
     customer_id: str
     state: CustomerState
@@ -42,29 +59,43 @@ class StoredCustomer:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchApplied:
-    """Reply of :meth:`RedisStore.apply_batch`.
+class Assigned:
+    """A segment assignment to store: segment name and cluster id (None: no cluster)."""
 
-    ``changed``: customers to whom at least one event was applied; ``first_purchase``: those
-    whose first purchase this batch applied.
-    """
-
-    outcome: BatchOutcome
-    last_offset_before: int
-    customers: dict[str, StoredCustomer]
-    changed: frozenset[str]
-    first_purchase: frozenset[str]
+    segment: str
+    cluster: int | None
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentWrite:
-    """A compare-and-set of one customer's stored segment and cluster."""
+class PartitionView:
+    """What a batch of one partition starts from.
 
-    customer_id: str
-    expected_segment: str | None
-    expected_cluster: int | None
-    segment: str
-    cluster: int | None
+    ``last_offset``: last applied offset (-1: none); ``watermark``: the partition's highest
+    applied event time (epoch ms) or None; ``thresholds``: its scoring thresholds (JSON) or
+    None; ``other_watermarks``: the highest event times of the other partitions that have one;
+    ``customers``: the full stored state of each customer asked for (None when unknown).
+    """
+
+    partition: int
+    last_offset: int
+    watermark: int | None
+    thresholds: str | None
+    other_watermarks: tuple[int, ...]
+    customers: dict[str, StoredCustomer | None]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderStatistics:
+    """Order statistics of the population (all partitions) at given ranks ``k`` (1-based).
+
+    ``recency_kth_largest[i]``: the ``ranks[i]``-th largest recency in whole days at the as-of
+    time; ``frequency_kth_smallest``/``monetary_kth_smallest`` likewise (orders; minor units).
+    """
+
+    population: int
+    recency_kth_largest: tuple[int, ...]
+    frequency_kth_smallest: tuple[int, ...]
+    monetary_kth_smallest: tuple[int, ...]
 
 
 def _opt(value: Any) -> str:
@@ -75,14 +106,11 @@ def _opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
-def _state_from(fields: Sequence[str]) -> CustomerState:
-    return CustomerState(
-        frequency=int(fields[0] or 0),
-        purchases_minor=int(fields[1] or 0),
-        refunds_minor=int(fields[2] or 0),
-        last_purchase_ms=_opt_int(fields[3]),
-        first_purchase_ms=_opt_int(fields[4]),
-    )
+def _stored(customer_id: str, f: Sequence[str | None], ev: Sequence[str] = (),
+            orders: Sequence[str] = ()) -> StoredCustomer:
+    state = CustomerState(int(f[0] or 0), int(f[1] or 0), int(f[2] or 0), _opt_int(f[3]),
+                          _opt_int(f[4]), tuple(ev), tuple(orders))
+    return StoredCustomer(customer_id, state, f[5] or None, _opt_int(f[6]))
 
 
 class RedisStore:
@@ -102,24 +130,59 @@ class RedisStore:
         self.client = client
         self.namespace = namespace
         self.limits = limits
+        PartitionKeys(namespace, 0)  # validates the namespace
         self._apply = client.register_script(_script_text("apply_batch.lua"))
-        self._count = client.register_script(_script_text("count_worse.lua"))
-        self._set_segments = client.register_script(_script_text("set_segments.lua"))
+        self._set_thresholds = client.register_script(_script_text("set_thresholds.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
 
-    async def apply_batch(self, partition: int, records: Sequence[Record]) -> BatchApplied:
-        """Apply one partition's batch (offset order) in one atomic script call.
+    # --- the batch path ---------------------------------------------------------------------
+    async def read_partition(self, partition: int, customer_ids: Iterable[str],
+                             partitions: Iterable[int]) -> PartitionView:
+        """Read, in one round trip, what a batch of ``partition`` needs (see PartitionView).
 
-        Records without an event (dead letters) only advance the applied offset.
+        ``partitions``: every partition of the input topic (for the other watermarks).
+        """
+        k = self.keys(partition)
+        ids = list(dict.fromkeys(customer_ids))
+        others = [p for p in partitions if p != partition]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(k.meta, "offset", "wm", "thr")
+        for p in others:
+            pipe.hget(self.keys(p).meta, "wm")
+        for cid in ids:
+            pipe.hmget(k.customer(cid), *_FIELDS)
+            pipe.lrange(k.event_ids(cid), 0, -1)
+            pipe.lrange(k.order_ids(cid), 0, -1)
+        reply = await pipe.execute()
+        meta = reply[0]
+        other_wms = tuple(int(w) for w in reply[1:1 + len(others)] if w is not None)
+        customers: dict[str, StoredCustomer | None] = {}
+        base = 1 + len(others)
+        for i, cid in enumerate(ids):
+            f, ev, orders = reply[base + 3 * i: base + 3 * i + 3]
+            customers[cid] = None if all(v is None for v in f) else _stored(cid, f, ev, orders)
+        return PartitionView(partition, int(meta[0]) if meta[0] is not None else -1,
+                             _opt_int(meta[1]), meta[2], other_wms, customers)
+
+    async def commit_batch(self, partition: int, expected_offset: int, records: Sequence[Record],
+                           assignments: Mapping[str, Assigned], outbox: Sequence[str]
+                           ) -> BatchOutcome:
+        """Apply a batch (ascending offsets) with its assignments and outbox entries, atomically.
+
+        Records without an event (dead letters) only advance the applied offset. Assigned
+        customers must appear in ``records``.
 
         Raises
         ------
         ValueError
-            When the batch is empty or not in ascending offset order.
+            When the batch is empty, not in ascending offset order, or assigns a customer that
+            has no record.
+        ConflictError
+            When the stored offset is not ``expected_offset``; nothing was written.
         redis.exceptions.RedisError
-            When Redis is unreachable or the script fails; nothing was applied then.
+            When Redis is unreachable or the script fails; nothing was written.
         """
         if not records:
             raise ValueError("empty batch")
@@ -128,82 +191,141 @@ class RedisStore:
             raise ValueError(f"batch of partition {partition} is not in ascending offset order")
         k = self.keys(partition)
         index: dict[str, int] = {}
-        args: list[Any] = []
+        events: list[Any] = []
         for rec in records:
             if rec.event is None or rec.customer_id is None:
                 continue
             ci = index.setdefault(rec.customer_id, len(index) + 1)
             e = rec.event
-            args += [rec.offset, ci, e.event_id, e.order_id, "r" if e.kind == "refund" else "p",
-                     e.amount_minor, e.occurred_ms]
+            events += [rec.offset, ci, e.event_id, e.order_id, "r" if e.kind == "refund" else "p",
+                       e.amount_minor, e.occurred_ms]
+        missing = set(assignments) - set(index)
+        if missing:
+            raise ValueError(f"assignments for customers without records: {sorted(missing)[:3]}")
         ids = list(index)
-        keys = [k.meta, k.z_last, k.z_freq, k.z_mon]
+        keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.segcount, k.outbox]
         for cid in ids:
             keys += [k.customer(cid), k.event_ids(cid), k.order_ids(cid)]
-        argv = [offsets[-1], self.limits.event_ids, self.limits.order_ids, len(ids), *ids, *args]
-        reply = await self._apply(keys=keys, args=argv)
-        applied, dup_off, dup_ev, before = (int(x) for x in reply[:4])
-        if len(reply) != 4 + 8 * len(ids):
-            raise StoreError(f"apply_batch returned {len(reply)} values for {len(ids)} customers")
-        customers, changed, first = {}, set(), set()
-        for j, cid in enumerate(ids):
-            f = reply[4 + 8 * j: 12 + 8 * j]
-            customers[cid] = StoredCustomer(cid, _state_from(f), f[5] or None, _opt_int(f[6]))
-            if f[7]:
-                changed.add(cid)
-            if f[7] == "n":
-                first.add(cid)
-        return BatchApplied(BatchOutcome(applied, dup_off, dup_ev), before, customers,
-                            frozenset(changed), frozenset(first))
+        assign_args = [x for cid, a in assignments.items()
+                       for x in (index[cid], a.segment, _opt(a.cluster))]
+        argv = [expected_offset, offsets[-1], self.limits.event_ids, self.limits.order_ids,
+                len(ids), len(events) // 7, len(assignments), len(outbox), *ids, *events,
+                *assign_args, *outbox]
+        try:
+            applied, dup_off, dup_ev = await self._apply(keys=keys, args=argv)
+        except ResponseError as exc:
+            text = str(exc)
+            if text.startswith("CONFLICT"):
+                raise ConflictError(partition, expected_offset, int(text.split()[1])) from exc
+            raise
+        return BatchOutcome(int(applied), int(dup_off), int(dup_ev))
 
-    async def population_counts(
-        self, partitions: Iterable[int], queries: Sequence[tuple[int, int, int]]
-    ) -> tuple[int, list[tuple[int, int, int]]]:
-        """Population size and, per query, how many customers are strictly worse.
+    async def save_thresholds(self, partition: int, expected_offset: int, text: str) -> bool:
+        """Store the partition's thresholds (JSON) if its applied offset is still
+        ``expected_offset``; returns whether they were written."""
+        return bool(await self._set_thresholds(keys=[self.keys(partition).meta],
+                                               args=[expected_offset, text]))
 
-        Parameters
-        ----------
-        partitions
-            Every partition of the input topic (the population is their union).
-        queries
-            ``(recency_bound_ms, frequency, monetary_minor)`` per customer: a customer whose
-            last purchase is <= ``recency_bound_ms`` has a strictly larger recency in days;
-            strictly smaller frequency/monetary is worse.
-
-        Returns
-        -------
-        (int, list of (int, int, int))
-            Population N and ``(worse_r, worse_f, worse_m)`` per query, summed over partitions.
-        """
-        argv: list[Any] = [x for q in queries for x in q]
+    # --- population statistics ------------------------------------------------------------
+    async def population(self, partitions: Iterable[int]) -> int:
+        """Customers with at least one purchase, over ``partitions``."""
         pipe = self.client.pipeline(transaction=False)
         for p in partitions:
-            k = self.keys(p)
-            await self._count(keys=[k.z_last, k.z_freq, k.z_mon], args=argv, client=pipe)
-        replies = await pipe.execute()
-        total = 0
-        sums = [[0, 0, 0] for _ in queries]
-        for reply in replies:
-            total += int(reply[0])
-            for j in range(len(queries)):
-                for d in range(3):
-                    sums[j][d] += int(reply[1 + 3 * j + d])
-        return total, [(a, b, c) for a, b, c in sums]
+            pipe.zcard(self.keys(p).z_last)
+        return sum(int(x) for x in await pipe.execute())
 
-    async def set_segments(self, partition: int, writes: Sequence[SegmentWrite]) -> list[bool]:
-        """Compare-and-set stored segments/clusters of one partition's customers, atomically.
+    async def order_statistics(self, partitions: Iterable[int], as_of_ms: int,
+                               ranks: Sequence[int]) -> OrderStatistics:
+        """Order statistics of the population of all ``partitions`` at the given ranks.
 
-        Returns one bool per write: False when the stored value was not the expected one.
+        Exact: a binary search over values, each step one pipelined round trip of ``ZCOUNT``s
+        over every partition's sorted sets (about 40 round trips). Customers whose last
+        purchase is after ``as_of_ms`` have recency 0.
+
+        Raises
+        ------
+        ValueError
+            When a rank is outside ``1..population``.
         """
-        if not writes:
-            return []
-        k = self.keys(partition)
-        keys = [k.segcount] + [k.customer(w.customer_id) for w in writes]
-        argv = [x for w in writes for x in (_opt(w.expected_segment), _opt(w.expected_cluster),
-                                               w.segment, _opt(w.cluster))]
-        reply = await self._set_segments(keys=keys, args=argv)
-        return [bool(int(x)) for x in reply]
+        parts = list(partitions)
+        keysets = [self.keys(p) for p in parts]
+        pipe = self.client.pipeline(transaction=False)
+        for k in keysets:
+            pipe.zcard(k.z_last)
+            pipe.zrange(k.z_last, 0, 0, withscores=True)
+            pipe.zrange(k.z_freq, -1, -1, withscores=True)
+            pipe.zrange(k.z_mon, -1, -1, withscores=True)
+        reply = await pipe.execute()
+        n = sum(int(reply[4 * i]) for i in range(len(parts)))
+        if any(not 1 <= r <= n for r in ranks):
+            raise ValueError(f"ranks {list(ranks)} outside 1..{n}")
+        first_last = min(int(reply[4 * i + 1][0][1]) for i in range(len(parts))
+                         if reply[4 * i + 1])
+        max_f = max((int(reply[4 * i + 2][0][1]) for i in range(len(parts)) if reply[4 * i + 2]),
+                    default=0)
+        max_m = max((int(reply[4 * i + 3][0][1]) for i in range(len(parts)) if reply[4 * i + 3]),
+                    default=0)
+        max_days = max(0, (as_of_ms - first_last) // MS_PER_DAY)
 
+        # recency: largest m with #(recency >= m) >= k; #(recency >= m) = #(last <= as_of - m d)
+        # frequency / monetary: smallest v with #(value <= v) >= k
+        searches: list[tuple[str, int, int, int]] = []  # (kind, k, lo, hi)
+        searches += [("r", k, 0, max_days) for k in ranks]
+        searches += [("f", k, 0, max_f) for k in ranks]
+        searches += [("m", k, 0, max_m) for k in ranks]
+        lo = [s[2] for s in searches]
+        hi = [s[3] for s in searches]
+        while any(a < b for a, b in zip(lo, hi, strict=True)):
+            pipe = self.client.pipeline(transaction=False)
+            probes = []
+            for i, (kind, _, _, _) in enumerate(searches):
+                if lo[i] >= hi[i]:
+                    probes.append(None)
+                    continue
+                if kind == "r":
+                    mid = (lo[i] + hi[i] + 1) // 2
+                    probes.append(mid)
+                    for ks in keysets:
+                        pipe.zcount(ks.z_last, "-inf", as_of_ms - mid * MS_PER_DAY)
+                else:
+                    mid = (lo[i] + hi[i]) // 2
+                    probes.append(mid)
+                    key = "z_freq" if kind == "f" else "z_mon"
+                    for ks in keysets:
+                        pipe.zcount(getattr(ks, key), "-inf", mid)
+            counts = iter(await pipe.execute())
+            for i, (kind, k, _, _) in enumerate(searches):
+                mid = probes[i]
+                if mid is None:
+                    continue
+                c = sum(int(next(counts)) for _ in keysets)
+                if kind == "r":
+                    lo[i], hi[i] = (mid, hi[i]) if c >= k else (lo[i], mid - 1)
+                else:
+                    lo[i], hi[i] = (lo[i], mid) if c >= k else (mid + 1, hi[i])
+        r = len(ranks)
+        return OrderStatistics(n, tuple(lo[:r]), tuple(lo[r:2 * r]), tuple(lo[2 * r:]))
+
+    # --- the outbox -------------------------------------------------------------------------
+    async def outbox_read(self, partition: int, count: int = 500) -> list[tuple[str, str]]:
+        """The oldest ``count`` outbox entries of a partition: ``(entry id, JSON)``."""
+        rows = await self.client.xrange(self.keys(partition).outbox, "-", "+", count=count)
+        return [(eid, fields["v"]) for eid, fields in rows]
+
+    async def outbox_ack(self, partition: int, entry_ids: Sequence[str]) -> int:
+        """Delete entries the broker acknowledged; returns how many were deleted."""
+        if not entry_ids:
+            return 0
+        return int(await self.client.xdel(self.keys(partition).outbox, *entry_ids))
+
+    async def outbox_depth(self, partitions: Iterable[int]) -> int:
+        """Entries waiting in the outboxes of ``partitions``."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.xlen(self.keys(p).outbox)
+        return sum(int(x) for x in await pipe.execute())
+
+    # --- reads --------------------------------------------------------------------------------
     async def partition_meta(self, partitions: Iterable[int]) -> dict[int, tuple[int, int | None]]:
         """``{partition: (last_applied_offset, max_event_ms)}``; -1 / None where nothing yet."""
         parts = list(partitions)
@@ -222,6 +344,11 @@ class RedisStore:
         times = [wm for _, wm in (await self.partition_meta(partitions)).values() if wm is not None]
         return min(times) if times else None
 
+    async def thresholds(self, partition: int) -> str | None:
+        """The partition's current thresholds (JSON), or None."""
+        value = await self.client.hget(self.keys(partition).meta, "thr")
+        return None if value is None else str(value)
+
     async def segment_counts(self, partitions: Iterable[int]) -> dict[str, int]:
         """Customers per stored segment, summed over partitions."""
         pipe = self.client.pipeline(transaction=False)
@@ -235,18 +362,8 @@ class RedisStore:
 
     async def read_customer(self, partition: int, customer_id: str) -> StoredCustomer | None:
         """Full state of one customer (recent ids included), or None when unknown."""
-        k = self.keys(partition)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(k.customer(customer_id), "f", "buy", "ref", "last", "first", "seg", "cl")
-        pipe.lrange(k.event_ids(customer_id), 0, -1)
-        pipe.lrange(k.order_ids(customer_id), 0, -1)
-        fields, ev, orders = await pipe.execute()
-        if all(v is None for v in fields):
-            return None
-        base = _state_from(fields)
-        state = CustomerState(base.frequency, base.purchases_minor, base.refunds_minor,
-                              base.last_purchase_ms, base.first_purchase_ms, tuple(ev), tuple(orders))
-        return StoredCustomer(customer_id, state, fields[5] or None, _opt_int(fields[6]))
+        view = await self.read_partition(partition, [customer_id], [partition])
+        return view.customers[customer_id]
 
     async def iter_customers(self, partition: int, count: int = 1000
                              ) -> AsyncIterator[list[StoredCustomer]]:
@@ -259,11 +376,9 @@ class RedisStore:
             if names:
                 pipe = self.client.pipeline(transaction=False)
                 for name in names:
-                    pipe.hmget(name, "f", "buy", "ref", "last", "first", "seg", "cl")
-                page = [StoredCustomer(name[prefix_len:], _state_from(f), f[5] or None,
-                                       _opt_int(f[6]))
-                        for name, f in zip(names, await pipe.execute(), strict=True)]
-                yield page
+                    pipe.hmget(name, *_FIELDS)
+                yield [_stored(name[prefix_len:], f)
+                       for name, f in zip(names, await pipe.execute(), strict=True)]
             if cursor == 0:
                 return
 

@@ -1,10 +1,18 @@
 """The faust app: the composition root (settings -> clients -> processor -> agent and views).
 
 The agent is thin: it takes batches of raw records, groups them by partition, hands each group
-to :class:`stream.pipeline.BatchProcessor` and sends what comes back (segment changes, dead
-letters), waiting for the broker's acknowledgements before faust may commit the batch's
-offsets. Agent concurrency is 1 per partition (faust-streaming issue #606: concurrency > 1 can
-commit past a slow event); speed comes from batching.
+to :class:`stream.pipeline.BatchProcessor` (which commits state, offset, assignments and outbox
+entries atomically to Redis), publishes dead letters, and drains the outbox to Kafka. The
+batch's offsets are committed to Kafka only after all of that: faust acknowledges the events of
+a ``take_events`` buffer when the agent asks for the next one. Agent concurrency is 1 per
+partition (faust-streaming issue #606: concurrency > 1 can commit past a slow event); speed
+comes from batching.
+
+Delivery (README "Guarantees"): Redis, not the broker's committed offset, is the source of truth.
+On assignment the worker seeks to Redis's last applied offset + 1; when the records delivered
+start beyond it (Redis lost writes, or the group committed past it), the missing range is
+re-read from the topic before going on. While Redis is unreachable the agent retries with
+backoff and commits nothing; ``/ready`` says so.
 
 Run with ``rfm-stream worker`` (or ``python -m stream worker``).
 """
@@ -13,18 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import redis.asyncio as aioredis
 from aiokafka.partitioner import murmur2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from state.store import RedisStore
 from stream.clustering import CustomerClusterer
+from stream.kafka_io import bootstrap_of, read_range
 from stream.metrics import Metrics
-from stream.pipeline import BatchProcessor, RawRecord
+from stream.outbox import OutboxPublisher
+from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
 from stream.segments import SegmentTable
 from stream.settings import Settings
 
@@ -38,10 +51,17 @@ class Services:
     settings: Settings
     store: RedisStore
     processor: BatchProcessor
-    clusterer: CustomerClusterer
     metrics: Metrics
+    publisher: OutboxPublisher | None = None
     saved_at_learned: int = 0
     started: bool = False
+    redis_failing: bool = False
+    kafka_failing: bool = False
+    last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def clusterer(self) -> CustomerClusterer:
+        return self.processor.clusterer
 
     async def start(self) -> None:
         """Load the latest model snapshot from Redis (idempotent)."""
@@ -49,8 +69,7 @@ class Services:
             return
         text = await self.store.load_model()
         if text:
-            self.clusterer = CustomerClusterer.from_json(text)
-            self.processor.clusterer = self.clusterer
+            self.processor.clusterer = CustomerClusterer.from_json(text)
             self.saved_at_learned = self.clusterer.n_learned
             log.info("loaded clustering model snapshot (%d updates learned)",
                      self.clusterer.n_learned)
@@ -68,16 +87,16 @@ class Services:
 
 def build_services(settings: Settings, metrics: Metrics | None = None) -> Services:
     """Wire settings -> Redis client -> store -> processor."""
-    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
+                                     socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace, settings.limits)
     clusterer = CustomerClusterer(settings.n_clusters, settings.cluster_seed,
                                   settings.cluster_halflife, settings.cluster_min_customers)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix)
     processor = BatchProcessor(store, settings.input_rules(),
-                               SegmentTable.load(settings.segment_table),
-                               settings.fixed_thresholds(), clusterer, m, settings.partitions,
-                               settings.min_population, settings.currency_decimals)
-    return Services(settings, store, processor, clusterer, m)
+                               SegmentTable.load(settings.segment_table), settings.scoring(),
+                               clusterer, m, settings.partitions, settings.currency_decimals)
+    return Services(settings, store, processor, m)
 
 
 def partition_for(customer_id: str, partitions: int) -> int:
@@ -87,7 +106,7 @@ def partition_for(customer_id: str, partitions: int) -> int:
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Services]:
-    """Create the faust app with its agent and web views."""
+    """Create the faust app with its agent, outbox timer and web views."""
     services = build_services(settings)
     app = faust.App(
         settings.app_id,
@@ -102,11 +121,60 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         broker_commit_interval=settings.commit_interval_s,
         topic_partitions=settings.partitions,
         producer_linger=0.005,
+        producer_acks=-1,
     )
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)
-    dead_letters = app.topic(settings.dead_letter_topic, key_type=bytes, value_type=bytes)
-    changes = app.topic(settings.segment_changes_topic, key_type=bytes, value_type=bytes)
+    topics = {name: app.topic(name, key_type=bytes, value_type=bytes)
+              for name in (settings.dead_letter_topic, settings.segment_changes_topic,
+                           settings.customer_segments_topic)}
+
+    async def send(topic: str, key: bytes, value: bytes) -> Any:
+        return await topics[topic].send(key=key, value=value)
+
+    services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
+                                         settings.customer_segments_topic)
+    bootstrap = bootstrap_of(settings.kafka_url)
+
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment()
+                if tp.topic == settings.purchases_topic}
+
+    async def process(partition: int, records: list[RawRecord]) -> BatchResult:
+        """Process with retries while Redis is unreachable; re-read a gap first."""
+        async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.1, max=5),
+                retry=retry_if_exception_type((RedisError, OSError)),
+                before_sleep=lambda rs: _redis_down(rs.outcome.exception() if rs.outcome else None)):
+            with attempt:
+                try:
+                    result = await services.processor.process(partition, records)
+                except GapError as gap:
+                    log.warning("%s: re-reading the missing records from the topic", gap)
+                    missing = await read_range(bootstrap, settings.purchases_topic, partition,
+                                               gap.expected, gap.got)
+                    result = await services.processor.process(
+                        partition, [RawRecord(settings.purchases_topic, partition, o, k, v)
+                                    for o, k, v in missing], check_gap=False)
+                    more = await services.processor.process(partition, records, check_gap=False)
+                    result.changes += more.changes
+                    result.dead_letters += more.dead_letters
+        services.redis_failing = False
+        services.last_progress = time.monotonic()
+        return result
+
+    def _redis_down(exc: BaseException | None) -> None:
+        services.redis_failing = True
+        log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
+
+    async def publish_outbox(partitions: set[int]) -> None:
+        assert services.publisher is not None
+        try:
+            await services.publisher.drain(partitions)
+            services.kafka_failing = False
+        except Exception as exc:  # the outbox keeps the entries; the timer retries
+            services.kafka_failing = True
+            log.warning("outbox not published yet (%r); will retry", exc)
 
     @app.agent(purchases, concurrency=1)
     async def process_purchases(stream: Any) -> None:
@@ -118,21 +186,41 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 # a rebalance can re-deliver an offset inside one buffer: keep the first copy
                 by_partition.setdefault(msg.partition, {}).setdefault(
                     msg.offset, RawRecord(msg.topic, msg.partition, msg.offset, msg.key, msg.value))
-            pending = []
+            acks = []
             for partition, recs in by_partition.items():
-                result = await services.processor.process(partition, sorted(
-                    recs.values(), key=lambda r: r.offset))
+                result = await process(partition, sorted(recs.values(), key=lambda r: r.offset))
                 for dl in result.dead_letters:
-                    pending.append(await dead_letters.send(
-                        key=dl.key.encode() if dl.key and dl.key_encoding == "utf-8" else None,
-                        value=dl.model_dump_json().encode()))
-                for ch in result.changes:
-                    pending.append(await changes.send(key=ch.customer_id.encode(),
-                                                      value=ch.model_dump_json().encode()))
-            # at least once: the batch is acknowledged (and its offsets committed) only after
-            # the broker has acknowledged every record it produced
-            await asyncio.gather(*pending)
+                    key = dl.key.encode() if dl.key and dl.key_encoding == "utf-8" else None
+                    acks.append(await topics[settings.dead_letter_topic].send(
+                        key=key, value=dl.model_dump_json().encode()))
+            # the batch is acknowledged (its offsets committed) only after the broker has
+            # acknowledged its dead letters; segment changes are safe in the outbox already
+            await asyncio.gather(*acks)
+            await publish_outbox(set(by_partition))
             await services.save_model()
+
+    @app.timer(1.0)
+    async def outbox_timer() -> None:
+        if services.started:
+            await publish_outbox(owned_partitions())
+
+    @app.on_partitions_assigned.connect
+    async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Seek each assigned partition to Redis's last applied offset + 1."""
+        mine = [tp for tp in assigned if tp.topic == settings.purchases_topic]
+        if not mine:
+            return
+        try:
+            meta = await services.store.partition_meta([tp.partition for tp in mine])
+        except RedisError as exc:
+            log.warning("could not read applied offsets on assignment (%r)", exc)
+            return
+        for tp in mine:
+            last = meta[tp.partition][0]
+            if last >= 0:
+                await app.consumer.seek(tp, last + 1)
+                log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
+                         tp.partition, last + 1)
 
     @app.on_before_shutdown.connect
     async def _save_model_on_shutdown(sender: Any, **kwargs: Any) -> None:
@@ -146,12 +234,32 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         counts = await services.store.segment_counts(range(settings.partitions))
         for name in services.processor.table.segments:
             services.metrics.customers.labels(name).set(counts.get(name, 0))
+        services.metrics.outbox_depth.set(
+            await services.store.outbox_depth(range(settings.partitions)))
         return web.bytes(generate_latest(services.metrics.registry),
                          content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/health")
     async def health_view(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
+
+    @app.page("/ready")
+    async def ready_view(web: Any, request: Any) -> Any:
+        problems = []
+        if services.redis_failing:
+            problems.append("redis unavailable (retrying)")
+        else:
+            try:
+                await asyncio.wait_for(services.store.client.ping(), 2)
+            except Exception as exc:
+                problems.append(f"redis ping failed: {exc!r}")
+        if services.kafka_failing:
+            problems.append("outbox not published: kafka unavailable (retrying)")
+        if not services.started:
+            problems.append("agent not started")
+        body = {"ready": not problems, "problems": problems,
+                "partitions": sorted(owned_partitions()) if services.started else []}
+        return web.json(body, status=200 if not problems else 503)
 
     @app.page("/segments")
     async def segments_view(web: Any, request: Any) -> Any:
@@ -163,24 +271,35 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/customers/{customer_id}")
     async def customer_view(web: Any, request: Any, customer_id: str) -> Any:
-        partition = partition_for(customer_id, settings.partitions)
-        found = await services.store.read_customer(partition, customer_id)
-        if found is None:
-            return web.json({"error": f"unknown customer {customer_id!r}"}, status=404)
-        st = found.state
-        body: dict[str, Any] = {
-            "customer_id": customer_id, "partition": partition, "frequency": st.frequency,
-            "monetary_minor": st.monetary_minor, "last_purchase_ms": st.last_purchase_ms,
-            "first_purchase_ms": st.first_purchase_ms, "segment": found.segment,
-            "cluster": found.cluster}
-        as_of = await services.store.watermark(range(settings.partitions))
-        if st.has_purchased and as_of is not None:
-            (s,) = await services.processor.score([found], as_of)
-            body.update(as_of_ms=as_of, recency_days=s.recency_days, r_score=s.r, f_score=s.f,
-                        m_score=s.m, thresholds_version=s.thresholds_version)
-        return web.json(body)
+        body, status = await customer_json(services, customer_id)
+        return web.json(body, status=status)
 
     return app, services
+
+
+async def customer_json(services: Services, customer_id: str) -> tuple[dict[str, Any], int]:
+    """One customer's state, scores at the watermark, segment and cluster; (body, status)."""
+    settings = services.settings
+    partition = partition_for(customer_id, settings.partitions)
+    found = await services.store.read_customer(partition, customer_id)
+    if found is None:
+        return {"error": "unknown customer", "customer_id": customer_id}, 404
+    st = found.state
+    body: dict[str, Any] = {
+        "customer_id": customer_id, "partition": partition, "frequency": st.frequency,
+        "monetary_minor": st.monetary_minor, "last_purchase_ms": st.last_purchase_ms,
+        "first_purchase_ms": st.first_purchase_ms, "segment": found.segment,
+        "cluster": found.cluster}
+    as_of = await services.store.watermark(range(settings.partitions))
+    if st.has_purchased and as_of is not None:
+        from state.rfm import recency_days
+
+        thresholds = await services.processor.current_thresholds(partition)
+        days = recency_days(st.last_purchase_ms or 0, as_of)
+        r, f, m = thresholds.score(days, st.frequency, st.monetary_minor)
+        body.update(as_of_ms=as_of, recency_days=days, r_score=r, f_score=f, m_score=m,
+                    thresholds_version=thresholds.version)
+    return body, 200
 
 
 settings = Settings()

@@ -57,10 +57,11 @@ async def load_cdnow(settings: Settings, rows: Sequence[cdnow.CdnowRow], show: b
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create the purchases, dead-letter and segment-changes topics."""
+    """Create the purchases, dead-letter, segment-changes and customer-segments topics."""
     await create_topics(bootstrap_of(settings.kafka_url), {
         settings.purchases_topic: settings.partitions, settings.dead_letter_topic: 1,
-        settings.segment_changes_topic: 1})
+        settings.segment_changes_topic: 1, settings.customer_segments_topic: 1},
+        compacted={settings.customer_segments_topic})
 
 
 async def run_to_completion(settings: Settings, targets: dict[int, int], log_path: Path,

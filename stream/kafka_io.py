@@ -22,14 +22,18 @@ def bootstrap_of(kafka_url: str) -> str:
     return ",".join(u.split("://", 1)[-1] for u in kafka_url.replace(";", ",").split(","))
 
 
-async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create topics ``{name: partitions}`` (replication 1); existing ones are left as they are."""
+async def create_topics(bootstrap: str, topics: dict[str, int],
+                        compacted: Iterable[str] = ()) -> None:
+    """Create topics ``{name: partitions}`` (replication 1; ``compacted`` ones with
+    ``cleanup.policy=compact``); existing ones are left as they are."""
+    compact = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         for name, partitions in topics.items():
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(name, partitions, 1)])
+                configs = {"cleanup.policy": "compact"} if name in compact else {}
+                await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
     finally:
         await admin.close()
 
@@ -119,4 +123,37 @@ async def read_all(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: f
     finally:
         await consumer.stop()
     out.sort(key=lambda r: (r[0], r[1]))
+    return out
+
+
+async def read_range(bootstrap: str, topic: str, partition: int, start: int, end: int,
+                     timeout_s: float = 30.0) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Records ``(offset, key, value)`` of one partition with ``start <= offset < end``.
+
+    Used to re-read what Redis is missing (its last applied offset is behind what the consumer
+    group delivers, e.g. after Redis lost its last second of writes). Offsets that hold no
+    record (deleted, transaction markers) are simply absent. Starts at the log start when
+    ``start`` is no longer in the log.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            batch = await consumer.getmany(tp, timeout_ms=200)
+            for r in batch.get(tp, []):
+                if start <= r.offset < end:
+                    out.append((r.offset, r.key, r.value))
+            position = await consumer.position(tp)
+            hw = consumer.highwater(tp)
+            if position >= end or (hw is not None and position >= hw):
+                break
+    finally:
+        await consumer.stop()
     return out

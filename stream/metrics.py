@@ -27,6 +27,7 @@ class Metrics:
     batch_seconds: Histogram
     customers: Gauge
     applied_offset: Gauge
+    outbox_depth: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, prefix: str = "rfm") -> Metrics:
@@ -54,4 +55,6 @@ class Metrics:
                             registry=reg),
             applied_offset=Gauge(f"{p}_applied_offset", "Last applied offset per partition",
                                  ["partition"], registry=reg),
+            outbox_depth=Gauge(f"{p}_outbox_depth", "Segment changes waiting in the outbox",
+                               registry=reg),
         )

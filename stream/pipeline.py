@@ -1,27 +1,36 @@
-"""One partition batch through the whole path: validate -> RFM update -> score -> segment ->
-cluster -> compare-and-set the stored segment -> segment-change events.
+"""One partition batch through the whole path: validate -> read state -> plan (RFM update,
+score, segment, cluster, change) -> one atomic commit (state, offset, assignments, outbox).
 
 The faust agent (``stream/app.py``) only groups records by partition, calls
-:meth:`BatchProcessor.process` and sends what it returns. Everything here is testable without
-Kafka: the store is the only I/O.
+:meth:`BatchProcessor.process` and publishes dead letters; segment changes leave through the
+outbox (:mod:`stream.outbox`). Everything here is testable without Kafka: Redis is the only I/O.
+
+Scoring thresholds are refreshed at deterministic points: when a partition's offsets enter a
+new block of ``refresh_every`` offsets, from the population as it stands after the previous
+block (all partitions). Batches are split at block boundaries, so a replay of one partition
+scores every event with the same thresholds, whatever the batch sizes.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 
-from state.rfm import Record, recency_days
-from state.store import RedisStore, SegmentWrite, StoredCustomer
-from stream.changes import change_id, is_change
-from stream.clustering import CustomerClusterer, features
-from stream.events import Assignment, DeadLetter, SegmentChanged, encode_raw
+from state.rfm import Record
+from state.store import ConflictError, PartitionView, RedisStore
+from stream.clustering import CustomerClusterer
+from stream.events import DeadLetter, SegmentChanged, encode_raw
 from stream.metrics import Metrics
-from stream.scoring import FixedThresholds, quintile_score, recency_bound_ms
+from stream.planning import PlanContext, as_of, plan_batch
+from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
 from stream.validation import Accepted, InputRules, validate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +46,7 @@ class RawRecord:
 
 @dataclass
 class BatchResult:
-    """What a batch produced: changes and dead letters to publish."""
+    """What a batch produced: the changes committed to the outbox, and dead letters."""
 
     changes: list[SegmentChanged] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -45,19 +54,31 @@ class BatchResult:
     duplicates: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """A customer scored at an as-of time."""
+class GapError(RuntimeError):
+    """Records start beyond Redis's last applied offset + 1: the ones between must be re-read.
 
-    recency_days: int
-    r: int
-    f: int
-    m: int
-    thresholds_version: str
+    Happens when Redis lost its last writes (AOF everysec) while the consumer group had
+    committed past them, or when the group's offsets are ahead of a fresh state namespace.
+    """
+
+    def __init__(self, partition: int, expected: int, got: int):
+        super().__init__(f"partition {partition}: Redis applied up to offset {expected - 1}, "
+                         f"but records start at {got}")
+        self.partition, self.expected, self.got = partition, expected, got
 
 
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _blocks(records: list[Record], size: int) -> list[list[Record]]:
+    out: list[list[Record]] = []
+    for rec in records:
+        if out and out[-1][-1].offset // size == rec.offset // size:
+            out[-1].append(rec)
+        else:
+            out.append([rec])
+    return out
 
 
 class BatchProcessor:
@@ -71,140 +92,135 @@ class BatchProcessor:
         Input validation rules.
     table
         The segment rule table.
-    thresholds
-        Fixed thresholds, used below ``min_population`` customers.
+    scoring
+        How thresholds are made.
     clusterer
-        The online clustering model (learns from every changed customer).
+        The online clustering model (learns from every applied purchase).
     metrics
         The metrics bundle.
     partitions
         Number of partitions of the input topic (the population spans all of them).
-    min_population
-        Below this many scored customers the fixed thresholds apply.
     currency_decimals
         Minor-unit digits of the reporting currency.
     """
 
     def __init__(self, store: RedisStore, rules: InputRules, table: SegmentTable,
-                 thresholds: FixedThresholds, clusterer: CustomerClusterer, metrics: Metrics,
-                 partitions: int, min_population: int = 100, currency_decimals: int = 2):
+                 scoring: ScoringConfig, clusterer: CustomerClusterer, metrics: Metrics,
+                 partitions: int, currency_decimals: int = 2):
         self.store, self.rules, self.table = store, rules, table
-        self.thresholds, self.clusterer, self.metrics = thresholds, clusterer, metrics
+        self.scoring, self.clusterer, self.metrics = scoring, clusterer, metrics
         self.partitions = list(range(partitions))
-        self.min_population = min_population
-        self.currency, self.decimals = rules.currency, currency_decimals
+        self.decimals = currency_decimals
+        self._fixed = Thresholds.fixed(scoring.fixed)
 
     async def process(self, partition: int, records: list[RawRecord],
-                      now_ms: int | None = None) -> BatchResult:
+                      now_ms: int | None = None, check_gap: bool = True) -> BatchResult:
         """Process one partition's records (ascending offsets).
 
         ``now_ms`` is the wall clock for the future-skew check and ``emitted_at`` (defaults to
-        the real clock). Raises whatever Redis raises; then nothing of the batch was applied
-        or only its state was (a redelivery completes it: the update is idempotent and the
-        segment compare-and-set re-runs).
+        the real clock).
+
+        Raises
+        ------
+        GapError
+            With ``check_gap``, when the first record is beyond the applied offset + 1; nothing
+            was written. Re-read the missing range, process it, then these records with
+            ``check_gap=False`` (holes left then are offsets that hold no record).
+        redis.exceptions.RedisError
+            Nothing of the failed block was written (a redelivery applies it).
         """
+        if not records:
+            return BatchResult()
         started = time.perf_counter()
         now = int(time.time() * 1000) if now_ms is None else now_ms
         result = BatchResult()
         state_records: list[Record] = []
-        last_event: dict[str, tuple[str, str, int]] = {}
+        dead: dict[int, DeadLetter] = {}
         for raw in records:
             verdict = validate(raw.key, raw.value, self.rules, now)
             if isinstance(verdict, Accepted):
-                e = verdict.event
-                state_records.append(Record(raw.offset, verdict.customer_id, e))
-                last_event[verdict.customer_id] = (e.kind, e.event_id, e.occurred_ms)
+                state_records.append(Record(raw.offset, verdict.customer_id, verdict.event))
             else:
                 state_records.append(Record(raw.offset, None, None))
-                result.dead_letters.append(self._dead_letter(raw, verdict.reason,
-                                                             verdict.detail, now))
+                dead[raw.offset] = self._dead_letter(raw, verdict.reason, verdict.detail, now)
         self.metrics.events_consumed.inc(len(records))
-        if not state_records:
-            return result
-        applied = await self.store.apply_batch(partition, state_records)
-        # a redelivered record that was dead-lettered before is not dead-lettered again
-        result.dead_letters = [d for d in result.dead_letters
-                               if d.source_offset > applied.last_offset_before]
+        for i, block in enumerate(_blocks(state_records, self.scoring.refresh_every)):
+            first_offset = await self._process_block(partition, block, now, result,
+                                                     check_gap and i == 0)
+            # a redelivered record that was dead-lettered before is not dead-lettered again
+            result.dead_letters += [dead[r.offset] for r in block
+                                    if r.offset in dead and r.offset > first_offset]
         for d in result.dead_letters:
             self.metrics.dead_lettered.labels(d.reason).inc()
-        out = applied.outcome
-        result.applied, result.duplicates = out.applied, out.duplicate_offsets + out.duplicate_events
-        self.metrics.events_applied.inc(out.applied)
-        self.metrics.duplicates_skipped.labels("offset").inc(out.duplicate_offsets)
-        self.metrics.duplicates_skipped.labels("event_id").inc(out.duplicate_events)
         self.metrics.applied_offset.labels(str(partition)).set(records[-1].offset)
-
-        scored_customers = [c for c in applied.customers.values() if c.state.has_purchased]
-        if scored_customers:
-            result.changes = await self._segment(partition, scored_customers, applied.changed,
-                                                 applied.first_purchase, last_event, now)
-        elapsed = time.perf_counter() - started
-        self.metrics.batch_seconds.observe(elapsed)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return result
 
-    async def score(self, customers: list[StoredCustomer], as_of_ms: int) -> list[Scored]:
-        """Score customers at ``as_of_ms`` against the current population (all partitions)."""
-        days = [recency_days(c.state.last_purchase_ms or 0, as_of_ms) for c in customers]
-        queries = [(recency_bound_ms(d, as_of_ms), c.state.frequency, c.state.monetary_minor)
-                   for d, c in zip(days, customers, strict=True)]
-        population, worse = await self.store.population_counts(self.partitions, queries)
-        if population >= self.min_population:
-            version = f"population:{population}"
-            return [Scored(d, quintile_score(wr, population), quintile_score(wf, population),
-                           quintile_score(wm, population), version)
-                    for d, (wr, wf, wm) in zip(days, worse, strict=True)]
-        t = self.thresholds
-        return [Scored(d, t.r(d), t.f(c.state.frequency), t.m(c.state.monetary_minor), "fixed")
-                for d, c in zip(days, customers, strict=True)]
-
-    async def _segment(self, partition: int, customers: list[StoredCustomer],
-                       changed: frozenset[str], first: frozenset[str],
-                       last_event: dict[str, tuple[str, str, int]], now: int
-                       ) -> list[SegmentChanged]:
-        as_of = await self.store.watermark(self.partitions)
-        assert as_of is not None, "a customer with a purchase implies a watermark"
-        scored = await self.score(customers, as_of)
-        feats = {}
-        for c, s in zip(customers, scored, strict=True):
-            feats[c.customer_id] = features(s.recency_days, c.state.frequency,
-                                            c.state.monetary_minor / 10**self.decimals)
-            if c.customer_id in changed:
-                self.clusterer.learn_one(feats[c.customer_id], c.customer_id in first)
-        writes: list[SegmentWrite] = []
-        pending: list[tuple[StoredCustomer, Scored, Assignment | None, Assignment]] = []
-        for c, s in zip(customers, scored, strict=True):
-            seg = self.table.lookup(s.r, s.f, s.m)
-            current = Assignment(segment=seg.name,
-                                 cluster=self.clusterer.predict_one(feats[c.customer_id]))
-            previous = (None if c.segment is None
-                        else Assignment(segment=c.segment, cluster=c.cluster))
-            if is_change(previous, current, c.customer_id in changed):
-                writes.append(SegmentWrite(c.customer_id, c.segment, c.cluster, current.segment,
-                                           current.cluster))
-                pending.append((c, s, previous, current))
-        if not writes:
-            return []
-        ok = await self.store.set_segments(partition, writes)
-        changes = []
-        for (c, s, previous, current), written in zip(pending, ok, strict=True):
-            if not written:
+    async def _process_block(self, partition: int, block: list[Record], now: int,
+                             result: BatchResult, check_gap: bool) -> int:
+        """Read, plan and commit one block; returns the applied offset it started from."""
+        ids = [r.customer_id for r in block if r.customer_id is not None]
+        for attempt in range(5):
+            view = await self.store.read_partition(partition, ids, self.partitions)
+            if check_gap and block[0].offset > view.last_offset + 1:
+                raise GapError(partition, view.last_offset + 1, block[0].offset)
+            thresholds = await self._thresholds_for(view, block[0].offset)
+            model = copy.deepcopy(self.clusterer)
+            ctx = PlanContext(self.table, thresholds, model, self.store.limits,
+                              self.rules.currency, self.decimals, now)
+            plan = plan_batch(view, block, ctx)
+            try:
+                outcome = await self.store.commit_batch(
+                    partition, view.last_offset, block, plan.assignments,
+                    [c.model_dump_json() for c in plan.changes])
+            except ConflictError as exc:
+                log.warning("%s (attempt %d): another writer; re-reading", exc, attempt + 1)
                 continue
-            kind, event_id, occurred = last_event.get(c.customer_id, ("purchase", "", as_of))
-            changes.append(SegmentChanged(
-                change_id=change_id(c.customer_id, event_id, previous, current),
-                customer_id=c.customer_id, previous=previous, current=current,
-                recency_days=s.recency_days, frequency=c.state.frequency,
-                monetary=Decimal(c.state.monetary_minor).scaleb(-self.decimals),
-                currency=self.currency, r_score=s.r, f_score=s.f, m_score=s.m,
-                strategy=self.table.segments[current.segment].strategy,
-                cause="refund" if kind == "refund" else "purchase", cause_event_id=event_id or None,
-                occurred_at=_utc(occurred), as_of=_utc(as_of), emitted_at=_utc(now),
-                rules_version=self.table.version, thresholds_version=s.thresholds_version,
-                model_version=self.clusterer.n_learned if current.cluster is not None else None,
-            ))
-            self.metrics.segment_changes.labels(previous.segment if previous else "",
-                                                current.segment).inc()
-        return changes
+            self.clusterer = model
+            result.changes += plan.changes
+            result.applied += outcome.applied
+            result.duplicates += outcome.duplicate_offsets + outcome.duplicate_events
+            self.metrics.events_applied.inc(outcome.applied)
+            self.metrics.duplicates_skipped.labels("offset").inc(outcome.duplicate_offsets)
+            self.metrics.duplicates_skipped.labels("event_id").inc(outcome.duplicate_events)
+            for c in plan.changes:
+                self.metrics.segment_changes.labels(
+                    c.previous.segment if c.previous else "", c.current.segment).inc()
+            return view.last_offset
+        raise ConflictError(partition, view.last_offset, -1)
+
+    async def _thresholds_for(self, view: PartitionView, first_offset: int) -> Thresholds:
+        """The thresholds of the block starting at ``first_offset``; refreshed (and stored)
+        when the block is newer than the partition's current thresholds."""
+        if self.scoring.mode == "fixed":
+            return self._fixed
+        block = first_offset // self.scoring.refresh_every
+        if view.thresholds:
+            stored = json.loads(view.thresholds)
+            if int(stored["block"]) >= block:
+                return Thresholds.from_dict(stored)
+        fresh = await self.refresh_thresholds(view)
+        text = json.dumps({**fresh.to_dict(), "block": block})
+        await self.store.save_thresholds(view.partition, view.last_offset, text)
+        return fresh
+
+    async def refresh_thresholds(self, view: PartitionView) -> Thresholds:
+        """Thresholds from the current population of all partitions, at the watermark."""
+        n = await self.store.population(self.partitions)
+        if n < self.scoring.min_population or view.watermark is None:
+            return self._fixed
+        t = as_of(view.watermark, view.other_watermarks)
+        stats = await self.store.order_statistics(self.partitions, t, quintile_ranks(n))
+        return Thresholds.from_order_statistics(
+            n, stats.recency_kth_largest, stats.frequency_kth_smallest,
+            stats.monetary_kth_smallest, version=f"q{n}@{_utc(t).isoformat()}")
+
+    async def current_thresholds(self, partition: int) -> Thresholds:
+        """The thresholds a partition scores with now (for views and exports)."""
+        if self.scoring.mode == "fixed":
+            return self._fixed
+        text = await self.store.thresholds(partition)
+        return Thresholds.from_dict(json.loads(text)) if text else self._fixed
 
     def _dead_letter(self, raw: RawRecord, reason: str, detail: str, now: int) -> DeadLetter:
         key, key_enc = encode_raw(raw.key)

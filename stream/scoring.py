@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from state.rfm import MS_PER_DAY
 
 
 def quintile_score(worse: int, population: int) -> int:
@@ -82,15 +81,124 @@ class FixedThresholds:
         return 1 + bisect.bisect_right(self.monetary_minor, monetary_minor)
 
 
-def recency_bound_ms(recency_days: int, as_of_ms: int) -> int:
-    """Largest last-purchase time (epoch ms) whose recency in whole days exceeds ``recency_days``.
+def quintile_ranks(population: int) -> tuple[int, int, int, int]:
+    """The ranks ``k_j = ceil(j * N / 5)``, j = 1..4, whose order statistics bound the quintiles.
 
-    A customer whose last purchase is at or before it is strictly worse on recency.
+    A value has a score above ``j`` exactly when at least ``k_j`` customers are strictly worse.
 
-    >>> recency_bound_ms(0, 10 * MS_PER_DAY) == 9 * MS_PER_DAY
-    True
+    >>> quintile_ranks(10), quintile_ranks(7)
+    ((2, 4, 6, 8), (2, 3, 5, 6))
     """
-    return as_of_ms - (recency_days + 1) * MS_PER_DAY
+    if population < 1:
+        raise ValueError(f"population must be >= 1, got {population}")
+    k = tuple(-(-j * population // 5) for j in range(1, 5))
+    return (k[0], k[1], k[2], k[3])
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Score boundaries of one version: the pure, versioned form of either scoring mode.
+
+    ``R = 1 + #{j : recency_days < r_below[j]}``, ``F = 1 + #{j : frequency > f_above[j]}``,
+    ``M = 1 + #{j : monetary_minor > m_above[j]}``.
+
+    For quintiles of a population of N customers (:meth:`from_population`), ``f_above[j]`` is
+    the ``k_j``-th smallest frequency and ``r_below[j]`` the ``k_j``-th largest recency
+    (``k_j`` from :func:`quintile_ranks`), which makes the scores equal to
+    ``1 + floor(5 * worse / N)`` against that population (proof: ``floor(5c/N) >= j`` iff
+    ``c >= ceil(jN/5)``, and at least ``k`` values are below ``v`` iff the ``k``-th smallest is).
+
+    Parameters
+    ----------
+    version
+        ``fixed`` or ``q<N>@<event-time ms>``; carried by segment-change events.
+    r_below, f_above, m_above
+        Four boundaries each (days; orders; minor currency units).
+    population
+        N the boundaries were computed from (0 for fixed thresholds).
+
+    Examples
+    --------
+    >>> t = Thresholds.from_population([0, 0, 30, 400, 10], [1, 1, 1, 2, 3], [5, 5, 7, 9, 9])
+    >>> [t.score(d, f, m) for d, f, m in [(0, 1, 5), (30, 1, 7), (400, 2, 9), (10, 3, 9)]]
+    [(4, 1, 1), (2, 1, 3), (1, 4, 4), (3, 5, 4)]
+    """
+
+    version: str
+    r_below: tuple[int, int, int, int]
+    f_above: tuple[int, int, int, int]
+    m_above: tuple[int, int, int, int]
+    population: int = 0
+
+    def score(self, recency_days: int, frequency: int, monetary_minor: int
+              ) -> tuple[int, int, int]:
+        """(R, F, M) scores 1-5 of one customer."""
+        return (1 + sum(recency_days < b for b in self.r_below),
+                1 + sum(frequency > b for b in self.f_above),
+                1 + sum(monetary_minor > b for b in self.m_above))
+
+    @classmethod
+    def fixed(cls, t: FixedThresholds) -> Thresholds:
+        """The fixed business thresholds in this form."""
+        r = tuple(b + 1 for b in t.recency_days)
+        f = tuple(b - 1 for b in t.frequency)
+        m = tuple(b - 1 for b in t.monetary_minor)
+        return cls("fixed", (r[0], r[1], r[2], r[3]), (f[0], f[1], f[2], f[3]),
+                   (m[0], m[1], m[2], m[3]))
+
+    @classmethod
+    def from_order_statistics(cls, population: int, r_kth_largest: Sequence[int],
+                              f_kth_smallest: Sequence[int], m_kth_smallest: Sequence[int],
+                              version: str) -> Thresholds:
+        """Quintile thresholds from the order statistics at :func:`quintile_ranks`."""
+        def four(x: Sequence[int]) -> tuple[int, int, int, int]:
+            if len(x) != 4:
+                raise ValueError(f"need 4 order statistics, got {len(x)}")
+            return (int(x[0]), int(x[1]), int(x[2]), int(x[3]))
+        return cls(version, four(r_kth_largest), four(f_kth_smallest), four(m_kth_smallest),
+                   population)
+
+    @classmethod
+    def from_population(cls, recency_days: npt.ArrayLike, frequency: npt.ArrayLike,
+                        monetary_minor: npt.ArrayLike, version: str = "q") -> Thresholds:
+        """Quintile thresholds of a whole population given as arrays of shape (N,)."""
+        r, f, m = (np.sort(np.asarray(a)) for a in (recency_days, frequency, monetary_minor))
+        k = np.array(quintile_ranks(len(r))) - 1
+        return cls.from_order_statistics(len(r), r[::-1][k].tolist(), f[k].tolist(),
+                                         m[k].tolist(), version)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"version": self.version, "r_below": list(self.r_below),
+                "f_above": list(self.f_above), "m_above": list(self.m_above),
+                "population": self.population}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Thresholds:
+        return cls.from_order_statistics(int(d["population"]), d["r_below"],  # type: ignore[arg-type]
+                                         d["f_above"], d["m_above"], str(d["version"]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    """How thresholds are made.
+
+    Parameters
+    ----------
+    mode
+        ``quintiles`` (population quintiles, fixed thresholds below ``min_population``) or
+        ``fixed`` (always the fixed thresholds).
+    fixed
+        The fixed business thresholds.
+    min_population
+        Customers needed before quintiles are used.
+    refresh_every
+        Offsets per partition between threshold refreshes (>= 1).
+    """
+
+    mode: str
+    fixed: FixedThresholds
+    min_population: int = 100
+    refresh_every: int = 1000
 
 
 def population_scores(

@@ -6,11 +6,13 @@ Every knob of the service lives here (README "Configuration" lists them). Nothin
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.rfm import Limits
-from stream.scoring import FixedThresholds
+from stream.scoring import FixedThresholds, ScoringConfig
 from stream.validation import InputRules
 
 
@@ -30,6 +32,8 @@ class Settings(BaseSettings):
     purchases_topic: str = "purchases"
     dead_letter_topic: str = "purchases-dlq"
     segment_changes_topic: str = "segment-changes"
+    customer_segments_topic: str = Field("customer-segments",
+                                         description="Compacted: each customer's latest change")
     partitions: int = Field(4, ge=1, description="Partitions of the purchases topic")
 
     # --- worker
@@ -53,6 +57,11 @@ class Settings(BaseSettings):
     recent_order_ids: int = Field(32, ge=1, description="Order ids remembered per customer")
 
     # --- scoring
+    scoring_mode: Literal["quintiles", "fixed"] = Field(
+        "quintiles", description="quintiles of the population, or always the fixed thresholds")
+    threshold_refresh_every: int = Field(1000, ge=1,
+                                         description="Offsets per partition between refreshes "
+                                         "of the quintile thresholds")
     min_population: int = Field(100, ge=1,
                                 description="Below this many customers, fixed thresholds score")
     fixed_recency_days: tuple[int, int, int, int] = Field(
@@ -95,6 +104,11 @@ class Settings(BaseSettings):
         m = tuple(round(x * scale) for x in self.fixed_monetary)
         return FixedThresholds(self.fixed_recency_days, self.fixed_frequency,
                                (m[0], m[1], m[2], m[3]))
+
+    def scoring(self) -> ScoringConfig:
+        """How the worker makes its scoring thresholds."""
+        return ScoringConfig(self.scoring_mode, self.fixed_thresholds(), self.min_population,
+                             self.threshold_refresh_every)
 
     def input_rules(self) -> InputRules:
         """What a valid input record is."""

@@ -1,77 +1,79 @@
--- apply_batch.lua: apply one batch of one partition's records to the customers' RFM state,
--- atomically, in offset order, together with the partition's last applied offset.
--- The twin of state.rfm.apply_batch (a differential test demands identical state).
+-- apply_batch.lua: commit one batch of one partition atomically, in offset order: the RFM
+-- update of every event, the partition's last applied offset and event-time watermark, the
+-- customers' new segment assignments (with the per-segment counts) and the outbox entries of
+-- the segment changes they caused. Nothing is written unless the partition's stored offset is
+-- the one the caller read (compare-and-set): the caller computed the changes from that state.
+-- The RFM part is the twin of state.rfm.apply_batch (a differential test demands identical
+-- state).
 --
--- KEYS[1]  meta hash of the partition    (fields: offset, wm)
--- KEYS[2]  z:last  KEYS[3] z:freq  KEYS[4] z:mon   (population sorted sets)
--- KEYS[5 + 3*(i-1)], KEYS[6 + 3*(i-1)], KEYS[7 + 3*(i-1)]
---          customer i's state hash, event-id list, order-id list      (i = 1..n_customers)
+-- KEYS[1]  meta hash of the partition   (fields: offset, wm)
+-- KEYS[2]  z:last  KEYS[3] z:freq  KEYS[4] z:mon     (population sorted sets)
+-- KEYS[5]  segcount hash                KEYS[6] outbox stream
+-- KEYS[7 + 3*(i-1)] .. KEYS[9 + 3*(i-1)]: customer i's state hash, event-id list, order-id list
 --
--- ARGV[1]  batch_last_offset   highest offset of the batch (dead letters included)
--- ARGV[2]  max_event_ids       ARGV[3] max_order_ids
--- ARGV[4]  n_customers         ARGV[5 .. 4+n] the customer ids, in KEYS order
--- then 7 values per event, in offset order:
---          offset, customer index (1-based), event_id, order_id, kind ("p" | "r"),
---          amount (minor units), occurred (epoch ms)
+-- ARGV[1]  expected offset (what the caller read; -1 when none)
+-- ARGV[2]  batch_last_offset (highest offset of the batch, dead letters included)
+-- ARGV[3]  max_event_ids   ARGV[4] max_order_ids
+-- ARGV[5]  n customers     ARGV[6] n events   ARGV[7] n assignments   ARGV[8] n outbox entries
+-- then     the n customer ids, in KEYS order
+-- then     7 values per event, in offset order: offset, customer index (1-based), event_id,
+--          order_id, kind ("p" | "r"), amount (minor units), occurred (epoch ms)
+-- then     3 values per assignment: customer index, segment, cluster ("" = none)
+-- then     the outbox entries (JSON text each)
 --
--- Returns  {applied, duplicate_offsets, duplicate_events, last_offset_before,
---           then per customer 8 strings: frequency, purchases, refunds, last_purchase_ms,
---           first_purchase_ms, segment, cluster, change}  ("" where absent)
---          change: "" nothing applied to the customer, "u" updated, "n" its first purchase
+-- Returns  {applied, duplicate_offsets, duplicate_events}
+-- Errors   "CONFLICT <stored offset>" when the stored offset is not the expected one.
 -- Numbers are written with %.0f: Lua's default number format keeps only 14 digits.
 
 local function fmt(x) return string.format('%.0f', x) end
 
 local meta = KEYS[1]
-local z_last, z_freq, z_mon = KEYS[2], KEYS[3], KEYS[4]
-local batch_last = tonumber(ARGV[1])
-local max_ev, max_ord = tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local first_event_arg = 5 + n
+local z_last, z_freq, z_mon, segcount, outbox = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local expected, batch_last = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_ev, max_ord = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n, n_ev, n_as, n_out = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
-local last_before = tonumber(redis.call('HGET', meta, 'offset') or '-1')
+local stored = tonumber(redis.call('HGET', meta, 'offset') or '-1')
+if stored ~= expected then
+  return redis.error_reply('CONFLICT ' .. fmt(stored))
+end
 local wm = tonumber(redis.call('HGET', meta, 'wm') or '-1')
-local last = last_before
+local last = stored
 
--- load each named customer once
+local function ckey(ci, j) return KEYS[6 + 3 * (ci - 1) + j] end
+
 local st = {}
-for i = 1, n do
-  local k = KEYS[5 + 3 * (i - 1)]
-  local v = redis.call('HMGET', k, 'f', 'buy', 'ref', 'last', 'first', 'seg', 'cl')
-  st[i] = {f = tonumber(v[1] or '0'), buy = tonumber(v[2] or '0'), ref = tonumber(v[3] or '0'),
-           last = tonumber(v[4] or ''), first = tonumber(v[5] or ''),
-           seg = v[6] or '', cl = v[7] or '', dirty = false,
-           had_purchase = v[4] ~= false and v[4] ~= nil}
+for ci = 1, n do
+  local v = redis.call('HMGET', ckey(ci, 1), 'f', 'buy', 'ref', 'last', 'first')
+  st[ci] = {f = tonumber(v[1] or '0'), buy = tonumber(v[2] or '0'), ref = tonumber(v[3] or '0'),
+            last = tonumber(v[4] or ''), first = tonumber(v[5] or ''), dirty = false}
 end
 
 local applied, dup_off, dup_ev = 0, 0, 0
-local i = first_event_arg
-while i <= #ARGV do
-  local off = tonumber(ARGV[i])
-  local ci = tonumber(ARGV[i + 1])
-  local event_id, order_id, kind = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local amount, t = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-  i = i + 7
+local a = 9 + n
+for _ = 1, n_ev do
+  local off, ci = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local event_id, order_id, kind = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local amount, t = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  a = a + 7
   if off <= last then
     dup_off = dup_off + 1
   else
     last = off
-    local ev_key = KEYS[6 + 3 * (ci - 1)]
-    if redis.call('LPOS', ev_key, event_id) then
+    if redis.call('LPOS', ckey(ci, 2), event_id) then
       dup_ev = dup_ev + 1
     else
-      redis.call('LPUSH', ev_key, event_id)
-      redis.call('LTRIM', ev_key, 0, max_ev - 1)
+      redis.call('LPUSH', ckey(ci, 2), event_id)
+      redis.call('LTRIM', ckey(ci, 2), 0, max_ev - 1)
       local s = st[ci]
       s.dirty = true
       if kind == 'r' then
         s.ref = s.ref + amount
       else
-        local ord_key = KEYS[7 + 3 * (ci - 1)]
-        if not redis.call('LPOS', ord_key, order_id) then
+        if not redis.call('LPOS', ckey(ci, 3), order_id) then
           s.f = s.f + 1
-          redis.call('LPUSH', ord_key, order_id)
-          redis.call('LTRIM', ord_key, 0, max_ord - 1)
+          redis.call('LPUSH', ckey(ci, 3), order_id)
+          redis.call('LTRIM', ckey(ci, 3), 0, max_ord - 1)
         end
         s.buy = s.buy + amount
         if s.last == nil or t > s.last then s.last = t end
@@ -84,15 +86,14 @@ while i <= #ARGV do
 end
 if batch_last > last then last = batch_last end
 
-local out = {applied, dup_off, dup_ev, last_before}
 for ci = 1, n do
   local s = st[ci]
-  local k = KEYS[5 + 3 * (ci - 1)]
   if s.dirty then
+    local k = ckey(ci, 1)
     redis.call('HSET', k, 'f', fmt(s.f), 'buy', fmt(s.buy), 'ref', fmt(s.ref))
     if s.last ~= nil then
       redis.call('HSET', k, 'last', fmt(s.last), 'first', fmt(s.first))
-      local member = ARGV[4 + ci]
+      local member = ARGV[8 + ci]
       local mon = s.buy - s.ref
       if mon < 0 then mon = 0 end
       redis.call('ZADD', z_last, fmt(s.last), member)
@@ -100,23 +101,25 @@ for ci = 1, n do
       redis.call('ZADD', z_mon, fmt(mon), member)
     end
   end
-  local last_s, first_s = '', ''
-  if s.last ~= nil then last_s, first_s = fmt(s.last), fmt(s.first) end
-  out[#out + 1] = fmt(s.f)
-  out[#out + 1] = fmt(s.buy)
-  out[#out + 1] = fmt(s.ref)
-  out[#out + 1] = last_s
-  out[#out + 1] = first_s
-  out[#out + 1] = s.seg
-  out[#out + 1] = s.cl
-  local change = ''
-  if s.dirty then
-    change = 'u'
-    if s.last ~= nil and not s.had_purchase then change = 'n' end
-  end
-  out[#out + 1] = change
 end
 
-if last > last_before then redis.call('HSET', meta, 'offset', fmt(last)) end
+for _ = 1, n_as do
+  local k = ckey(tonumber(ARGV[a]), 1)
+  local seg, cl = ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local old = redis.call('HGET', k, 'seg') or ''
+  if old ~= seg then
+    if old ~= '' then redis.call('HINCRBY', segcount, old, -1) end
+    redis.call('HINCRBY', segcount, seg, 1)
+  end
+  redis.call('HSET', k, 'seg', seg, 'cl', cl)
+end
+
+for _ = 1, n_out do
+  redis.call('XADD', outbox, '*', 'v', ARGV[a])
+  a = a + 1
+end
+
+if last > stored then redis.call('HSET', meta, 'offset', fmt(last)) end
 if wm >= 0 then redis.call('HSET', meta, 'wm', fmt(wm)) end
-return out
+return {applied, dup_off, dup_ev}

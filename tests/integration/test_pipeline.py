@@ -40,12 +40,16 @@ async def test_first_customers_use_fixed_thresholds_and_changes_are_emitted_once
              raw(2, "bob", purchase(2, "bob", "2024-01-01", "1.00", order="o1"))]  # 2nd line of o1
     out = await proc.process(0, batch, now_ms=NOW)
     # watermark = 2024-03-01. alice: 0 days, F1, $12 -> R5 F1 M1 = New Customers.
-    # bob: 60 days (31..90 -> R4), F1 (one order, two lines), $601 -> M5 = Promising.
+    # bob: 60 days (31..90 -> R4), F1, $600 -> M5 = Promising, at his first line; the second
+    # line of the same order ($1) changes neither frequency nor segment: no second change.
     got = {c.customer_id: c for c in out.changes}
     assert set(got) == {"alice", "bob"}
     a, b = got["alice"], got["bob"]
     assert (a.r_score, a.f_score, a.m_score, a.current.segment) == (5, 1, 1, "New Customers")
-    assert (b.recency_days, b.frequency, str(b.monetary)) == (60, 1, "601.00")
+    assert (b.recency_days, b.frequency, str(b.monetary)) == (60, 1, "600.00")
+    assert len(out.changes) == 2
+    bob = await services.store.read_customer(0, "bob")
+    assert (bob.state.frequency, bob.state.monetary_minor) == (1, 60100)
     assert (b.r_score, b.f_score, b.m_score, b.current.segment) == (4, 1, 5, "Promising")
     assert a.previous is None and a.thresholds_version == "fixed" and a.current.cluster is None
     assert a.cause == "purchase" and a.cause_event_id == "e0"

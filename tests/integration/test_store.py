@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.rfm import Limits, PartitionState, Record, StateEvent, apply_batch
-from state.store import RedisStore, SegmentWrite
-from stream.scoring import recency_bound_ms
+from state.store import Assigned, ConflictError, RedisStore
 
 DAY = 86_400_000
 _ns = itertools.count()
@@ -63,9 +62,10 @@ def test_lua_matches_pure_fold(redis_url, batches, replay):
         part, customers = PartitionState(), {}
         try:
             for i in order:
+                before = part.last_offset
                 part, customers, expected = apply_batch(part, customers, built[i], limits)
-                got = await store.apply_batch(0, built[i])
-                assert got.outcome == expected
+                got = await store.commit_batch(0, before, built[i], {}, [])
+                assert got == expected
             for cid, state in customers.items():
                 stored = await store.read_customer(0, cid)
                 assert stored is not None and stored.state == state, cid
@@ -76,32 +76,43 @@ def test_lua_matches_pure_fold(redis_url, batches, replay):
     asyncio.run(run())
 
 
-async def test_redelivered_batch_changes_nothing(stack):
+async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stack):
     store = new_store(stack.redis_url)
     recs = [Record(10, "c1", StateEvent("e1", "o1", "purchase", 1234, 5 * DAY)),
             Record(11, "c2", StateEvent("e2", "o2", "purchase", 99, 6 * DAY)),
             Record(12, "c1", StateEvent("e3", "o3", "refund", 34, 7 * DAY))]
-    first = await store.apply_batch(3, recs)
+    first = await store.commit_batch(3, -1, recs, {"c1": Assigned("Champions", 2)}, ["{}"])
     pattern = f"rfm:{store.namespace}:*"
-    dump1 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(pattern))}
-    second = await store.apply_batch(3, recs)
-    dump2 = {k: await store.client.dump(k) for k in sorted(await store.client.keys(pattern))}
-    assert first.outcome.applied == 3 and second.outcome.applied == 0
-    assert second.outcome.duplicate_offsets == 3
-    assert dump1 == dump2
-    assert second.changed == frozenset()
-    c1 = second.customers["c1"].state
-    assert (c1.frequency, c1.monetary_minor, c1.last_purchase_ms) == (2 - 1, 1200, 5 * DAY)
+
+    async def dump():
+        return {k: await store.client.dump(k) for k in sorted(await store.client.keys(pattern))}
+
+    before = await dump()
+    with pytest.raises(ConflictError) as exc:  # a writer that read before the first commit
+        await store.commit_batch(3, -1, recs, {"c1": Assigned("At Risk", None)}, ["{}"])
+    assert exc.value.stored == 12
+    second = await store.commit_batch(3, 12, recs, {}, [])  # a redelivery
+    assert first.applied == 3 and second.applied == 0 and second.duplicate_offsets == 3
+    assert await dump() == before
+    view = await store.read_partition(3, ["c1", "c2", "nobody"], range(4))
+    c1 = view.customers["c1"]
+    assert (c1.state.frequency, c1.state.monetary_minor, c1.state.last_purchase_ms) == (
+        1, 1200, 5 * DAY)
+    assert (c1.segment, c1.cluster) == ("Champions", 2)
+    assert view.customers["nobody"] is None and (view.last_offset, view.watermark) == (12, 7 * DAY)
+    assert await store.segment_counts(range(4)) == {"Champions": 1}
+    assert [v for _, v in await store.outbox_read(3)] == ["{}"]
     await store.client.aclose()
 
 
-async def test_population_counts_match_brute_force_across_partitions(stack):
+async def test_order_statistics_match_brute_force_across_partitions(stack):
     store = new_store(stack.redis_url)
     as_of = 100 * DAY
     people = {}  # cid -> (partition, last_ms, frequency, monetary)
     for i in range(40):
         last = (i * 7 % 90) * DAY + (i % 3) * 3_600_000
         people[f"c{i}"] = (i % 3, last, 1 + i % 4, (i * 37) % 500)
+    people["late"] = (0, as_of + DAY, 1, 0)  # bought after the as-of time: recency 0
     for p in range(3):
         recs, off = [], 0
         for cid, (pp, last, f, mon) in people.items():
@@ -111,31 +122,27 @@ async def test_population_counts_match_brute_force_across_partitions(stack):
                 recs.append(Record(off, cid, StateEvent(f"{cid}-{k}", f"{cid}-o{k}", "purchase",
                                                         mon if k == 0 else 0, last)))
                 off += 1
-        await store.apply_batch(p, recs)
+        await store.commit_batch(p, -1, recs, {}, [])
 
-    def days(last):
-        return (as_of - last) // DAY
-
-    queries, expected = [], []
-    for _, last, f, mon in people.values():
-        queries.append((recency_bound_ms(days(last), as_of), f, mon))
-        expected.append((sum(days(o[1]) > days(last) for o in people.values()),
-                         sum(o[2] < f for o in people.values()),
-                         sum(o[3] < mon for o in people.values())))
-    n, worse = await store.population_counts(range(3), queries)
-    assert n == 40
-    assert worse == expected
+    rec = sorted((max(0, (as_of - v[1]) // DAY) for v in people.values()), reverse=True)
+    freq = sorted(v[2] for v in people.values())
+    mon = sorted(v[3] for v in people.values())
+    ranks = (1, 9, 17, 33, 41)
+    stats = await store.order_statistics(range(3), as_of, ranks)
+    assert stats.population == 41 == await store.population(range(3))
+    assert stats.recency_kth_largest == tuple(rec[k - 1] for k in ranks)
+    assert stats.frequency_kth_smallest == tuple(freq[k - 1] for k in ranks)
+    assert stats.monetary_kth_smallest == tuple(mon[k - 1] for k in ranks)
+    with pytest.raises(ValueError):
+        await store.order_statistics(range(3), as_of, (42,))
     await store.client.aclose()
 
 
-async def test_segment_compare_and_set(stack):
+async def test_thresholds_are_compare_and_set(stack):
     store = new_store(stack.redis_url)
-    await store.apply_batch(0, [Record(0, "c1", StateEvent("e", "o", "purchase", 1, 1))])
-    ok = await store.set_segments(0, [SegmentWrite("c1", None, None, "Champions", 2)])
-    stale = await store.set_segments(0, [SegmentWrite("c1", None, None, "At Risk", None)])
-    moved = await store.set_segments(0, [SegmentWrite("c1", "Champions", 2, "At Risk", None)])
-    assert (ok, stale, moved) == ([True], [False], [True])
-    stored = await store.read_customer(0, "c1")
-    assert (stored.segment, stored.cluster) == ("At Risk", None)
-    assert await store.segment_counts([0]) == {"At Risk": 1}
+    await store.commit_batch(0, -1, [Record(0, "c1", StateEvent("e", "o", "purchase", 1, 1))],
+                             {}, [])
+    assert await store.save_thresholds(0, 0, "A") is True
+    assert await store.save_thresholds(0, -1, "B") is False
+    assert await store.thresholds(0) == "A"
     await store.client.aclose()
