@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,7 @@ def partition_for(customer_id: str, partitions: int) -> int:
 def create_app(settings: Settings) -> tuple[faust.App, Services]:
     """Create the faust app with its agent, outbox timer and web views."""
     services = build_services(settings)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=settings.kafka_url,
@@ -122,6 +124,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         topic_partitions=settings.partitions,
         producer_linger=0.005,
         producer_acks=-1,
+        datadir=str(Path(settings.data_dir) / settings.app_id),
     )
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)

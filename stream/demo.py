@@ -68,6 +68,9 @@ async def run_to_completion(settings: Settings, targets: dict[int, int], log_pat
                             show: bool = True, timeout_s: float = 600.0) -> None:
     """Start a worker, wait until every target offset is applied, stop it (SIGTERM)."""
     worker: WorkerProcess = start_worker(settings, log_path)
+    if show:
+        print(f"worker pid {worker.pid}: http://{settings.web_bind}:{settings.web_port}/metrics "
+              f"(also /health /ready /segments /customers/ID), log {log_path}")
     store = store_for(settings)
     total = sum(o + 1 for o in targets.values())
     try:
@@ -144,7 +147,8 @@ def report(result: DemoResult, table: SegmentTable) -> str:
 
 
 async def _demo(stack: localstack.LocalStack, out_dir: Path) -> DemoResult:
-    settings = local_settings(stack, namespace="demo", app_id="rfm-demo")
+    # one partition: the demo's results (segments, changes, clusters) are the same every run
+    settings = local_settings(stack, namespace="demo", app_id="rfm-demo", partitions=1)
     await ensure_topics(settings)
     rows = sorted(cdnow.read_rows(), key=lambda r: r.day)  # event-time order (stable)
     targets = await load_cdnow(settings, rows)

@@ -130,6 +130,7 @@ def start_broker(workdir: Path, port: int | None = None, timeout: float = 20.0) 
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
         )
     managed = ManagedProcess("broker", proc, port, log_path)
     try:
@@ -154,14 +155,35 @@ def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
             "--appendfilename", f"appendonly-{port}.aof"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     managed = ManagedProcess("redis", proc, port, log_path)
     try:
         _wait_for_port(port, proc, "redis-server", timeout)
+        _wait_for_redis(port, timeout)
     except BaseException:
         managed.stop()
         raise
     return managed
+
+
+def _wait_for_redis(port: int, timeout: float) -> None:
+    """Wait until the server answers PING (it listens while still loading its AOF)."""
+    import redis
+
+    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.BusyLoadingError:
+                if time.monotonic() > deadline:
+                    raise LocalStackError(f"redis-server on {port} still loading") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
 
 
 @dataclass

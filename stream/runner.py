@@ -85,9 +85,12 @@ def start_worker(settings: Settings, log_path: Path, extra_env: Mapping[str, str
     env.update(settings_env(settings))
     env.update(extra_env or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:
+        # a session of its own: Ctrl-C reaches the caller, which stops the worker before the
+        # servers it needs
         proc = subprocess.Popen([sys.executable, "-m", "stream", "worker"], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
     return WorkerProcess(proc, log_path)
 
 

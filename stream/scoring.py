@@ -23,7 +23,6 @@ import numpy as np
 import numpy.typing as npt
 
 
-
 def quintile_score(worse: int, population: int) -> int:
     """Score 1-5 from the number of strictly worse customers among ``population``.
 

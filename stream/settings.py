@@ -6,6 +6,8 @@ Every knob of the service lives here (README "Configuration" lists them). Nothin
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -45,6 +47,8 @@ class Settings(BaseSettings):
     web_bind: str = Field("127.0.0.1", description="Address of the HTTP server (/metrics, ...)")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the HTTP server")
     metrics_prefix: str = "rfm"
+    data_dir: str = Field(str(Path(tempfile.gettempdir()) / "rfm-stream"),
+                          description="faust's data directory (this service keeps no faust tables)")
 
     # --- input rules
     currency: str = Field("USD", min_length=3, max_length=3, description="Reporting currency (ISO 4217)")

@@ -45,3 +45,18 @@ def cdnow_rfm(as_of: str = "1998-06-30"):
     g["f_score"] = (1 + (5 * worse_f) // n).astype(int)
     g["m_score"] = (1 + (5 * worse_m) // n).astype(int)
     return g
+
+
+def cdnow_state():
+    """Per customer: frequency (rows), monetary in cents, last purchase (epoch ms), computed
+    with pandas from the shipped file; the expected RFM state after loading all of it."""
+    import pandas as pd
+
+    df = cdnow_frame()
+    day = pd.to_datetime(df["date"], format="%Y%m%d", utc=True)
+    df["ms"] = (day - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
+    g = df.groupby("customer_id").agg(frequency=("ms", "size"), monetary=("dollar_value", "sum"),
+                                      last_ms=("ms", "max"))
+    g["monetary_cents"] = (g["monetary"] * 100).round().astype(int)
+    return {cid: (int(r.frequency), int(r.monetary_cents), int(r.last_ms))
+            for cid, r in g.iterrows()}

@@ -1,0 +1,238 @@
+"""Delivery guarantees under crashes, against real processes (DESIGN.md "Delivery semantics").
+
+Nothing lost, nothing counted twice: SIGKILLed workers, a worker lost from a two-worker group,
+a SIGKILLed Redis with AOF everysec, a paused broker. The state oracle is a pandas group-by over
+the CDNOW file; the change oracle is an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from oracles import cdnow_state
+
+from stream import cdnow, localstack
+from stream.demo import cdnow_messages, ensure_topics, local_settings
+from stream.kafka_io import bootstrap_of, produce, read_all
+from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
+from stream.settings import Settings
+
+pytestmark = pytest.mark.timeout(900)
+
+ROWS = sorted(cdnow.read_rows(), key=lambda r: r.day)
+
+
+def crash_settings(stack: localstack.LocalStack, name: str, **kw) -> Settings:
+    values = dict(namespace=name, app_id=f"rfm-{name}", purchases_topic=f"{name}-purchases",
+                  dead_letter_topic=f"{name}-dlq", segment_changes_topic=f"{name}-changes",
+                  customer_segments_topic=f"{name}-segments", batch_max=250)
+    values.update(kw)
+    return local_settings(stack, **values)
+
+
+async def load(settings: Settings, rows=ROWS) -> dict[int, int]:
+    await ensure_topics(settings)
+    return await produce(bootstrap_of(settings.kafka_url), settings.purchases_topic,
+                         cdnow_messages(rows))
+
+
+async def final_state(settings: Settings) -> dict[str, tuple[int, int, int]]:
+    store = store_for(settings)
+    out = {}
+    try:
+        for p in range(settings.partitions):
+            async for page in store.iter_customers(p):
+                for c in page:
+                    s = c.state
+                    out[c.customer_id] = (s.frequency, s.monetary_minor, s.last_purchase_ms)
+    finally:
+        await store.client.aclose()
+    return out
+
+
+async def wait_outbox_empty(settings: Settings, timeout_s: float = 60) -> None:
+    store = store_for(settings)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while await store.outbox_depth(range(settings.partitions)):
+            assert time.monotonic() < deadline, "outbox not drained"
+            await asyncio.sleep(0.2)
+    finally:
+        await store.client.aclose()
+
+
+async def changes_without_emitted_at(settings: Settings) -> list[dict]:
+    """Segment changes read back from the topic, de-duplicated by change_id, in topic order."""
+    seen, out = set(), []
+    for *_, value in await read_all(bootstrap_of(settings.kafka_url),
+                                    settings.segment_changes_topic, idle_s=1.0):
+        change = json.loads(value)
+        if change["change_id"] in seen:
+            continue
+        seen.add(change["change_id"])
+        change.pop("emitted_at")
+        out.append(change)
+    return out
+
+
+async def applied_total(settings: Settings) -> int:
+    store = store_for(settings)
+    try:
+        return sum(o + 1 for o, _ in (await store.partition_meta(range(settings.partitions))).values())
+    finally:
+        await store.client.aclose()
+
+
+async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_path):
+    """Five SIGKILLs at random moments of a one-partition CDNOW load: the final state equals
+    the pandas oracle and the de-duplicated segment changes equal an uninterrupted run's.
+    The clustering model is left cold here (no cluster ids): an in-memory model restarted from
+    its last snapshot is not the model of an uninterrupted run, and this test is about
+    delivery, not about the model."""
+    common = dict(partitions=1, cluster_min_customers=10**9)
+    calm = crash_settings(stack, unique + "calm", **common)
+    crash = crash_settings(stack, unique + "crash", **common)
+    calm_targets, crash_targets = await load(calm), await load(crash)
+
+    worker = start_worker(calm, tmp_path / "calm.log")
+    store = store_for(calm)
+    try:
+        await wait_applied(store, calm_targets, [worker], timeout_s=300)
+        await wait_outbox_empty(calm)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+
+    rng = random.Random(20261201)
+    workers: list[WorkerProcess] = []
+    store = store_for(crash)
+    try:
+        for i in range(5):
+            workers.append(start_worker(crash, tmp_path / f"crash{i}.log"))
+            before = await applied_total(crash)
+            deadline = time.monotonic() + 60
+            while await applied_total(crash) <= before:  # wait until this one makes progress
+                assert time.monotonic() < deadline, workers[-1].log_tail()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            workers[-1].kill()
+        assert await applied_total(crash) < len(ROWS), "the kills came too late to matter"
+        workers.append(start_worker(crash, tmp_path / "crash-final.log"))
+        await wait_applied(store, crash_targets, workers[-1:], timeout_s=300)
+        await wait_outbox_empty(crash)
+    finally:
+        for w in workers:
+            w.stop()
+        await store.client.aclose()
+
+    oracle = cdnow_state()
+    assert await final_state(crash) == oracle
+    assert await final_state(calm) == oracle
+    calm_changes = await changes_without_emitted_at(calm)
+    crash_changes = await changes_without_emitted_at(crash)
+    assert len(calm_changes) > 20_000
+    assert crash_changes == calm_changes
+
+
+async def test_two_workers_one_killed_the_other_takes_over(stack, unique, tmp_path):
+    s = crash_settings(stack, unique, partitions=4, batch_max=100)
+    targets = await load(s)
+    a = start_worker(s, tmp_path / "a.log")
+    b = start_worker(s.model_copy(update={"web_port": localstack.free_port()}),
+                     tmp_path / "b.log")
+    store = store_for(s)
+    try:
+        deadline = time.monotonic() + 60
+        while await applied_total(s) < len(ROWS) // 5:
+            assert time.monotonic() < deadline, a.log_tail() + b.log_tail()
+            await asyncio.sleep(0.1)
+        b.kill()
+        assert await applied_total(s) < len(ROWS) * 0.9, "b was killed too late to matter"
+        await wait_applied(store, targets, [a], timeout_s=300)
+        await wait_outbox_empty(s)
+    finally:
+        a.stop()
+        b.stop()
+        await store.client.aclose()
+    assert await final_state(s) == cdnow_state()
+
+
+async def test_redis_killed_and_restarted_with_aof(stack, unique, tmp_path):
+    """Redis SIGKILLed mid-load (AOF everysec loses up to ~1 s of writes) and restarted on the
+    same port: the worker waits (not ready), then re-reads what Redis lost from the topic."""
+    redis = localstack.start_redis(tmp_path, appendonly=True)
+    own = localstack.LocalStack(stack.broker, redis, tmp_path)
+    s = crash_settings(own, unique, partitions=2, batch_max=200)
+    targets = await load(s)
+    worker = start_worker(s, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while await applied_total(s) < len(ROWS) // 3:
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.05)
+        redis.proc.kill()
+        redis.proc.wait(10)
+        await asyncio.sleep(1.5)
+        ready = _get(f"http://127.0.0.1:{s.web_port}/ready")
+        assert ready[0] == 503, ready
+        redis = localstack.start_redis(tmp_path, port=redis.port, appendonly=True)
+        store = store_for(s)
+        try:
+            await wait_applied(store, targets, [worker], timeout_s=300)
+            await wait_outbox_empty(s)
+        finally:
+            await store.client.aclose()
+        assert _get(f"http://127.0.0.1:{s.web_port}/ready")[0] == 200
+    finally:
+        worker.stop()
+        state = await final_state(s) if redis.proc.poll() is None else {}
+        redis.stop()
+    assert state == cdnow_state()
+
+
+async def test_paused_broker_keeps_changes_in_the_outbox(unique, tmp_path):
+    """The broker SIGSTOPped mid-load for a few seconds: nothing is lost, every customer's
+    latest published change names its stored segment."""
+    with localstack.running(tmp_path / "stack") as own:
+        s = crash_settings(own, unique, partitions=1)
+        rows = [r for r in ROWS if r.customer_id < "05000"]
+        targets = await load(s, rows)
+        worker = start_worker(s, tmp_path / "worker.log")
+        store = store_for(s)
+        try:
+            deadline = time.monotonic() + 60
+            while await applied_total(s) < len(rows) // 3:
+                assert time.monotonic() < deadline, worker.log_tail()
+                await asyncio.sleep(0.05)
+            own.broker.pause()
+            await asyncio.sleep(4)
+            own.broker.resume()
+            await wait_applied(store, targets, [worker], timeout_s=300)
+            await wait_outbox_empty(s)
+            stored = {}
+            for p in range(s.partitions):
+                async for page in store.iter_customers(p):
+                    stored.update({c.customer_id: c.segment for c in page})
+        finally:
+            worker.stop()
+            await store.client.aclose()
+        latest = {}
+        for change in await changes_without_emitted_at(s):
+            latest[change["customer_id"]] = change["current"]["segment"]
+        assert latest == stored
+        want = {cid: v for cid, v in cdnow_state().items() if cid < "05000"}
+        assert await final_state(s) == want
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
