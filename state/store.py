@@ -167,9 +167,11 @@ class RedisStore:
                              _opt_int(meta[1]), meta[2], other_wms, customers)
 
     async def commit_batch(self, partition: int, expected_offset: int, records: Sequence[Record],
-                           assignments: Mapping[str, Assigned], outbox: Sequence[str]
-                           ) -> BatchOutcome:
+                           assignments: Mapping[str, Assigned],
+                           outbox: Sequence[tuple[str, str]]) -> BatchOutcome:
         """Apply a batch (ascending offsets) with its assignments and outbox entries, atomically.
+
+        ``outbox``: ``(kind, JSON)`` entries, kind ``c`` (segment change) or ``d`` (dead letter).
 
         Records without an event (dead letters) only advance the applied offset. Assigned
         customers must appear in ``records``.
@@ -210,7 +212,7 @@ class RedisStore:
                        for x in (index[cid], a.segment, _opt(a.cluster))]
         argv = [expected_offset, offsets[-1], self.limits.event_ids, self.limits.order_ids,
                 len(ids), len(events) // 7, len(assignments), len(outbox), *ids, *events,
-                *assign_args, *outbox]
+                *assign_args, *(x for entry in outbox for x in entry)]
         try:
             applied, dup_off, dup_ev = await self._apply(keys=keys, args=argv)
         except ResponseError as exc:
@@ -307,10 +309,11 @@ class RedisStore:
         return OrderStatistics(n, tuple(lo[:r]), tuple(lo[r:2 * r]), tuple(lo[2 * r:]))
 
     # --- the outbox -------------------------------------------------------------------------
-    async def outbox_read(self, partition: int, count: int = 500) -> list[tuple[str, str]]:
-        """The oldest ``count`` outbox entries of a partition: ``(entry id, JSON)``."""
+    async def outbox_read(self, partition: int, count: int = 500
+                          ) -> list[tuple[str, str, str]]:
+        """The oldest ``count`` outbox entries of a partition: ``(entry id, kind, JSON)``."""
         rows = await self.client.xrange(self.keys(partition).outbox, "-", "+", count=count)
-        return [(eid, fields["v"]) for eid, fields in rows]
+        return [(eid, fields.get("k", "c"), fields["v"]) for eid, fields in rows]
 
     async def outbox_ack(self, partition: int, entry_ids: Sequence[str]) -> int:
         """Delete entries the broker acknowledged; returns how many were deleted."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -136,7 +137,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         return await topics[topic].send(key=key, value=value)
 
     services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
-                                         settings.customer_segments_topic)
+                                         settings.customer_segments_topic,
+                                         settings.dead_letter_topic)
     bootstrap = bootstrap_of(settings.kafka_url)
 
     def owned_partitions() -> set[int]:
@@ -144,7 +146,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 if tp.topic == settings.purchases_topic}
 
     async def process(partition: int, records: list[RawRecord]) -> BatchResult:
-        """Process with retries while Redis is unreachable; re-read a gap first."""
+        """Process with retries while Redis is unreachable; re-read a gap first; isolate a
+        record whose processing fails (it becomes a ``processing_error`` dead letter)."""
         async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.1, max=5),
                 retry=retry_if_exception_type((RedisError, OSError)),
@@ -162,9 +165,33 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                     more = await services.processor.process(partition, records, check_gap=False)
                     result.changes += more.changes
                     result.dead_letters += more.dead_letters
+                except (RedisError, OSError):
+                    raise
+                except Exception as exc:
+                    log.exception("batch of partition %d failed; processing its records one by "
+                                  "one", partition)
+                    result = await one_by_one(partition, records, exc)
         services.redis_failing = False
         services.last_progress = time.monotonic()
         return result
+
+    async def one_by_one(partition: int, records: list[RawRecord], first: Exception
+                         ) -> BatchResult:
+        total = BatchResult()
+        for rec in records:
+            try:
+                r = await services.processor.process(partition, [rec], check_gap=False)
+            except (RedisError, OSError):
+                raise
+            except Exception as exc:
+                log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
+                              rec.partition, rec.offset)
+                r = await services.processor.process(
+                    partition, [rec], check_gap=False,
+                    reject={rec.offset: ("processing_error", f"{type(exc).__name__}: {exc}")})
+            total.changes += r.changes
+            total.dead_letters += r.dead_letters
+        return total
 
     def _redis_down(exc: BaseException | None) -> None:
         services.redis_failing = True
@@ -189,18 +216,22 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 # a rebalance can re-deliver an offset inside one buffer: keep the first copy
                 by_partition.setdefault(msg.partition, {}).setdefault(
                     msg.offset, RawRecord(msg.topic, msg.partition, msg.offset, msg.key, msg.value))
-            acks = []
-            for partition, recs in by_partition.items():
-                result = await process(partition, sorted(recs.values(), key=lambda r: r.offset))
-                for dl in result.dead_letters:
-                    key = dl.key.encode() if dl.key and dl.key_encoding == "utf-8" else None
-                    acks.append(await topics[settings.dead_letter_topic].send(
-                        key=key, value=dl.model_dump_json().encode()))
-            # the batch is acknowledged (its offsets committed) only after the broker has
-            # acknowledged its dead letters; segment changes are safe in the outbox already
-            await asyncio.gather(*acks)
+            try:
+                for partition, recs in by_partition.items():
+                    await process(partition, sorted(recs.values(), key=lambda r: r.offset))
+            except Exception as exc:
+                # faust acknowledges a take_events buffer even when the agent raises: never
+                # let that commit offsets of records that were not applied. Redis holds what
+                # was applied; a restarted worker seeks there.
+                log.critical("unrecoverable error, exiting without committing: %r", exc)
+                os._exit(70)
+            # the batch's state, changes and dead letters are committed in Redis: its offsets
+            # may be committed to Kafka; the outbox publisher sends what it produced
             await publish_outbox(set(by_partition))
-            await services.save_model()
+            try:
+                await services.save_model()
+            except RedisError as exc:
+                log.warning("model snapshot not saved (%r); will retry", exc)
 
     @app.timer(1.0)
     async def outbox_timer() -> None:
@@ -219,11 +250,17 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             log.warning("could not read applied offsets on assignment (%r)", exc)
             return
         for tp in mine:
-            last = meta[tp.partition][0]
-            if last >= 0:
-                await app.consumer.seek(tp, last + 1)
-                log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
-                         tp.partition, last + 1)
+            # nothing applied yet: offset 0, which resets to the log start if it is gone.
+            # Records already fetched from the group's offset may still arrive: the offset
+            # check skips old ones and the gap check re-reads what lies before new ones.
+            target = meta[tp.partition][0] + 1
+            try:
+                await app.consumer.seek(tp, target)
+            except Exception as exc:  # never crash the worker over an optimisation
+                log.warning("could not seek %s to %d (%r)", tp, target, exc)
+                continue
+            log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
+                     tp.partition, target)
 
     @app.on_before_shutdown.connect
     async def _save_model_on_shutdown(sender: Any, **kwargs: Any) -> None:
@@ -272,7 +309,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             {"segment": s.name, "customers": counts.get(s.name, 0), "strategy": s.strategy,
              "description": s.description} for s in table.segments.values()]})
 
-    @app.page("/customers/{customer_id}")
+    @app.page("/customers/{customer_id:[^/]+}")
     async def customer_view(web: Any, request: Any, customer_id: str) -> Any:
         body, status = await customer_json(services, customer_id)
         return web.json(body, status=status)
@@ -283,8 +320,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 async def customer_json(services: Services, customer_id: str) -> tuple[dict[str, Any], int]:
     """One customer's state, scores at the watermark, segment and cluster; (body, status)."""
     settings = services.settings
-    partition = partition_for(customer_id, settings.partitions)
-    found = await services.store.read_customer(partition, customer_id)
+    # the default partitioner's choice first; a producer may have partitioned otherwise
+    first = partition_for(customer_id, settings.partitions)
+    found = None
+    for partition in [first, *(p for p in range(settings.partitions) if p != first)]:
+        found = await services.store.read_customer(partition, customer_id)
+        if found is not None:
+            break
     if found is None:
         return {"error": "unknown customer", "customer_id": customer_id}, 404
     st = found.state

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 IN_SCHEMA_VERSION = 1
 OUT_SCHEMA_VERSION = 1
 
 AttributeValue = str | int | float | bool | None
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
 
 
 class PurchaseRecorded(BaseModel):
@@ -49,6 +51,20 @@ class PurchaseRecorded(BaseModel):
     attributes: dict[str, AttributeValue] = Field(
         default_factory=dict, description="Free attributes, e.g. country or channel")
     schema_version: int = Field(IN_SCHEMA_VERSION, ge=1, description="Version of this schema")
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _occurred_at_is_text(cls, v: object) -> object:
+        if not isinstance(v, str):
+            raise ValueError("must be an ISO-8601 string with a UTC offset, not a number")
+        return v
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_is_plain_decimal(cls, v: object) -> object:
+        if isinstance(v, bool) or (isinstance(v, str) and not _PLAIN_DECIMAL.fullmatch(v)):
+            raise ValueError("must be a plain decimal number like 12.34")
+        return v
 
 
 class Assignment(BaseModel):
@@ -113,6 +129,8 @@ class DeadLetter(BaseModel):
     value: str | None = Field(description="The raw record value (base64 when value_encoding "
                               "is base64)")
     value_encoding: Literal["utf-8", "base64"] = Field(description="Encoding of value")
+    value_truncated: bool = Field(False, description="True when value holds only the head of an "
+                                  "oversized record (detail gives its size and SHA-256)")
     dead_lettered_at: datetime = Field(description="Wall-clock time (UTC)")
     schema_version: int = Field(OUT_SCHEMA_VERSION, description="Version of this schema")
 

@@ -1,11 +1,12 @@
-"""The outbox publisher: segment changes go from Redis to Kafka at least once.
+"""The outbox publisher: segment changes and dead letters go from Redis to Kafka at least once.
 
-A batch's segment changes are written to its partition's outbox (a Redis stream) in the same
-atomic script as the state they follow from. The publisher sends each entry to
-``segment-changes`` and to the compacted ``customer-segments`` (both keyed by customer, so a
-new subscriber can bootstrap the present segment of every customer), waits for the broker's
-acknowledgements, and only then deletes the entries. A crash or a broker outage in between
-re-sends them later: consumers de-duplicate by the stable ``change_id``.
+A batch's segment changes and dead letters are written to its partition's outbox (a Redis
+stream) in the same atomic script as the state and offset they follow from. The publisher sends
+each change to ``segment-changes`` and to the compacted ``customer-segments`` (both keyed by
+customer, so a new subscriber can bootstrap the present segment of every customer), each dead
+letter to the dead-letter topic, waits for the broker's acknowledgements, and only then deletes
+the entries. A crash or a broker outage in between re-sends them later: consumers de-duplicate
+changes by the stable ``change_id``, dead letters by source partition and offset.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from state.store import RedisStore
 log = logging.getLogger(__name__)
 
 # send(topic, key, value) -> an awaitable that completes when the broker acknowledged
-Send = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
+Send = Callable[[str, bytes | None, bytes], Awaitable[Awaitable[Any]]]
 
 
 class OutboxPublisher:
@@ -33,16 +34,17 @@ class OutboxPublisher:
         The Redis store.
     send
         Produces one record and returns an awaitable of its acknowledgement.
-    changes_topic, segments_topic
-        ``segment-changes`` and the compacted ``customer-segments``.
+    changes_topic, segments_topic, dead_letter_topic
+        ``segment-changes``, the compacted ``customer-segments`` and ``purchases-dlq``.
     batch
         Entries read per partition and round.
     """
 
     def __init__(self, store: RedisStore, send: Send, changes_topic: str, segments_topic: str,
-                 batch: int = 1000):
+                 dead_letter_topic: str, batch: int = 1000):
         self.store, self.send = store, send
         self.changes_topic, self.segments_topic = changes_topic, segments_topic
+        self.dead_letter_topic = dead_letter_topic
         self.batch = batch
         self._lock = asyncio.Lock()
         self.published = 0
@@ -61,13 +63,18 @@ class OutboxPublisher:
                     if not entries:
                         break
                     acks = []
-                    for _, value in entries:
-                        key = str(json.loads(value)["customer_id"]).encode()
-                        data = value.encode()
+                    for _, kind, value in entries:
+                        body, data = json.loads(value), value.encode()
+                        if kind == "d":
+                            key = (body["key"].encode() if body.get("key") is not None
+                                   and body.get("key_encoding") == "utf-8" else None)
+                            acks.append(await self.send(self.dead_letter_topic, key, data))
+                            continue
+                        key = str(body["customer_id"]).encode()
                         acks.append(await self.send(self.changes_topic, key, data))
                         acks.append(await self.send(self.segments_topic, key, data))
                     await asyncio.gather(*acks)
-                    await self.store.outbox_ack(p, [eid for eid, _ in entries])
+                    await self.store.outbox_ack(p, [e[0] for e in entries])
                     total += len(entries)
                     if len(entries) < self.batch:
                         break

@@ -14,6 +14,7 @@ scores every event with the same thresholds, whatever the batch sizes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from stream.metrics import Metrics
 from stream.planning import PlanContext, as_of, plan_batch
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
-from stream.validation import Accepted, InputRules, validate
+from stream.validation import Accepted, InputRules, Rejected, validate
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,13 @@ class BatchProcessor:
         self._fixed = Thresholds.fixed(scoring.fixed)
 
     async def process(self, partition: int, records: list[RawRecord],
-                      now_ms: int | None = None, check_gap: bool = True) -> BatchResult:
+                      now_ms: int | None = None, check_gap: bool = True,
+                      reject: dict[int, tuple[str, str]] | None = None) -> BatchResult:
         """Process one partition's records (ascending offsets).
 
         ``now_ms`` is the wall clock for the future-skew check and ``emitted_at`` (defaults to
-        the real clock).
+        the real clock). ``reject`` forces records (by offset) to be dead letters with the
+        given ``(reason, detail)`` (used for a record whose processing failed).
 
         Raises
         ------
@@ -137,28 +140,24 @@ class BatchProcessor:
         state_records: list[Record] = []
         dead: dict[int, DeadLetter] = {}
         for raw in records:
-            verdict = validate(raw.key, raw.value, self.rules, now)
+            verdict = (Rejected(*reject[raw.offset]) if reject and raw.offset in reject
+                       else validate(raw.key, raw.value, self.rules, now))
             if isinstance(verdict, Accepted):
                 state_records.append(Record(raw.offset, verdict.customer_id, verdict.event))
             else:
                 state_records.append(Record(raw.offset, None, None))
-                dead[raw.offset] = self._dead_letter(raw, verdict.reason, verdict.detail, now)
+                dead[raw.offset] = self.dead_letter(raw, verdict.reason, verdict.detail, now)
         self.metrics.events_consumed.inc(len(records))
         for i, block in enumerate(_blocks(state_records, self.scoring.refresh_every)):
-            first_offset = await self._process_block(partition, block, now, result,
-                                                     check_gap and i == 0)
-            # a redelivered record that was dead-lettered before is not dead-lettered again
-            result.dead_letters += [dead[r.offset] for r in block
-                                    if r.offset in dead and r.offset > first_offset]
-        for d in result.dead_letters:
-            self.metrics.dead_lettered.labels(d.reason).inc()
+            await self._process_block(partition, block, dead, now, result, check_gap and i == 0)
         self.metrics.applied_offset.labels(str(partition)).set(records[-1].offset)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return result
 
-    async def _process_block(self, partition: int, block: list[Record], now: int,
-                             result: BatchResult, check_gap: bool) -> int:
-        """Read, plan and commit one block; returns the applied offset it started from."""
+    async def _process_block(self, partition: int, block: list[Record],
+                             dead: dict[int, DeadLetter], now: int, result: BatchResult,
+                             check_gap: bool) -> None:
+        """Read, plan and commit one block (its dead letters go to the outbox with it)."""
         ids = [r.customer_id for r in block if r.customer_id is not None]
         for attempt in range(5):
             view = await self.store.read_partition(partition, ids, self.partitions)
@@ -169,15 +168,20 @@ class BatchProcessor:
             ctx = PlanContext(self.table, thresholds, model, self.store.limits,
                               self.rules.currency, self.decimals, now)
             plan = plan_batch(view, block, ctx)
+            # a redelivered record was dead-lettered when it was first applied
+            letters = [dead[r.offset] for r in block
+                       if r.offset in dead and r.offset > view.last_offset]
+            outbox = ([("c", c.model_dump_json()) for c in plan.changes]
+                      + [("d", d.model_dump_json()) for d in letters])
             try:
                 outcome = await self.store.commit_batch(
-                    partition, view.last_offset, block, plan.assignments,
-                    [c.model_dump_json() for c in plan.changes])
+                    partition, view.last_offset, block, plan.assignments, outbox)
             except ConflictError as exc:
                 log.warning("%s (attempt %d): another writer; re-reading", exc, attempt + 1)
                 continue
             self.clusterer = model
             result.changes += plan.changes
+            result.dead_letters += letters
             result.applied += outcome.applied
             result.duplicates += outcome.duplicate_offsets + outcome.duplicate_events
             self.metrics.events_applied.inc(outcome.applied)
@@ -186,7 +190,9 @@ class BatchProcessor:
             for c in plan.changes:
                 self.metrics.segment_changes.labels(
                     c.previous.segment if c.previous else "", c.current.segment).inc()
-            return view.last_offset
+            for d in letters:
+                self.metrics.dead_lettered.labels(d.reason).inc()
+            return
         raise ConflictError(partition, view.last_offset, -1)
 
     async def _thresholds_for(self, view: PartitionView, first_offset: int) -> Thresholds:
@@ -222,10 +228,20 @@ class BatchProcessor:
         text = await self.store.thresholds(partition)
         return Thresholds.from_dict(json.loads(text)) if text else self._fixed
 
-    def _dead_letter(self, raw: RawRecord, reason: str, detail: str, now: int) -> DeadLetter:
-        key, key_enc = encode_raw(raw.key)
-        value, value_enc = encode_raw(raw.value)
+    def dead_letter(self, raw: RawRecord, reason: str, detail: str, now: int) -> DeadLetter:
+        """The dead letter of a record; a value over ``max_message_bytes`` keeps only its head
+        (with its size and SHA-256), so that the dead letter itself fits in a Kafka record."""
+        limit = self.rules.max_message_bytes
+        value_bytes = raw.value
+        truncated = value_bytes is not None and len(value_bytes) > limit
+        if truncated:
+            assert value_bytes is not None
+            detail += (f" (value truncated to {limit} of {len(value_bytes)} bytes, sha256 "
+                       f"{hashlib.sha256(value_bytes).hexdigest()})")
+            value_bytes = value_bytes[:limit]
+        key, key_enc = encode_raw(raw.key[:limit] if raw.key else raw.key)
+        value, value_enc = encode_raw(value_bytes)
         return DeadLetter(reason=reason, detail=detail, source_topic=raw.topic,
                           source_partition=raw.partition, source_offset=raw.offset, key=key,
                           key_encoding=key_enc, value=value, value_encoding=value_enc,
-                          dead_lettered_at=_utc(now))
+                          value_truncated=truncated, dead_lettered_at=_utc(now))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 from pydantic import ValidationError
 
@@ -21,7 +20,9 @@ REASONS = (
     "oversized", "missing_value", "not_utf8", "not_json", "not_object", "missing_field",
     "invalid_customer_id", "invalid_amount", "invalid_timestamp", "unknown_event_type",
     "invalid_field", "unsupported_currency", "key_mismatch", "future_event_time",
+    "processing_error",
 )
+MAX_AMOUNT_MINOR = 10**13  # per event; sums stay exact in Redis's Lua numbers below 2**53
 
 _FIELD_REASONS = {
     "customer_id": "invalid_customer_id",
@@ -133,7 +134,7 @@ def validate(key: bytes | None, value: bytes | None, rules: InputRules, now_ms: 
     if minor != minor.to_integral_value():
         return Rejected("invalid_amount",
                         f"amount {ev.amount} has more than {rules.currency_decimals} decimals")
-    if minor >= Decimal(2) ** 53:
+    if minor >= MAX_AMOUNT_MINOR:
         return Rejected("invalid_amount", f"amount {ev.amount} is too large")
     try:
         key_text = None if key is None else key.decode("utf-8")
@@ -143,6 +144,9 @@ def validate(key: bytes | None, value: bytes | None, rules: InputRules, now_ms: 
         return Rejected("key_mismatch",
                         f"record key {key!r} differs from customer_id {ev.customer_id!r}")
     occurred_ms = (ev.occurred_at - EPOCH) // timedelta(milliseconds=1)
+    if occurred_ms < 0:
+        return Rejected("invalid_timestamp", f"occurred_at {ev.occurred_at.isoformat()} is before "
+                        "1970-01-01T00:00:00Z")
     if occurred_ms > now_ms + rules.max_future_skew_ms:
         return Rejected("future_event_time",
                         f"occurred_at {ev.occurred_at.isoformat()} is beyond the allowed skew")

@@ -1,7 +1,7 @@
 -- apply_batch.lua: commit one batch of one partition atomically, in offset order: the RFM
 -- update of every event, the partition's last applied offset and event-time watermark, the
 -- customers' new segment assignments (with the per-segment counts) and the outbox entries of
--- the segment changes they caused. Nothing is written unless the partition's stored offset is
+-- the segment changes they caused and of the batch's dead letters. Nothing is written unless the partition's stored offset is
 -- the one the caller read (compare-and-set): the caller computed the changes from that state.
 -- The RFM part is the twin of state.rfm.apply_batch (a differential test demands identical
 -- state).
@@ -19,7 +19,7 @@
 -- then     7 values per event, in offset order: offset, customer index (1-based), event_id,
 --          order_id, kind ("p" | "r"), amount (minor units), occurred (epoch ms)
 -- then     3 values per assignment: customer index, segment, cluster ("" = none)
--- then     the outbox entries (JSON text each)
+-- then     2 values per outbox entry: kind ("c" segment change | "d" dead letter), JSON text
 --
 -- Returns  {applied, duplicate_offsets, duplicate_events}
 -- Errors   "CONFLICT <stored offset>" when the stored offset is not the expected one.
@@ -116,8 +116,8 @@ for _ = 1, n_as do
 end
 
 for _ = 1, n_out do
-  redis.call('XADD', outbox, '*', 'v', ARGV[a])
-  a = a + 1
+  redis.call('XADD', outbox, '*', 'k', ARGV[a], 'v', ARGV[a + 1])
+  a = a + 2
 end
 
 if last > stored then redis.call('HSET', meta, 'offset', fmt(last)) end

@@ -15,8 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from oracles import cdnow_state
 
+from oracles import cdnow_state
 from stream import cdnow, localstack
 from stream.demo import cdnow_messages, ensure_topics, local_settings
 from stream.kafka_io import bootstrap_of, produce, read_all
@@ -228,6 +228,63 @@ async def test_paused_broker_keeps_changes_in_the_outbox(unique, tmp_path):
         assert latest == stored
         want = {cid: v for cid, v in cdnow_state().items() if cid < "05000"}
         assert await final_state(s) == want
+
+
+async def test_redis_losing_writes_mid_run_is_repaired_from_the_topic(stack, unique, tmp_path):
+    """Redis loses everything while the worker runs (FLUSHALL: the extreme of an AOF that
+    lost its last second): the next records start beyond Redis's applied offset, the worker
+    re-reads the missing range from the topic, and the state ends equal to the oracle."""
+    redis = localstack.start_redis(tmp_path)
+    own = localstack.LocalStack(stack.broker, redis, tmp_path)
+    s = crash_settings(own, unique, partitions=1, batch_max=200)
+    half = len(ROWS) // 2
+    await load(s, ROWS[:half])
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+    try:
+        await wait_applied(store, {0: half - 1}, [worker], timeout_s=300)
+        await store.client.flushall()
+        targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic,
+                                cdnow_messages(ROWS[half:]))
+        await wait_applied(store, targets, [worker], timeout_s=300)
+        assert "re-reading the missing records" in worker.log_path.read_text()
+        state = await final_state(s)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+        redis.stop()
+    assert state == cdnow_state()
+
+
+async def test_dropped_redis_connections_lose_nothing(stack, unique, tmp_path):
+    """The worker's Redis connections killed (CLIENT KILL) three times mid-load: the batch in
+    flight is retried, nothing is committed to Kafka that Redis does not hold."""
+    redis = localstack.start_redis(tmp_path)
+    own = localstack.LocalStack(stack.broker, redis, tmp_path)
+    s = crash_settings(own, unique, partitions=4, batch_max=200)
+    rows = [r for r in ROWS if r.customer_id < "08000"]
+    targets = await load(s, rows)
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+    try:
+        for fraction in (0.2, 0.4, 0.6):
+            deadline = time.monotonic() + 60
+            while await applied_total(s) < len(rows) * fraction:
+                assert time.monotonic() < deadline, worker.log_tail()
+                await asyncio.sleep(0.02)
+            me = await store.client.client_id()
+            for c in await store.client.client_list():
+                if int(c["id"]) != me:
+                    await store.client.client_kill_filter(_id=c["id"])
+        await wait_applied(store, targets, [worker], timeout_s=300)
+        await wait_outbox_empty(s)
+        assert worker.alive()
+        state = await final_state(s)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+        redis.stop()
+    assert state == {cid: v for cid, v in cdnow_state().items() if cid < "08000"}
 
 
 def _get(url: str) -> tuple[int, str]:

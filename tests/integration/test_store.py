@@ -81,7 +81,8 @@ async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stac
     recs = [Record(10, "c1", StateEvent("e1", "o1", "purchase", 1234, 5 * DAY)),
             Record(11, "c2", StateEvent("e2", "o2", "purchase", 99, 6 * DAY)),
             Record(12, "c1", StateEvent("e3", "o3", "refund", 34, 7 * DAY))]
-    first = await store.commit_batch(3, -1, recs, {"c1": Assigned("Champions", 2)}, ["{}"])
+    first = await store.commit_batch(3, -1, recs, {"c1": Assigned("Champions", 2)},
+                                     [("c", "{}"), ("d", '{"x": 1}')])
     pattern = f"rfm:{store.namespace}:*"
 
     async def dump():
@@ -89,7 +90,7 @@ async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stac
 
     before = await dump()
     with pytest.raises(ConflictError) as exc:  # a writer that read before the first commit
-        await store.commit_batch(3, -1, recs, {"c1": Assigned("At Risk", None)}, ["{}"])
+        await store.commit_batch(3, -1, recs, {"c1": Assigned("At Risk", None)}, [("c", "{}")])
     assert exc.value.stored == 12
     second = await store.commit_batch(3, 12, recs, {}, [])  # a redelivery
     assert first.applied == 3 and second.applied == 0 and second.duplicate_offsets == 3
@@ -101,7 +102,10 @@ async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stac
     assert (c1.segment, c1.cluster) == ("Champions", 2)
     assert view.customers["nobody"] is None and (view.last_offset, view.watermark) == (12, 7 * DAY)
     assert await store.segment_counts(range(4)) == {"Champions": 1}
-    assert [v for _, v in await store.outbox_read(3)] == ["{}"]
+    entries = await store.outbox_read(3)
+    assert [(k, v) for _, k, v in entries] == [("c", "{}"), ("d", '{"x": 1}')]
+    assert await store.outbox_ack(3, [entries[0][0]]) == 1
+    assert await store.outbox_depth(range(4)) == 1
     await store.client.aclose()
 
 

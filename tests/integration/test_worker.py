@@ -28,11 +28,14 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         Message(b"c2", orjson.dumps({k: v for k, v in event(100, "c2").items()
                                      if k != "customer_id"})),
         Message(b"c3", orjson.dumps(event(101, "c3", amount="-3.00"))),
+        Message(b"c4", b"\x01" * 200_000),  # its dead letter must still fit in a record
+        Message(b"c5", orjson.dumps({**event(102, "c5"), "occurred_at": "0001-01-01T00:30:00+01:00"})),
     ]
     msgs = [Message(e["customer_id"].encode(), orjson.dumps(e)) for e in good[:15]]
     msgs += bad
     msgs += [Message(e["customer_id"].encode(), orjson.dumps(e)) for e in good[15:]]
     msgs += [Message(e["customer_id"].encode(), orjson.dumps(e)) for e in good[:10]]  # again
+    msgs.append(Message(b"ab{c}/d", orjson.dumps(event(200, "ab{c}/d"))))
     boot = bootstrap_of(settings.kafka_url)
     targets = await produce(boot, settings.purchases_topic, msgs)
 
@@ -46,6 +49,9 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{settings.web_port}/customers/c3", timeout=10) as resp:
             c3 = json.loads(resp.read())
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{settings.web_port}/customers/ab%7Bc%7D%2Fd", timeout=10) as resp:
+            odd = json.loads(resp.read())
     finally:
         exit_code = worker.stop()
         customers = {}
@@ -55,7 +61,10 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         await store.client.aclose()
 
     dead = [json.loads(v) for *_, v in await read_all(boot, settings.dead_letter_topic)]
-    assert sorted(d["reason"] for d in dead) == ["invalid_amount", "missing_field", "not_json"]
+    assert sorted(d["reason"] for d in dead) == [
+        "invalid_amount", "invalid_timestamp", "missing_field", "not_json", "oversized"]
+    big = next(d for d in dead if d["reason"] == "oversized")
+    assert big["value_truncated"] and big["value_encoding"] == "utf-8" and "200000" in big["detail"]
     assert all(d["source_topic"] == settings.purchases_topic and d["source_offset"] >= 0
                for d in dead)
     assert any(d["value"] == "this is not json" for d in dead)
@@ -66,14 +75,15 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         assert customers[cid].frequency == len(mine)
         assert customers[cid].monetary_minor == 1000 * len(mine)
     assert c3["frequency"] == len([e for e in good if e["customer_id"] == "c3"])
+    assert odd["frequency"] == 1 and odd["customer_id"] == "ab{c}/d"
 
     assert 'rfm_dead_lettered_total{reason="not_json"} 1.0' in metrics
-    assert "rfm_events_consumed_total 43.0" in metrics
+    assert "rfm_events_consumed_total 46.0" in metrics
     assert 'rfm_duplicates_skipped_total{kind="event_id"} 10.0' in metrics
     assert "customer" not in metrics.replace("rfm_customers", "")  # no customer id labels
 
     changes = [json.loads(v) for *_, v in await read_all(boot, settings.segment_changes_topic)]
-    assert {c["customer_id"] for c in changes} == {f"c{i}" for i in range(7)}
+    assert {c["customer_id"] for c in changes} == {f"c{i}" for i in range(7)} | {"ab{c}/d"}
     first_seen: dict[str, dict] = {}
     for c in changes:
         first_seen.setdefault(c["customer_id"], c)
