@@ -90,3 +90,10 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
     assert all(c["previous"] is None for c in first_seen.values())
     assert len({c["change_id"] for c in changes}) == len(changes)
     assert exit_code == 0, worker.log_tail()
+
+    # the compacted customer-segments topic: each customer's latest value is its present segment
+    present = {}
+    for _, _, key, value in await read_all(boot, settings.customer_segments_topic, idle_s=0.5):
+        present[key.decode()] = json.loads(value)["current"]["segment"]
+    assert present == {cid: c["current"]["segment"] for cid, c in
+                       {c["customer_id"]: c for c in changes}.items()}
