@@ -89,6 +89,15 @@ async def applied_total(settings: Settings) -> int:
         await store.client.aclose()
 
 
+async def applied_at_least(settings: Settings, n: float, workers: list[WorkerProcess],
+                           timeout_s: float = 60) -> None:
+    """Wait until more than ``n - 1`` records of the load are applied (progress made)."""
+    deadline = time.monotonic() + timeout_s
+    while await applied_total(settings) < n:
+        assert time.monotonic() < deadline, "\n".join(w.log_tail() for w in workers)
+        await asyncio.sleep(0.02)
+
+
 async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_path):
     """Five SIGKILLs at random moments of a one-partition CDNOW load: the final state equals
     the pandas oracle and the de-duplicated segment changes equal an uninterrupted run's.
@@ -116,10 +125,7 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
         for i in range(5):
             workers.append(start_worker(crash, tmp_path / f"crash{i}.log"))
             before = await applied_total(crash)
-            deadline = time.monotonic() + 60
-            while await applied_total(crash) <= before:  # wait until this one makes progress
-                assert time.monotonic() < deadline, workers[-1].log_tail()
-                await asyncio.sleep(0.05)
+            await applied_at_least(crash, before + 1, workers[-1:])  # this one made progress
             await asyncio.sleep(rng.uniform(0.2, 2.0))
             workers[-1].kill()
         assert await applied_total(crash) < len(ROWS), "the kills came too late to matter"
@@ -148,10 +154,7 @@ async def test_two_workers_one_killed_the_other_takes_over(stack, unique, tmp_pa
                      tmp_path / "b.log")
     store = store_for(s)
     try:
-        deadline = time.monotonic() + 60
-        while await applied_total(s) < len(ROWS) // 5:
-            assert time.monotonic() < deadline, a.log_tail() + b.log_tail()
-            await asyncio.sleep(0.1)
+        await applied_at_least(s, len(ROWS) // 5, [a, b])
         b.kill()
         assert await applied_total(s) < len(ROWS) * 0.9, "b was killed too late to matter"
         await wait_applied(store, targets, [a], timeout_s=300)
@@ -172,10 +175,7 @@ async def test_redis_killed_and_restarted_with_aof(stack, unique, tmp_path):
     targets = await load(s)
     worker = start_worker(s, tmp_path / "worker.log")
     try:
-        deadline = time.monotonic() + 60
-        while await applied_total(s) < len(ROWS) // 3:
-            assert time.monotonic() < deadline, worker.log_tail()
-            await asyncio.sleep(0.05)
+        await applied_at_least(s, len(ROWS) // 3, [worker])
         redis.proc.kill()
         redis.proc.wait(10)
         await asyncio.sleep(1.5)
@@ -206,10 +206,7 @@ async def test_paused_broker_keeps_changes_in_the_outbox(unique, tmp_path):
         worker = start_worker(s, tmp_path / "worker.log")
         store = store_for(s)
         try:
-            deadline = time.monotonic() + 60
-            while await applied_total(s) < len(rows) // 3:
-                assert time.monotonic() < deadline, worker.log_tail()
-                await asyncio.sleep(0.05)
+            await applied_at_least(s, len(rows) // 3, [worker])
             own.broker.pause()
             await asyncio.sleep(4)
             own.broker.resume()
@@ -268,10 +265,7 @@ async def test_dropped_redis_connections_lose_nothing(stack, unique, tmp_path):
     store = store_for(s)
     try:
         for fraction in (0.2, 0.4, 0.6):
-            deadline = time.monotonic() + 60
-            while await applied_total(s) < len(rows) * fraction:
-                assert time.monotonic() < deadline, worker.log_tail()
-                await asyncio.sleep(0.02)
+            await applied_at_least(s, len(rows) * fraction, [worker])
             me = await store.client.client_id()
             for c in await store.client.client_list():
                 if int(c["id"]) != me:
