@@ -75,6 +75,12 @@ class CustomerClusterer:
         self.halflife, self.min_customers = halflife, min_customers
         self.scaler = preprocessing.StandardScaler()
         self.kmeans = cluster.KMeans(n_clusters=n_clusters, halflife=halflife, seed=seed)
+        # River creates centre coordinates lazily, in the iteration order of a set of feature
+        # names, which depends on PYTHONHASHSEED: draw them now, in a fixed order, so that the
+        # same seed gives the same model in every process.
+        for centre in self.kmeans.centers.values():
+            for f in FEATURES:
+                centre[f]  # noqa: B018 - the defaultdict draws the initial coordinate
         self.n_learned = 0
         self.n_customers = 0
 

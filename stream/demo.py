@@ -68,15 +68,16 @@ async def run_to_completion(settings: Settings, targets: dict[int, int], log_pat
                             show: bool = True, timeout_s: float = 600.0) -> None:
     """Start a worker, wait until every target offset is applied, stop it (SIGTERM)."""
     worker: WorkerProcess = start_worker(settings, log_path)
-    if show:
-        print(f"worker pid {worker.pid}: http://{settings.web_bind}:{settings.web_port}/metrics "
-              f"(also /health /ready /segments /customers/ID), log {log_path}")
     store = store_for(settings)
     total = sum(o + 1 for o in targets.values())
     try:
         with tqdm(total=total, desc="process", unit="ev", disable=not show,
                   mininterval=1.0) as bar:
             def progress(n: int) -> None:
+                if n and not bar.n and show:  # the worker is up: its web server listens
+                    bar.write(f"worker pid {worker.pid}: http://{settings.web_bind}:"
+                              f"{settings.web_port}/metrics (also /health /ready /segments "
+                              f"/customers/ID), log {log_path}")
                 bar.update(max(0, n - bar.n))
             await wait_applied(store, targets, [worker], timeout_s, progress)
     finally:
@@ -163,6 +164,8 @@ def main(out_dir: str = "out/demo") -> int:
     """Run the demo; returns the process exit code."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("customers.csv", "segment_changes.jsonl"):  # never mistake old results
+        (out / stale).unlink(missing_ok=True)
     print("starting the local stack (Kafka-protocol broker + redis-server on loopback) ...")
     try:
         with localstack.running() as stack:

@@ -81,3 +81,17 @@ def test_numpy_predictor_agrees_with_river():
     assert predict_many(m.to_snapshot(), arr).tolist() == river_ids
     cold = CustomerClusterer(min_customers=10_000).to_snapshot()
     assert (predict_many(cold, arr) == -1).all()
+
+
+def test_same_seed_same_model_in_processes_with_other_hash_seeds():
+    """Python's string hashing differs per process; the model must not."""
+    import subprocess
+    import sys
+
+    code = ("from stream.clustering import CustomerClusterer, features;"
+            "m = CustomerClusterer(seed=42, min_customers=1);"
+            "[m.learn_one(features(d, f, d * f), True) for d in range(0, 300, 7) for f in (1, 3, 9)];"
+            "print(m.to_json())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(h), "PATH": ""}).stdout for h in (1, 2, 3)}
+    assert len(outs) == 1
