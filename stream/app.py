@@ -29,6 +29,7 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -150,22 +151,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         record whose processing fails (it becomes a ``processing_error`` dead letter)."""
         async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.1, max=5),
-                retry=retry_if_exception_type((RedisError, OSError)),
+                retry=retry_if_exception_type((RedisError, OSError, KafkaError)),
                 before_sleep=lambda rs: _redis_down(rs.outcome.exception() if rs.outcome else None)):
             with attempt:
                 try:
-                    result = await services.processor.process(partition, records)
-                except GapError as gap:
-                    log.warning("%s: re-reading the missing records from the topic", gap)
-                    missing = await read_range(bootstrap, settings.purchases_topic, partition,
-                                               gap.expected, gap.got)
-                    result = await services.processor.process(
-                        partition, [RawRecord(settings.purchases_topic, partition, o, k, v)
-                                    for o, k, v in missing], check_gap=False)
-                    more = await services.processor.process(partition, records, check_gap=False)
-                    result.changes += more.changes
-                    result.dead_letters += more.dead_letters
-                except (RedisError, OSError):
+                    result = await process_filling_gaps(partition, records)
+                except (RedisError, OSError, KafkaError):
                     raise
                 except Exception as exc:
                     log.exception("batch of partition %d failed; processing its records one by "
@@ -175,13 +166,37 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         services.last_progress = time.monotonic()
         return result
 
+    async def process_filling_gaps(partition: int, records: list[RawRecord]) -> BatchResult:
+        """Process; when records start beyond Redis's applied offset + 1, read the missing
+        range from the topic and apply it first (repeatedly, until nothing more is found)."""
+        total, check = BatchResult(), True
+        while True:
+            try:
+                result = await services.processor.process(partition, records, check_gap=check)
+            except GapError as gap:
+                log.warning("%s: re-reading the missing records from the topic", gap)
+                missing = await read_range(bootstrap, settings.purchases_topic, partition,
+                                           gap.expected, gap.got)
+                if not missing:
+                    check = False  # the offsets in between hold no record
+                    continue
+                filled = await services.processor.process(
+                    partition, [RawRecord(settings.purchases_topic, partition, o, k, v)
+                                for o, k, v in missing], check_gap=False)
+                total.changes += filled.changes
+                total.dead_letters += filled.dead_letters
+                continue
+            total.changes += result.changes
+            total.dead_letters += result.dead_letters
+            return total
+
     async def one_by_one(partition: int, records: list[RawRecord], first: Exception
                          ) -> BatchResult:
         total = BatchResult()
         for rec in records:
             try:
-                r = await services.processor.process(partition, [rec], check_gap=False)
-            except (RedisError, OSError):
+                r = await process_filling_gaps(partition, [rec])
+            except (RedisError, OSError, KafkaError):
                 raise
             except Exception as exc:
                 log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
@@ -194,6 +209,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         return total
 
     def _redis_down(exc: BaseException | None) -> None:
+        if isinstance(exc, KafkaError):
+            log.warning("re-reading from Kafka failed (%r); retrying", exc)
+            return
         services.redis_failing = True
         log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
 
