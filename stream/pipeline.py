@@ -148,20 +148,30 @@ class BatchProcessor:
                 state_records.append(Record(raw.offset, None, None))
                 dead[raw.offset] = self.dead_letter(raw, verdict.reason, verdict.detail, now)
         self.metrics.events_consumed.inc(len(records))
-        for i, block in enumerate(_blocks(state_records, self.scoring.refresh_every)):
-            await self._process_block(partition, block, dead, now, result, check_gap and i == 0)
+        previous_last: int | None = None
+        for block in _blocks(state_records, self.scoring.refresh_every):
+            await self._process_block(partition, block, dead, now, result, check_gap,
+                                      previous_last)
+            previous_last = block[-1].offset
         self.metrics.applied_offset.labels(str(partition)).set(records[-1].offset)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return result
 
     async def _process_block(self, partition: int, block: list[Record],
                              dead: dict[int, DeadLetter], now: int, result: BatchResult,
-                             check_gap: bool) -> None:
-        """Read, plan and commit one block (its dead letters go to the outbox with it)."""
+                             check_gap: bool, previous_last: int | None) -> None:
+        """Read, plan and commit one block (its dead letters go to the outbox with it).
+
+        ``previous_last``: the last offset of the block committed just before in this batch;
+        Redis must hold at least that (else it lost writes in between: GapError).
+        """
         ids = [r.customer_id for r in block if r.customer_id is not None]
         for attempt in range(5):
             view = await self.store.read_partition(partition, ids, self.partitions)
-            if check_gap and block[0].offset > view.last_offset + 1:
+            if previous_last is not None and view.last_offset < previous_last:
+                raise GapError(partition, view.last_offset + 1, block[0].offset)
+            if (check_gap and previous_last is None
+                    and block[0].offset > view.last_offset + 1):
                 raise GapError(partition, view.last_offset + 1, block[0].offset)
             thresholds = await self._thresholds_for(view, block[0].offset)
             model = copy.deepcopy(self.clusterer)

@@ -83,3 +83,28 @@ async def test_dead_letters_do_not_stop_good_records(services):
     assert again.dead_letters == []  # a redelivered dead letter is not sent twice
     meta = await services.store.partition_meta([0])
     assert meta[0][0] == 3
+
+
+async def test_redis_losing_writes_between_blocks_of_one_batch_is_a_gap(services):
+    """A batch that straddles a threshold block is committed in two steps; if Redis loses the
+    first step's writes in between, the second step must not be applied over the hole."""
+    from stream.pipeline import GapError
+
+    proc = services.processor
+    k = services.settings.threshold_refresh_every
+    batch = [raw(o, "c", purchase(o, "c", "2024-01-01")) for o in range(k - 2, k + 2)]
+    real_commit = services.store.commit_batch
+    calls = []
+
+    async def commit_then_lose(*args, **kwargs):
+        out = await real_commit(*args, **kwargs)
+        calls.append(args[1])
+        if len(calls) == 1:
+            await services.store.client.flushall()
+        return out
+
+    services.store.commit_batch = commit_then_lose
+    with pytest.raises(GapError) as exc:
+        await proc.process(0, batch, now_ms=NOW, check_gap=False)
+    assert (exc.value.expected, exc.value.got) == (0, k)
+    assert len(calls) == 1
