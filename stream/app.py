@@ -59,7 +59,7 @@ class Services:
     saved_at_learned: int = 0
     started: bool = False
     redis_failing: bool = False
-    kafka_failing: bool = False
+    outbox_error: str | None = None
     last_progress: float = field(default_factory=time.monotonic)
 
     @property
@@ -219,9 +219,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         assert services.publisher is not None
         try:
             await services.publisher.drain(partitions)
-            services.kafka_failing = False
+            services.outbox_error = None
         except Exception as exc:  # the outbox keeps the entries; the timer retries
-            services.kafka_failing = True
+            services.outbox_error = repr(exc)[:300]
             log.warning("outbox not published yet (%r); will retry", exc)
 
     @app.agent(purchases, concurrency=1)
@@ -289,11 +289,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
-        counts = await services.store.segment_counts(range(settings.partitions))
-        for name in services.processor.table.segments:
-            services.metrics.customers.labels(name).set(counts.get(name, 0))
-        services.metrics.outbox_depth.set(
-            await services.store.outbox_depth(range(settings.partitions)))
+        try:  # gauges read from Redis; while it is unreachable the rest is still served
+            parts = range(settings.partitions)
+            counts = await asyncio.wait_for(services.store.segment_counts(parts), 2)
+            for name in services.processor.table.segments:
+                services.metrics.customers.labels(name).set(counts.get(name, 0))
+            services.metrics.outbox_depth.set(
+                await asyncio.wait_for(services.store.outbox_depth(parts), 2))
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
         return web.bytes(generate_latest(services.metrics.registry),
                          content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
@@ -311,8 +315,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 await asyncio.wait_for(services.store.client.ping(), 2)
             except Exception as exc:
                 problems.append(f"redis ping failed: {exc!r}")
-        if services.kafka_failing:
-            problems.append("outbox not published: kafka unavailable (retrying)")
+        if services.outbox_error:
+            problems.append(f"outbox not published (retrying): {services.outbox_error}")
         if not services.started:
             problems.append("agent not started")
         body = {"ready": not problems, "problems": problems,

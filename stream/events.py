@@ -22,6 +22,7 @@ OUT_SCHEMA_VERSION = 1
 
 AttributeValue = str | int | float | bool | None
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)
+_ISO_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}", re.ASCII)
 
 
 class PurchaseRecorded(BaseModel):
@@ -55,8 +56,8 @@ class PurchaseRecorded(BaseModel):
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _occurred_at_is_text(cls, v: object) -> object:
-        if not isinstance(v, str):
-            raise ValueError("must be an ISO-8601 string with a UTC offset, not a number")
+        if not isinstance(v, str) or not _ISO_DATETIME.match(v):
+            raise ValueError("must be an ISO-8601 date-time string with a UTC offset")
         return v
 
     @field_validator("amount", mode="before")

@@ -134,6 +134,12 @@ async def read_range(bootstrap: str, topic: str, partition: int, start: int, end
     group delivers, e.g. after Redis lost its last second of writes). Offsets that hold no
     record (deleted, transaction markers) are simply absent. Starts at the log start when
     ``start`` is no longer in the log.
+
+    Raises
+    ------
+    TimeoutError
+        When the range could not be read to its end within ``timeout_s`` (never a partial
+        answer: the caller would take missing records for holes).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
@@ -145,7 +151,10 @@ async def read_range(bootstrap: str, topic: str, partition: int, start: int, end
         consumer.seek(tp, start)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
+        while True:
+            if loop.time() > deadline:
+                raise TimeoutError(f"could not read {topic}[{partition}] offsets {start}..{end} "
+                                   f"within {timeout_s} s")
             batch = await consumer.getmany(tp, timeout_ms=200)
             for r in batch.get(tp, []):
                 if start <= r.offset < end:

@@ -33,6 +33,8 @@ from stream.validation import Accepted, InputRules, Rejected, validate
 
 log = logging.getLogger(__name__)
 
+MAX_DEAD_LETTER_BYTES = 512 * 1024  # well under Kafka's default 1 MB record limit
+
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
@@ -239,19 +241,25 @@ class BatchProcessor:
         return Thresholds.from_dict(json.loads(text)) if text else self._fixed
 
     def dead_letter(self, raw: RawRecord, reason: str, detail: str, now: int) -> DeadLetter:
-        """The dead letter of a record; a value over ``max_message_bytes`` keeps only its head
-        (with its size and SHA-256), so that the dead letter itself fits in a Kafka record."""
-        limit = self.rules.max_message_bytes
-        value_bytes = raw.value
-        truncated = value_bytes is not None and len(value_bytes) > limit
-        if truncated:
-            assert value_bytes is not None
-            detail += (f" (value truncated to {limit} of {len(value_bytes)} bytes, sha256 "
-                       f"{hashlib.sha256(value_bytes).hexdigest()})")
-            value_bytes = value_bytes[:limit]
-        key, key_enc = encode_raw(raw.key[:limit] if raw.key else raw.key)
-        value, value_enc = encode_raw(value_bytes)
-        return DeadLetter(reason=reason, detail=detail, source_topic=raw.topic,
-                          source_partition=raw.partition, source_offset=raw.offset, key=key,
-                          key_encoding=key_enc, value=value, value_encoding=value_enc,
-                          value_truncated=truncated, dead_lettered_at=_utc(now))
+        """The dead letter of a record, made to fit in a Kafka record: a key or value over
+        ``max_message_bytes`` keeps only its head (the detail gives its size and SHA-256), and
+        the heads shrink until the JSON is under :data:`MAX_DEAD_LETTER_BYTES`."""
+        detail = detail[:1000]
+        limit = min(self.rules.max_message_bytes, MAX_DEAD_LETTER_BYTES // 8)
+        while True:
+            notes, parts = [], {}
+            for name, data in (("key", raw.key), ("value", raw.value)):
+                if data is not None and len(data) > limit:
+                    notes.append(f"{name} truncated to {limit} of {len(data)} bytes, sha256 "
+                                 f"{hashlib.sha256(data).hexdigest()}")
+                    data = data[:limit]
+                parts[name] = encode_raw(data)
+            letter = DeadLetter(
+                reason=reason, detail=detail + (f" ({'; '.join(notes)})" if notes else ""),
+                source_topic=raw.topic, source_partition=raw.partition,
+                source_offset=raw.offset, key=parts["key"][0], key_encoding=parts["key"][1],
+                value=parts["value"][0], value_encoding=parts["value"][1],
+                value_truncated=bool(notes), dead_lettered_at=_utc(now))
+            if len(letter.model_dump_json()) <= MAX_DEAD_LETTER_BYTES or limit <= 64:
+                return letter
+            limit //= 4

@@ -70,6 +70,12 @@ class InputRules:
     max_future_skew_ms: int = 86_400_000
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """``repr`` of a value cut to ``limit`` characters (details must stay small)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
 def _reason_for(exc: ValidationError) -> Rejected:
     err = exc.errors(include_url=False)[0]
     loc = err.get("loc") or ()
@@ -82,7 +88,7 @@ def _reason_for(exc: ValidationError) -> Rejected:
     if etype == "missing":
         return Rejected("missing_field", f"missing field '{field}'")
     reason = _FIELD_REASONS.get(field, "invalid_field")
-    return Rejected(reason, f"field '{'.'.join(map(str, loc))}': {err.get('msg')}")
+    return Rejected(reason, f"field '{'.'.join(map(str, loc))[:80]}': {str(err.get('msg'))[:200]}")
 
 
 def validate(key: bytes | None, value: bytes | None, rules: InputRules, now_ms: int
@@ -141,8 +147,8 @@ def validate(key: bytes | None, value: bytes | None, rules: InputRules, now_ms: 
     except UnicodeDecodeError:
         key_text = None
     if key_text != ev.customer_id:
-        return Rejected("key_mismatch",
-                        f"record key {key!r} differs from customer_id {ev.customer_id!r}")
+        return Rejected("key_mismatch", f"record key {_short(key)} differs from customer_id "
+                        f"{_short(ev.customer_id)}")
     occurred_ms = (ev.occurred_at - EPOCH) // timedelta(milliseconds=1)
     if occurred_ms < 0:
         return Rejected("invalid_timestamp", f"occurred_at {ev.occurred_at.isoformat()} is before "

@@ -108,3 +108,13 @@ async def test_redis_losing_writes_between_blocks_of_one_batch_is_a_gap(services
         await proc.process(0, batch, now_ms=NOW, check_gap=False)
     assert (exc.value.expected, exc.value.got) == (0, k)
     assert len(calls) == 1
+
+
+async def test_dead_letters_always_fit_in_a_kafka_record(services):
+    from stream.pipeline import MAX_DEAD_LETTER_BYTES
+
+    huge = RawRecord("purchases", 0, 7, b"\xff" * 300_000, b"\x01" * 200_000)
+    letter = services.processor.dead_letter(huge, "key_mismatch", "x" * 50_000, NOW)
+    assert len(letter.model_dump_json()) <= MAX_DEAD_LETTER_BYTES
+    assert letter.value_truncated and "300000 bytes" in letter.detail
+    assert letter.source_offset == 7 and letter.key_encoding == "base64"

@@ -53,6 +53,8 @@ def test_good_event_reduced_exactly():
     (with_(occurred_at="1997-01-01T00:00:00"), b"c1", "invalid_timestamp"),
     (with_(occurred_at="yesterday"), b"c1", "invalid_timestamp"),
     (with_(occurred_at=1700000000), b"c1", "invalid_timestamp"),
+    (with_(occurred_at="20240101"), b"c1", "invalid_timestamp"),
+    (with_(occurred_at="1.5"), b"c1", "invalid_timestamp"),
     (with_(occurred_at="1969-12-31T23:59:59Z"), b"c1", "invalid_timestamp"),
     (with_(occurred_at="0001-01-01T00:30:00+01:00"), b"c1", "invalid_timestamp"),
     (with_(amount="1_000"), b"c1", "invalid_amount"),
@@ -73,6 +75,11 @@ def test_bad_input_catalogue(value, key, reason):
     assert isinstance(got, Rejected), got
     assert got.reason == reason, got
     assert got.reason in REASONS and got.detail
+
+
+def test_details_stay_small_for_huge_keys():
+    got = check(with_(), key=b"\xff" * 300_000)
+    assert got.reason == "key_mismatch" and len(got.detail) < 300
 
 
 def test_other_currency_decimals():
