@@ -133,6 +133,7 @@ class RedisStore:
         PartitionKeys(namespace, 0)  # validates the namespace
         self._apply = client.register_script(_script_text("apply_batch.lua"))
         self._set_thresholds = client.register_script(_script_text("set_thresholds.lua"))
+        self._read = client.register_script(_script_text("read_batch.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
@@ -140,31 +141,30 @@ class RedisStore:
     # --- the batch path ---------------------------------------------------------------------
     async def read_partition(self, partition: int, customer_ids: Iterable[str],
                              partitions: Iterable[int]) -> PartitionView:
-        """Read, in one round trip, what a batch of ``partition`` needs (see PartitionView).
+        """Read, in one round trip (a script call on the partition's slot and the other
+        partitions' watermarks), what a batch of ``partition`` needs (see PartitionView).
 
         ``partitions``: every partition of the input topic (for the other watermarks).
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
         others = [p for p in partitions if p != partition]
+        keys = [k.meta]
+        for cid in ids:
+            keys += [k.customer(cid), k.event_ids(cid), k.order_ids(cid)]
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(k.meta, "offset", "wm", "thr")
+        await self._read(keys=keys, client=pipe)  # the partition's slot only
         for p in others:
             pipe.hget(self.keys(p).meta, "wm")
-        for cid in ids:
-            pipe.hmget(k.customer(cid), *_FIELDS)
-            pipe.lrange(k.event_ids(cid), 0, -1)
-            pipe.lrange(k.order_ids(cid), 0, -1)
-        reply = await pipe.execute()
-        meta = reply[0]
-        other_wms = tuple(int(w) for w in reply[1:1 + len(others)] if w is not None)
+        reply, *other_wms = await pipe.execute()
+        offset, wm, thr = reply[:3]
         customers: dict[str, StoredCustomer | None] = {}
-        base = 1 + len(others)
         for i, cid in enumerate(ids):
-            f, ev, orders = reply[base + 3 * i: base + 3 * i + 3]
+            f, ev, orders = reply[3 + 3 * i: 6 + 3 * i]
             customers[cid] = None if all(v is None for v in f) else _stored(cid, f, ev, orders)
-        return PartitionView(partition, int(meta[0]) if meta[0] is not None else -1,
-                             _opt_int(meta[1]), meta[2], other_wms, customers)
+        return PartitionView(partition, int(offset) if offset is not None else -1,
+                             _opt_int(wm), thr,
+                             tuple(int(w) for w in other_wms if w is not None), customers)
 
     async def commit_batch(self, partition: int, expected_offset: int, records: Sequence[Record],
                            assignments: Mapping[str, Assigned],

@@ -97,6 +97,19 @@ class CustomerClusterer:
         if new_customer:
             self.n_customers += 1
 
+    def learn_predict_one(self, x: dict[str, float], new_customer: bool = False) -> int | None:
+        """:meth:`learn_one` then :meth:`predict_one`, with one distance computation.
+
+        Learning moves only the closest centroid, and towards ``x``, so it stays the closest:
+        the cluster after learning is the one found before it.
+        """
+        self.scaler.learn_one(x)
+        closest = self.kmeans.learn_predict_one(self.scaler.transform_one(x))
+        self.n_learned += 1
+        if new_customer:
+            self.n_customers += 1
+        return int(closest) if self.ready else None
+
     def predict_one(self, x: dict[str, float]) -> int | None:
         """Cluster id of a feature dict, or None before the model is ready. Pure."""
         if not self.ready:

@@ -99,8 +99,9 @@ def plan_batch(view: PartitionView, records: list[Record], ctx: PlanContext) -> 
         r, f, m = ctx.thresholds.score(days, state.frequency, state.monetary_minor)
         segment = ctx.table.lookup(r, f, m)
         x = features(days, state.frequency, state.monetary_minor / scale)
-        ctx.clusterer.learn_one(x, new_customer=before is None or not before.has_purchased)
-        new = Assignment(segment=segment.name, cluster=ctx.clusterer.predict_one(x))
+        cluster = ctx.clusterer.learn_predict_one(
+            x, new_customer=before is None or not before.has_purchased)
+        new = Assignment(segment=segment.name, cluster=cluster)
         previous = current.get(cid)
         if not is_change(previous, new, features_changed=True):
             continue

@@ -95,3 +95,12 @@ def test_same_seed_same_model_in_processes_with_other_hash_seeds():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(h), "PATH": ""}).stdout for h in (1, 2, 3)}
     assert len(outs) == 1
+
+
+def test_learn_predict_one_equals_learn_then_predict():
+    a, b = CustomerClusterer(min_customers=5), CustomerClusterer(min_customers=5)
+    for x in sample(300, seed=11):
+        a.learn_one(x, new_customer=True)
+        expected = a.predict_one(x)
+        assert b.learn_predict_one(x, new_customer=True) == expected
+    assert a.to_snapshot() == b.to_snapshot()
