@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,6 @@ class Services:
     started: bool = False
     redis_failing: bool = False
     outbox_error: str | None = None
-    last_progress: float = field(default_factory=time.monotonic)
 
     @property
     def clusterer(self) -> CustomerClusterer:
@@ -163,7 +161,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                                   "one", partition)
                     result = await one_by_one(partition, records, exc)
         services.redis_failing = False
-        services.last_progress = time.monotonic()
         return result
 
     async def process_filling_gaps(partition: int, records: list[RawRecord]) -> BatchResult:

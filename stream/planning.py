@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from state.rfm import BatchOutcome, CustomerState, Limits, Record, apply_event, recency_days
+from state.rfm import BatchOutcome, Limits, Record, apply_event, recency_days
 from state.store import Assigned, PartitionView
 from stream.changes import change_id, is_change
 from stream.clustering import CustomerClusterer, features
@@ -41,7 +41,6 @@ class Plan:
     records: list[Record]
     assignments: dict[str, Assigned] = field(default_factory=dict)
     changes: list[SegmentChanged] = field(default_factory=list)
-    states: dict[str, CustomerState] = field(default_factory=dict)
     outcome: BatchOutcome = BatchOutcome()
     last_offset: int = -1
     watermark: int | None = None
@@ -118,6 +117,5 @@ def plan_batch(view: PartitionView, records: list[Record], ctx: PlanContext) -> 
             emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
             thresholds_version=ctx.thresholds.version,
             model_version=ctx.clusterer.n_learned if new.cluster is not None else None))
-    plan.states = {cid: s for cid, s in states.items() if s is not None}
     plan.outcome = BatchOutcome(applied, dup_off, dup_ev)
     return plan

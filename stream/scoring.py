@@ -232,10 +232,3 @@ def population_scores(
     else:
         worse = n - np.searchsorted(s, v, side="right")
     return (1 + (5 * worse) // n).astype(np.int64)
-
-
-def fixed_scores(thresholds: FixedThresholds, recency: Sequence[int], frequency: Sequence[int],
-                 monetary_minor: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Fixed-threshold (R, F, M) scores of several customers."""
-    return [(thresholds.r(r), thresholds.f(f), thresholds.m(m))
-            for r, f, m in zip(recency, frequency, monetary_minor, strict=True)]
