@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from state.rfm import recency_days
 from state.store import RedisStore
 from stream.clustering import CustomerClusterer
 from stream.kafka_io import bootstrap_of, read_range
@@ -356,8 +357,6 @@ async def customer_json(services: Services, customer_id: str) -> tuple[dict[str,
         "cluster": found.cluster}
     as_of = await services.store.watermark(range(settings.partitions))
     if st.has_purchased and as_of is not None:
-        from state.rfm import recency_days
-
         thresholds = await services.processor.current_thresholds(partition)
         days = recency_days(st.last_purchase_ms or 0, as_of)
         r, f, m = thresholds.score(days, st.frequency, st.monetary_minor)

@@ -20,7 +20,7 @@ import numpy as np
 from state.rfm import recency_days
 from state.store import RedisStore, StoredCustomer
 from stream.clustering import CustomerClusterer, features, predict_many
-from stream.scoring import FixedThresholds, population_scores
+from stream.scoring import FixedThresholds, Thresholds
 from stream.segments import SegmentTable
 
 COLUMNS = ("customer_id", "recency_days", "frequency", "monetary", "r_score", "f_score",
@@ -51,13 +51,11 @@ def score_all(customers: Sequence[StoredCustomer], as_of_ms: int, table: Segment
                    dtype=np.int64)
     freq = np.array([c.state.frequency for c in buyers], dtype=np.int64)
     mon = np.array([c.state.monetary_minor for c in buyers], dtype=np.int64)
-    if len(buyers) >= min_population:
-        r, f, m = (population_scores(rec, False), population_scores(freq, True),
-                   population_scores(mon, True))
-    else:
-        r = np.array([thresholds.r(int(x)) for x in rec], dtype=np.int64)
-        f = np.array([thresholds.f(int(x)) for x in freq], dtype=np.int64)
-        m = np.array([thresholds.m(int(x)) for x in mon], dtype=np.int64)
+    # the worker's scoring mechanism, with thresholds of the whole population at as_of_ms
+    scorer = (Thresholds.from_population(rec, freq, mon) if len(buyers) >= min_population
+              else Thresholds.fixed(thresholds))
+    scores = [scorer.score(int(a), int(b), int(c)) for a, b, c in zip(rec, freq, mon, strict=True)]
+    r, f, m = (np.array([s[i] for s in scores], dtype=np.int64) for i in range(3))
     scale = 10 ** currency_decimals
     if model is not None and buyers:
         x = np.array([list(features(int(a), int(b), int(c) / scale).values())

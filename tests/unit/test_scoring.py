@@ -54,3 +54,17 @@ def test_population_scores_match_brute_force(values, higher_is_better):
     assert got == expected
     assert all(quintile_score(sum(1 for w in values if (w < v if higher_is_better else w > v)), n)
                == g for v, g in zip(values, got, strict=True))
+
+
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 9), st.integers(0, 50)),
+                min_size=1, max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_population_thresholds_score_like_the_quintile_rule(customers):
+    from stream.scoring import Thresholds
+
+    rec, freq, mon = (np.array(x) for x in zip(*customers, strict=True))
+    t = Thresholds.from_population(rec, freq, mon)
+    got = [t.score(int(a), int(b), int(c)) for a, b, c in customers]
+    want = list(zip(population_scores(rec, False).tolist(), population_scores(freq, True).tolist(),
+                    population_scores(mon, True).tolist(), strict=True))
+    assert got == want
