@@ -8,10 +8,13 @@ a whole batch of that partition atomically.
 Kinds
 -----
 ``meta``          hash: ``offset`` (last applied Kafka offset), ``wm`` (max event time, epoch ms),
-                  ``thr`` (the partition's current scoring thresholds, JSON)
-``c:<id>``        hash: the customer's RFM state, stored segment and cluster
-``ev:<id>``       list: the customer's recently applied ``event_id`` values, newest first
-``ord:<id>``      list: the customer's recent purchase ``order_id`` values, newest first
+                  ``asof`` (the partition's as-of time, epoch ms, never moving back), ``seen``
+                  (wall clock of the last applied event, for idleness), ``thr`` (the
+                  partition's current scoring thresholds, JSON), ``seq`` (commit sequence)
+``c:<id>``        hash: the customer's RFM state and what was last published for it
+                  (fields in ``state/codec.py``)
+``due``           sorted set: customer -> event time (epoch ms) at which it must be re-scored
+                  without an event (recency bound, window expiry, flapping guard, rescore)
 ``z:last``        sorted set: customer -> last purchase (epoch ms), the recency population
 ``z:freq``        sorted set: customer -> frequency, the frequency population
 ``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
@@ -73,14 +76,12 @@ class PartitionKeys:
     def outbox(self) -> str:
         return self.prefix + "outbox"
 
+    @property
+    def due(self) -> str:
+        return self.prefix + "due"
+
     def customer(self, customer_id: str) -> str:
         return self.prefix + "c:" + customer_id
-
-    def event_ids(self, customer_id: str) -> str:
-        return self.prefix + "ev:" + customer_id
-
-    def order_ids(self, customer_id: str) -> str:
-        return self.prefix + "ord:" + customer_id
 
     @property
     def customer_pattern(self) -> str:

@@ -1,8 +1,9 @@
 """A customer's incremental RFM state and its update rule, as a pure fold.
 
 ``apply_event(state, event, limits) -> (state, applied)`` has no I/O and no clock. It is the
-reference the Lua script in ``state/lua/apply_batch.lua`` must match: a differential test
-runs both over generated event sequences and demands identical state.
+only implementation of the rule: the worker folds a batch with it, and one Lua script
+(``state/lua/commit.lua``) writes the result atomically, compare-and-set on the partition's
+commit sequence, so the state it started from is the state it replaces.
 
 Rules (README "RFM definitions"):
 
@@ -11,12 +12,18 @@ Rules (README "RFM definitions"):
   never moves it at all.
 - **Frequency** is the number of distinct purchase orders: a purchase whose ``order_id`` is
   among the customer's last ``limits.order_ids`` orders adds money but not frequency (several
-  line events of one order count once).
+  line events of one order count once). An order that refunds return in full (refunded >=
+  bought > 0) stops counting; a later purchase line of it makes it count again. Only the
+  remembered orders can be returned this way: a refund naming an older or unknown order
+  reduces monetary only.
 - **Monetary** is purchases minus refunds in minor currency units (cents), never below zero.
   Both sums are kept, so the result does not depend on the order in which they arrive.
+- **Window** (optional, :class:`Window`): frequency and monetary may be counted over the last
+  ``days`` only, from per-customer buckets of ``bucket_days`` (bounded memory; an event older
+  than every kept bucket is left out of the windowed values, never out of the all-time ones).
 - **Idempotency**: an event whose ``event_id`` is among the customer's last
   ``limits.event_ids`` applied ids is skipped, so the same event published twice counts once.
-  Memory per customer is bounded by the two limits.
+  Memory per customer is bounded by the limits and the window.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ class Limits:
     event_ids
         How many recently applied ``event_id`` values are kept for de-duplication (>= 1).
     order_ids
-        How many recent purchase ``order_id`` values are kept so that several line events of
-        one order count once in frequency (>= 1).
+        How many recent purchase orders are kept (id, amount bought, amount refunded), so that
+        several line events of one order count once and a full refund can remove it (>= 1).
     """
 
     event_ids: int = 32
@@ -51,6 +58,39 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Window:
+    """A sliding window for frequency and monetary: the last ``days`` days, kept in buckets.
+
+    Bucket ``i`` holds the events with ``i == occurred_ms // (bucket_days * MS_PER_DAY)``. At
+    as-of time ``t`` the window is the ``days // bucket_days`` buckets ending with the one that
+    holds ``t`` (and any later one). ``days`` must be a multiple of ``bucket_days``.
+
+    >>> Window(365, 5).buckets
+    73
+    """
+
+    days: int
+    bucket_days: int = 30
+
+    def __post_init__(self) -> None:
+        if self.bucket_days < 1 or self.days < self.bucket_days or self.days % self.bucket_days:
+            raise ValueError(f"window days {self.days} must be a positive multiple of "
+                             f"bucket_days {self.bucket_days}")
+
+    @property
+    def buckets(self) -> int:
+        return self.days // self.bucket_days
+
+    @property
+    def bucket_ms(self) -> int:
+        return self.bucket_days * MS_PER_DAY
+
+    def first_bucket(self, as_of_ms: int) -> int:
+        """Index of the oldest bucket inside the window at ``as_of_ms``."""
+        return as_of_ms // self.bucket_ms - self.buckets + 1
+
+
+@dataclass(frozen=True, slots=True)
 class StateEvent:
     """A validated purchase or refund, reduced to what the RFM state needs.
 
@@ -59,7 +99,7 @@ class StateEvent:
     event_id
         The producer's unique id (the de-duplication key).
     order_id
-        The order the event belongs to.
+        The order the event belongs to (for a refund: the order it returns money of).
     kind
         ``"purchase"`` or ``"refund"``.
     amount_minor
@@ -76,11 +116,38 @@ class StateEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Order:
+    """A remembered purchase order: amounts bought and refunded (minor units) and the event
+    time of its first line (epoch ms), which places it in a window bucket."""
+
+    order_id: str
+    bought_minor: int
+    refunded_minor: int
+    first_ms: int
+
+    @property
+    def returned(self) -> bool:
+        """Fully refunded: it no longer counts in frequency."""
+        return 0 < self.bought_minor <= self.refunded_minor
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One window bucket: orders, purchases and refunds (minor units) whose time falls in it."""
+
+    index: int
+    orders: int = 0
+    purchases_minor: int = 0
+    refunds_minor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CustomerState:
     """One customer's RFM state.
 
-    ``recent_event_ids`` and ``recent_order_ids`` are newest first and bounded by
-    :class:`Limits`. Money is in minor units of the reporting currency; times in epoch ms.
+    ``recent_event_ids`` and ``orders`` are newest first and bounded by :class:`Limits`;
+    ``buckets`` (only with a :class:`Window`) are ascending by index. Money is in minor units
+    of the reporting currency; times in epoch ms.
     """
 
     frequency: int = 0
@@ -89,7 +156,8 @@ class CustomerState:
     last_purchase_ms: int | None = None
     first_purchase_ms: int | None = None
     recent_event_ids: tuple[str, ...] = ()
-    recent_order_ids: tuple[str, ...] = ()
+    orders: tuple[Order, ...] = ()
+    buckets: tuple[Bucket, ...] = ()
 
     @property
     def monetary_minor(self) -> int:
@@ -102,13 +170,25 @@ class CustomerState:
         return self.last_purchase_ms is not None
 
 
-def _push(items: tuple[str, ...], item: str, limit: int) -> tuple[str, ...]:
-    return ((item,) + items)[:limit]
+def _add_to_bucket(buckets: tuple[Bucket, ...], window: Window | None, at_ms: int,
+                   orders: int = 0, purchases: int = 0, refunds: int = 0) -> tuple[Bucket, ...]:
+    """Add amounts to the bucket of ``at_ms``. Only buckets within ``window.buckets`` of the
+    newest one are kept; an amount for an older bucket is left out."""
+    if window is None:
+        return buckets
+    i = at_ms // window.bucket_ms
+    newest = max([i, *(b.index for b in buckets)])
+    if i <= newest - window.buckets:
+        return buckets
+    by_index = {b.index: b for b in buckets if b.index > newest - window.buckets}
+    b = by_index.get(i, Bucket(i))
+    by_index[i] = Bucket(i, b.orders + orders, b.purchases_minor + purchases,
+                         b.refunds_minor + refunds)
+    return tuple(by_index[k] for k in sorted(by_index))
 
 
-def apply_event(
-    state: CustomerState | None, event: StateEvent, limits: Limits = Limits()
-) -> tuple[CustomerState, bool]:
+def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits = Limits(),
+                window: Window | None = None) -> tuple[CustomerState, bool]:
     """Fold one event into a customer's state.
 
     Parameters
@@ -118,7 +198,9 @@ def apply_event(
     event
         The event to apply.
     limits
-        Memory bounds (recent event ids, recent order ids).
+        Memory bounds (recent event ids, recent orders).
+    window
+        When given, the event is also added to its window bucket.
 
     Returns
     -------
@@ -138,29 +220,48 @@ def apply_event(
     >>> s3, _ = apply_event(s, StateEvent("e2", "o1", "purchase", 23, 500))  # 2nd line, late
     >>> (s3.frequency, s3.monetary_minor, s3.last_purchase_ms, s3.first_purchase_ms)
     (1, 1200, 1000, 500)
-    >>> s4, _ = apply_event(s3, StateEvent("e3", "o1", "refund", 5000, 9_000))
-    >>> (s4.monetary_minor, s4.last_purchase_ms)
-    (0, 1000)
+    >>> s4, _ = apply_event(s3, StateEvent("e3", "o1", "refund", 5000, 9_000))  # all of o1
+    >>> (s4.frequency, s4.monetary_minor, s4.last_purchase_ms)
+    (0, 0, 1000)
     """
     current = state if state is not None else CustomerState()
     if event.event_id in current.recent_event_ids:
         return current, False
-    event_ids = _push(current.recent_event_ids, event.event_id, limits.event_ids)
+    event_ids = ((event.event_id,) + current.recent_event_ids)[:limits.event_ids]
+    t, amount = event.occurred_ms, event.amount_minor
+    known = next((o for o in current.orders if o.order_id == event.order_id), None)
     if event.kind == "refund":
-        return replace(current, refunds_minor=current.refunds_minor + event.amount_minor,
+        buckets = _add_to_bucket(current.buckets, window, t, refunds=amount)
+        frequency, orders = current.frequency, current.orders
+        if known is not None:
+            updated = replace(known, refunded_minor=known.refunded_minor + amount)
+            orders = tuple(updated if o is known else o for o in orders)
+            if updated.returned and not known.returned:
+                frequency -= 1
+                buckets = _add_to_bucket(buckets, window, known.first_ms, orders=-1)
+        return replace(current, frequency=frequency, orders=orders, buckets=buckets,
+                       refunds_minor=current.refunds_minor + amount,
                        recent_event_ids=event_ids), True
-    new_order = event.order_id not in current.recent_order_ids
-    t = event.occurred_ms
+    if known is None:
+        order = Order(event.order_id, amount, 0, t)
+        orders = ((order,) + current.orders)[:limits.order_ids]
+        counted = 1
+        buckets = _add_to_bucket(current.buckets, window, t, orders=1, purchases=amount)
+    else:
+        order = replace(known, bought_minor=known.bought_minor + amount)
+        orders = tuple(order if o is known else o for o in current.orders)
+        counted = int(known.returned) - int(order.returned)
+        buckets = _add_to_bucket(current.buckets, window, t, purchases=amount)
+        if counted:
+            buckets = _add_to_bucket(buckets, window, known.first_ms, orders=counted)
     last, first = current.last_purchase_ms, current.first_purchase_ms
     return replace(
         current,
-        frequency=current.frequency + (1 if new_order else 0),
-        purchases_minor=current.purchases_minor + event.amount_minor,
+        frequency=current.frequency + counted,
+        purchases_minor=current.purchases_minor + amount,
         last_purchase_ms=t if last is None else max(last, t),
         first_purchase_ms=t if first is None else min(first, t),
-        recent_event_ids=event_ids,
-        recent_order_ids=(_push(current.recent_order_ids, event.order_id, limits.order_ids)
-                          if new_order else current.recent_order_ids),
+        recent_event_ids=event_ids, orders=orders, buckets=buckets,
     ), True
 
 
@@ -175,9 +276,48 @@ def recency_days(last_purchase_ms: int, as_of_ms: int) -> int:
     return max(0, (as_of_ms - last_purchase_ms) // MS_PER_DAY)
 
 
+def frequency_monetary(state: CustomerState, as_of_ms: int, window: Window | None = None
+                       ) -> tuple[int, int]:
+    """``(frequency, monetary_minor)`` at ``as_of_ms``: all-time, or over the window.
+
+    Windowed monetary is the window's purchases minus its refunds, never below zero.
+
+    >>> w = Window(60, 30)
+    >>> s = None
+    >>> for e in [StateEvent("a", "o1", "purchase", 500, 0),
+    ...           StateEvent("b", "o2", "purchase", 700, 40 * MS_PER_DAY)]:
+    ...     s, _ = apply_event(s, e, window=w)
+    >>> frequency_monetary(s, 50 * MS_PER_DAY, w), frequency_monetary(s, 70 * MS_PER_DAY, w)
+    ((2, 1200), (1, 700))
+    """
+    if window is None:
+        return state.frequency, state.monetary_minor
+    first = window.first_bucket(as_of_ms)
+    inside = [b for b in state.buckets if b.index >= first]
+    return (sum(b.orders for b in inside),
+            max(0, sum(b.purchases_minor - b.refunds_minor for b in inside)))
+
+
+def window_expiry_ms(state: CustomerState, as_of_ms: int, window: Window | None) -> int | None:
+    """The next event time after ``as_of_ms`` at which a non-empty bucket leaves the window
+    (the windowed values may change then without any event); None when nothing will.
+
+    >>> w = Window(60, 30)
+    >>> s, _ = apply_event(None, StateEvent("a", "o1", "purchase", 500, 0), window=w)
+    >>> window_expiry_ms(s, 0, w) == 60 * MS_PER_DAY, window_expiry_ms(s, 60 * MS_PER_DAY, w)
+    (True, None)
+    """
+    if window is None:
+        return None
+    first = window.first_bucket(as_of_ms)
+    live = [b.index for b in state.buckets if b.index >= first
+            and (b.orders or b.purchases_minor or b.refunds_minor)]
+    return (min(live) + window.buckets) * window.bucket_ms if live else None
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One Kafka record of a batch, as the partition-level fold sees it.
+    """One Kafka record of a batch.
 
     ``customer_id``/``event`` are None for a record that was dead-lettered: it still
     advances the partition's applied offset.
@@ -186,14 +326,6 @@ class Record:
     offset: int
     customer_id: str | None
     event: StateEvent | None
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionState:
-    """What a partition remembers: last applied offset (-1: none) and max event time (ms)."""
-
-    last_offset: int = -1
-    max_event_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,42 +338,3 @@ class BatchOutcome:
     applied: int = 0
     duplicate_offsets: int = 0
     duplicate_events: int = 0
-
-
-def apply_batch(
-    partition: PartitionState,
-    customers: dict[str, CustomerState],
-    records: list[Record],
-    limits: Limits = Limits(),
-) -> tuple[PartitionState, dict[str, CustomerState], BatchOutcome]:
-    """Fold a batch of one partition's records, in offset order (the Lua script's reference).
-
-    Records at or below ``partition.last_offset`` are skipped (a redelivery). The partition's
-    max event time advances with every applied event. ``customers`` is not mutated.
-
-    Returns
-    -------
-    (PartitionState, dict, BatchOutcome)
-        The new partition state, the new states of the customers the batch names
-        (also those whose events were all duplicates), and the counts.
-    """
-    out = dict(customers)
-    last_offset, max_ms = partition.last_offset, partition.max_event_ms
-    applied = dup_off = dup_ev = 0
-    for rec in records:
-        if rec.offset <= last_offset:
-            dup_off += rec.event is not None
-            continue
-        last_offset = rec.offset
-        if rec.event is None or rec.customer_id is None:
-            continue
-        state, ok = apply_event(out.get(rec.customer_id), rec.event, limits)
-        out[rec.customer_id] = state
-        if ok:
-            applied += 1
-            t = rec.event.occurred_ms
-            max_ms = t if max_ms is None else max(max_ms, t)
-        else:
-            dup_ev += 1
-    return (PartitionState(last_offset, max_ms), out,
-            BatchOutcome(applied, dup_off, dup_ev))

@@ -5,12 +5,12 @@ A thin adapter over the Lua scripts in ``state/lua/`` (each file's header gives 
 ``ARGV`` and reply). Scripts are registered once and called by SHA (redis-py reloads them after
 ``SCRIPT FLUSH``); script result codes become named exceptions.
 
-A batch of one partition goes read -> compute -> commit: :meth:`RedisStore.read_partition`
-reads what the batch needs, the caller computes new states and segment changes (pure code), and
-:meth:`RedisStore.commit_batch` writes all of it in one atomic script, only if the partition's
-applied offset is still the one that was read (else :class:`ConflictError`). A crash anywhere
-before the commit leaves nothing behind; after it, everything (state, offset, assignments,
-outbox entries) is there.
+A step of one partition goes read -> compute -> commit: :meth:`RedisStore.read_partition`
+reads what the step needs, the caller computes new states and segment changes (pure code), and
+:meth:`RedisStore.commit` writes all of it in one atomic script, only if the partition's
+commit sequence is still the one that was read (else :class:`ConflictError`). A crash anywhere
+before the commit leaves nothing behind; after it, everything (state, offset, watermark,
+published segments, due times, outbox entries) is there.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from state.codec import FIELDS, StoredCustomer, decode, encode
 from state.keys import PartitionKeys, model_key
-from state.rfm import MS_PER_DAY, BatchOutcome, CustomerState, Limits, Record
-
-_FIELDS = ("f", "buy", "ref", "last", "first", "seg", "cl")
+from state.rfm import MS_PER_DAY
 
 
 class StoreError(RuntimeError):
@@ -34,13 +33,13 @@ class StoreError(RuntimeError):
 
 
 class ConflictError(StoreError):
-    """The partition's applied offset changed between read and commit (another writer).
+    """The partition's commit sequence changed between read and commit (another writer).
 
-    Attributes: ``partition``, ``expected`` and ``stored`` offsets.
+    Attributes: ``partition``, ``expected`` and ``stored`` sequence numbers.
     """
 
     def __init__(self, partition: int, expected: int, stored: int):
-        super().__init__(f"partition {partition}: applied offset is {stored}, expected {expected}")
+        super().__init__(f"partition {partition}: commit seq is {stored}, expected {expected}")
         self.partition, self.expected, self.stored = partition, expected, stored
 
 
@@ -49,39 +48,56 @@ def _script_text(name: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredCustomer:
-    """A customer's state as stored, with the segment and cluster last assigned to it."""
+class PartitionClock:
+    """A partition's event-time progress: highest applied event time and the wall clock of
+    its last applied event (epoch ms; None when it has none)."""
 
-    customer_id: str
-    state: CustomerState
-    segment: str | None
-    cluster: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Assigned:
-    """A segment assignment to store: segment name and cluster id (None: no cluster)."""
-
-    segment: str
-    cluster: int | None
+    partition: int
+    watermark: int | None
+    seen_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class PartitionView:
-    """What a batch of one partition starts from.
+    """What a step of one partition starts from.
 
-    ``last_offset``: last applied offset (-1: none); ``watermark``: the partition's highest
-    applied event time (epoch ms) or None; ``thresholds``: its scoring thresholds (JSON) or
-    None; ``other_watermarks``: the highest event times of the other partitions that have one;
-    ``customers``: the full stored state of each customer asked for (None when unknown).
+    ``seq``: commit sequence (-1: none; the compare-and-set token); ``last_offset``: last
+    applied offset (-1: none); ``watermark``: highest applied event time (epoch ms) or None;
+    ``as_of``: the partition's as-of time so far or None; ``thresholds``: its scoring
+    thresholds (JSON) or None; ``others``: the other partitions' clocks; ``customers``: each
+    customer asked for, and each due customer (None when unknown); ``dues``: ``(due_ms, id)``
+    of the customers due by the furthest as-of the step can reach, ascending;
+    ``dues_capped``: more may be due than were returned; ``seen_ms``: wall clock of the
+    partition's last applied event.
     """
 
     partition: int
+    seq: int
     last_offset: int
     watermark: int | None
+    as_of: int | None
     thresholds: str | None
-    other_watermarks: tuple[int, ...]
+    others: tuple[PartitionClock, ...]
     customers: dict[str, StoredCustomer | None]
+    dues: tuple[tuple[int, str], ...] = ()
+    dues_capped: bool = False
+    seen_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerWrite:
+    """One customer's part of a commit.
+
+    ``customer`` is the full new stored form (None: only ``due_ms`` is written, keeping an
+    earlier due if there is one). ``population``: its (last purchase ms, frequency, monetary
+    minor) for the population sorted sets, or None when it is not scored. ``due_ms``: when
+    it must be re-scored without an event (None: never).
+    """
+
+    customer_id: str
+    due_ms: int | None
+    customer: StoredCustomer | None = None
+    population: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +122,8 @@ def _opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
-def _stored(customer_id: str, f: Sequence[str | None], ev: Sequence[str] = (),
-            orders: Sequence[str] = ()) -> StoredCustomer:
-    state = CustomerState(int(f[0] or 0), int(f[1] or 0), int(f[2] or 0), _opt_int(f[3]),
-                          _opt_int(f[4]), tuple(ev), tuple(orders))
-    return StoredCustomer(customer_id, state, f[5] or None, _opt_int(f[6]))
+def _int(value: str | None, default: int) -> int:
+    return default if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
 class RedisStore:
@@ -122,111 +135,110 @@ class RedisStore:
         A ``redis.asyncio.Redis`` created with ``decode_responses=True``.
     namespace
         Key namespace (``rfm:<namespace>:...``); a replay can rebuild into a fresh one.
-    limits
-        Memory bounds per customer (recent event ids, recent order ids).
     """
 
-    def __init__(self, client: aioredis.Redis, namespace: str, limits: Limits = Limits()):
+    def __init__(self, client: aioredis.Redis, namespace: str):
         self.client = client
         self.namespace = namespace
-        self.limits = limits
         PartitionKeys(namespace, 0)  # validates the namespace
-        self._apply = client.register_script(_script_text("apply_batch.lua"))
-        self._set_thresholds = client.register_script(_script_text("set_thresholds.lua"))
-        self._read = client.register_script(_script_text("read_batch.lua"))
+        self._commit = client.register_script(_script_text("commit.lua"))
+        self._read = client.register_script(_script_text("read.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
 
-    # --- the batch path ---------------------------------------------------------------------
+    # --- the step path ----------------------------------------------------------------------
     async def read_partition(self, partition: int, customer_ids: Iterable[str],
-                             partitions: Iterable[int]) -> PartitionView:
-        """Read, in one round trip (a script call on the partition's slot and the other
-        partitions' watermarks), what a batch of ``partition`` needs (see PartitionView).
+                             partitions: Iterable[int], hint_ms: int | None = None,
+                             max_due: int = 10_000) -> PartitionView:
+        """Read, in one round trip (a script on the partition's slot, pipelined with the other
+        partitions' clocks), what a step of ``partition`` needs (see PartitionView).
 
-        ``partitions``: every partition of the input topic (for the other watermarks).
+        ``partitions``: every partition of the input topic; ``hint_ms``: the furthest event
+        time the step may reach (the due customers up to it are read too, at most
+        ``max_due``; ``max_due=0`` reads none).
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
         others = [p for p in partitions if p != partition]
-        keys = [k.meta]
-        for cid in ids:
-            keys += [k.customer(cid), k.event_ids(cid), k.order_ids(cid)]
         pipe = self.client.pipeline(transaction=False)
-        await self._read(keys=keys, client=pipe)  # the partition's slot only
+        await self._read(keys=[k.meta, k.due, *(k.customer(c) for c in ids)],
+                         args=["" if hint_ms is None else hint_ms, max_due, k.customer(""),
+                               *FIELDS], client=pipe)
         for p in others:
-            pipe.hget(self.keys(p).meta, "wm")
-        reply, *other_wms = await pipe.execute()
-        offset, wm, thr = reply[:3]
-        customers: dict[str, StoredCustomer | None] = {}
-        for i, cid in enumerate(ids):
-            f, ev, orders = reply[3 + 3 * i: 6 + 3 * i]
-            customers[cid] = None if all(v is None for v in f) else _stored(cid, f, ev, orders)
-        return PartitionView(partition, int(offset) if offset is not None else -1,
-                             _opt_int(wm), thr,
-                             tuple(int(w) for w in other_wms if w is not None), customers)
+            pipe.hmget(self.keys(p).meta, "wm", "seen")
+        reply, *clocks = await pipe.execute()
+        (offset, wm, asof, thr, seq, seen), due_flat = reply[0], reply[1]
+        dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
+                     for i in range(0, len(due_flat), 2))
+        customers = {cid: decode(cid, f) for cid, f in zip(ids, reply[2:2 + len(ids)],
+                                                             strict=True)}
+        for (_, cid), f in zip(dues, reply[2 + len(ids):], strict=True):
+            customers.setdefault(cid, decode(cid, f))
+        return PartitionView(
+            partition, _int(seq, -1), _int(offset, -1), _opt_int(wm), _opt_int(asof), thr,
+            tuple(PartitionClock(p, _opt_int(c[0]), _opt_int(c[1]))
+                  for p, c in zip(others, clocks, strict=True)),
+            customers, dues, max_due > 0 and len(dues) >= max_due, _opt_int(seen))
 
-    async def commit_batch(self, partition: int, expected_offset: int, records: Sequence[Record],
-                           assignments: Mapping[str, Assigned],
-                           outbox: Sequence[tuple[str, str]]) -> BatchOutcome:
-        """Apply a batch (ascending offsets) with its assignments and outbox entries, atomically.
+    async def read_customers(self, partition: int, customer_ids: Iterable[str]
+                             ) -> dict[str, StoredCustomer | None]:
+        """Several customers of one partition (None where unknown)."""
+        ids = list(dict.fromkeys(customer_ids))
+        k = self.keys(partition)
+        pipe = self.client.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hmget(k.customer(cid), *FIELDS)
+        return {cid: decode(cid, f) for cid, f in zip(ids, await pipe.execute(), strict=True)}
 
-        ``outbox``: ``(kind, JSON)`` entries, kind ``c`` (segment change) or ``d`` (dead letter).
+    async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
+                     writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]]) -> int:
+        """Write a planned step atomically if the partition's commit sequence is still
+        ``expected_seq``; returns the new sequence.
 
-        Records without an event (dead letters) only advance the applied offset. Assigned
-        customers must appear in ``records``.
+        ``meta``: partition meta fields to set (``offset``, ``wm``, ``asof``, ``seen``,
+        ``thr``); ``outbox``: ``(kind, JSON)`` entries, kind ``c`` (segment change) or ``d``
+        (dead letter).
 
         Raises
         ------
-        ValueError
-            When the batch is empty, not in ascending offset order, or assigns a customer that
-            has no record.
         ConflictError
-            When the stored offset is not ``expected_offset``; nothing was written.
+            When the stored sequence is not ``expected_seq``; nothing was written.
         redis.exceptions.RedisError
             When Redis is unreachable or the script fails; nothing was written.
         """
-        if not records:
-            raise ValueError("empty batch")
-        offsets = [r.offset for r in records]
-        if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
-            raise ValueError(f"batch of partition {partition} is not in ascending offset order")
         k = self.keys(partition)
-        index: dict[str, int] = {}
-        events: list[Any] = []
-        for rec in records:
-            if rec.event is None or rec.customer_id is None:
-                continue
-            ci = index.setdefault(rec.customer_id, len(index) + 1)
-            e = rec.event
-            events += [rec.offset, ci, e.event_id, e.order_id, "r" if e.kind == "refund" else "p",
-                       e.amount_minor, e.occurred_ms]
-        missing = set(assignments) - set(index)
-        if missing:
-            raise ValueError(f"assignments for customers without records: {sorted(missing)[:3]}")
-        ids = list(index)
-        keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.segcount, k.outbox]
-        for cid in ids:
-            keys += [k.customer(cid), k.event_ids(cid), k.order_ids(cid)]
-        assign_args = [x for cid, a in assignments.items()
-                       for x in (index[cid], a.segment, _opt(a.cluster))]
-        argv = [expected_offset, offsets[-1], self.limits.event_ids, self.limits.order_ids,
-                len(ids), len(events) // 7, len(assignments), len(outbox), *ids, *events,
-                *assign_args, *(x for entry in outbox for x in entry)]
+        args: list[Any] = [expected_seq, len(writes), len(meta), len(outbox), len(FIELDS),
+                           *FIELDS]
+        for name, value in meta.items():
+            args += [name, value]
+        for w in writes:
+            args += [w.customer_id, "d" if w.customer is None else "s", _opt(w.due_ms)]
+            if w.customer is not None:
+                args += ["", "", ""] if w.population is None else list(w.population)
+                fields = encode(w.customer)
+                args += [fields[f] for f in FIELDS]
+        args += [x for entry in outbox for x in entry]
+        keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox,
+                *(k.customer(w.customer_id) for w in writes)]
         try:
-            applied, dup_off, dup_ev = await self._apply(keys=keys, args=argv)
+            return int(await self._commit(keys=keys, args=args))
         except ResponseError as exc:
             text = str(exc)
             if text.startswith("CONFLICT"):
-                raise ConflictError(partition, expected_offset, int(text.split()[1])) from exc
+                raise ConflictError(partition, expected_seq, int(text.split()[1])) from exc
             raise
-        return BatchOutcome(int(applied), int(dup_off), int(dup_ev))
 
-    async def save_thresholds(self, partition: int, expected_offset: int, text: str) -> bool:
-        """Store the partition's thresholds (JSON) if its applied offset is still
-        ``expected_offset``; returns whether they were written."""
-        return bool(await self._set_thresholds(keys=[self.keys(partition).meta],
-                                               args=[expected_offset, text]))
+    async def members_between(self, partition: int,
+                              ranges: Sequence[tuple[str, float, float]]) -> set[str]:
+        """Customers of a partition whose population value lies in any of the closed ranges
+        ``(kind, low, high)``, kind ``last`` (epoch ms), ``freq`` or ``mon`` (minor units)."""
+        k = self.keys(partition)
+        zkey = {"last": k.z_last, "freq": k.z_freq, "mon": k.z_mon}
+        pipe = self.client.pipeline(transaction=False)
+        for kind, lo, hi in ranges:
+            pipe.zrangebyscore(zkey[kind], lo, hi)
+        return {m for reply in await pipe.execute() for m in reply}
 
     # --- population statistics ------------------------------------------------------------
     async def population(self, partitions: Iterable[int]) -> int:
@@ -336,16 +348,24 @@ class RedisStore:
         for p in parts:
             pipe.hmget(self.keys(p).meta, "offset", "wm")
         replies = await pipe.execute()
-        return {p: (int(r[0]) if r[0] is not None else -1, _opt_int(r[1]))
-                for p, r in zip(parts, replies, strict=True)}
+        return {p: (_int(r[0], -1), _opt_int(r[1])) for p, r in zip(parts, replies, strict=True)}
 
-    async def watermark(self, partitions: Iterable[int]) -> int | None:
-        """Event-time watermark (epoch ms): the minimum over partitions of their max event time.
+    async def clocks(self, partitions: Iterable[int]) -> list[PartitionClock]:
+        """Each partition's highest event time and wall clock of its last applied event."""
+        parts = list(partitions)
+        pipe = self.client.pipeline(transaction=False)
+        for p in parts:
+            pipe.hmget(self.keys(p).meta, "wm", "seen")
+        return [PartitionClock(p, _opt_int(r[0]), _opt_int(r[1]))
+                for p, r in zip(parts, await pipe.execute(), strict=True)]
 
-        Partitions that have seen no event yet are left out; None when none has.
-        """
-        times = [wm for _, wm in (await self.partition_meta(partitions)).values() if wm is not None]
-        return min(times) if times else None
+    async def as_of(self, partitions: Iterable[int]) -> int | None:
+        """The latest as-of time any of ``partitions`` has scored at (epoch ms), or None."""
+        pipe = self.client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.hget(self.keys(p).meta, "asof")
+        times = [int(t) for t in await pipe.execute() if t]
+        return max(times) if times else None
 
     async def thresholds(self, partition: int) -> str | None:
         """The partition's current thresholds (JSON), or None."""
@@ -364,13 +384,12 @@ class RedisStore:
         return {s: n for s, n in totals.items() if n}
 
     async def read_customer(self, partition: int, customer_id: str) -> StoredCustomer | None:
-        """Full state of one customer (recent ids included), or None when unknown."""
-        view = await self.read_partition(partition, [customer_id], [partition])
-        return view.customers[customer_id]
+        """Full state of one customer, or None when unknown."""
+        return (await self.read_customers(partition, [customer_id]))[customer_id]
 
     async def iter_customers(self, partition: int, count: int = 1000
                              ) -> AsyncIterator[list[StoredCustomer]]:
-        """All customers of a partition, in pages (SCAN; recent ids left empty)."""
+        """All customers of a partition, in pages (SCAN)."""
         k = self.keys(partition)
         prefix_len = len(k.customer(""))
         cursor = 0
@@ -379,9 +398,10 @@ class RedisStore:
             if names:
                 pipe = self.client.pipeline(transaction=False)
                 for name in names:
-                    pipe.hmget(name, *_FIELDS)
-                yield [_stored(name[prefix_len:], f)
-                       for name, f in zip(names, await pipe.execute(), strict=True)]
+                    pipe.hmget(name, *FIELDS)
+                page = [decode(name[prefix_len:], f)
+                        for name, f in zip(names, await pipe.execute(), strict=True)]
+                yield [c for c in page if c is not None]
             if cursor == 0:
                 return
 

@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from state.rfm import recency_days
+from state.rfm import frequency_monetary, recency_days
 from state.store import RedisStore
 from stream.clustering import CustomerClusterer
 from stream.kafka_io import bootstrap_of, read_range
@@ -91,13 +91,15 @@ def build_services(settings: Settings, metrics: Metrics | None = None) -> Servic
     """Wire settings -> Redis client -> store -> processor."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(client, settings.namespace, settings.limits)
+    store = RedisStore(client, settings.namespace)
     clusterer = CustomerClusterer(settings.n_clusters, settings.cluster_seed,
                                   settings.cluster_halflife, settings.cluster_min_customers)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix)
     processor = BatchProcessor(store, settings.input_rules(),
                                SegmentTable.load(settings.segment_table), settings.scoring(),
-                               clusterer, m, settings.partitions, settings.currency_decimals)
+                               clusterer, m, settings.partitions, settings.currency_decimals,
+                               settings.limits, settings.time_policy(),
+                               settings.max_due_per_step)
     return Services(settings, store, processor, m)
 
 
@@ -254,6 +256,24 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         if services.started:
             await publish_outbox(owned_partitions())
 
+    @app.timer(settings.sweep_interval_s)
+    async def sweep_timer() -> None:
+        """Re-score the owned partitions' customers that fell due without an event of their
+        own (the watermark moved on other partitions, or the wall clock moved)."""
+        if not services.started:
+            return
+        mine = owned_partitions()
+        for partition in sorted(mine):
+            try:
+                await services.processor.sweep(partition)
+            except (RedisError, OSError) as exc:
+                log.warning("sweep of partition %d failed (%r); will retry", partition, exc)
+                return
+            except Exception:  # the next tick retries; the agent keeps going
+                log.exception("sweep of partition %d failed", partition)
+                return
+        await publish_outbox(mine)
+
     @app.on_partitions_assigned.connect
     async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
         """Seek each assigned partition to Redis's last applied offset + 1."""
@@ -355,12 +375,14 @@ async def customer_json(services: Services, customer_id: str) -> tuple[dict[str,
         "monetary_minor": st.monetary_minor, "last_purchase_ms": st.last_purchase_ms,
         "first_purchase_ms": st.first_purchase_ms, "segment": found.segment,
         "cluster": found.cluster}
-    as_of = await services.store.watermark(range(settings.partitions))
-    if st.has_purchased and as_of is not None:
+    as_of = await services.store.as_of(range(settings.partitions))
+    if st.last_purchase_ms is not None and as_of is not None:
         thresholds = await services.processor.current_thresholds(partition)
-        days = recency_days(st.last_purchase_ms or 0, as_of)
-        r, f, m = thresholds.score(days, st.frequency, st.monetary_minor)
-        body.update(as_of_ms=as_of, recency_days=days, r_score=r, f_score=f, m_score=m,
+        days = recency_days(st.last_purchase_ms, as_of)
+        f, m = frequency_monetary(st, as_of, services.processor.policy.window)
+        r, fs, ms = thresholds.score(thresholds.scoring_days(st.last_purchase_ms, as_of), f, m)
+        body.update(as_of_ms=as_of, recency_days=days, frequency_in_window=f,
+                    monetary_minor_in_window=m, r_score=r, f_score=fs, m_score=ms,
                     thresholds_version=thresholds.version)
     return body, 200
 

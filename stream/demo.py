@@ -99,7 +99,7 @@ async def export(settings: Settings, out_dir: Path) -> DemoResult:
     store = store_for(settings)
     try:
         parts = range(settings.partitions)
-        as_of = await store.watermark(parts)
+        as_of = await store.as_of(parts)
         if as_of is None:
             raise RuntimeError("no event was applied: nothing to export")
         customers = await load_customers(store, parts)
@@ -108,7 +108,7 @@ async def export(settings: Settings, out_dir: Path) -> DemoResult:
         await store.client.aclose()
     rows = score_all(customers, as_of, SegmentTable.load(settings.segment_table),
                      settings.fixed_thresholds(), settings.min_population, model,
-                     settings.currency_decimals)
+                     settings.currency_decimals, settings.time_policy().window)
     write_csv(rows, out_dir / "customers.csv")
     bootstrap = bootstrap_of(settings.kafka_url)
     changes = await read_all(bootstrap, settings.segment_changes_topic)

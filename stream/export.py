@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from state.rfm import recency_days
+from state.rfm import Window, frequency_monetary, recency_days
 from state.store import RedisStore, StoredCustomer
 from stream.clustering import CustomerClusterer, features, predict_many
 from stream.scoring import FixedThresholds, Thresholds
@@ -44,13 +44,16 @@ class ExportRow:
 
 def score_all(customers: Sequence[StoredCustomer], as_of_ms: int, table: SegmentTable,
               thresholds: FixedThresholds, min_population: int,
-              model: dict[str, Any] | None, currency_decimals: int = 2) -> list[ExportRow]:
-    """Score customers that have purchased at ``as_of_ms`` (refund-only ones are left out)."""
+              model: dict[str, Any] | None, currency_decimals: int = 2,
+              window: Window | None = None) -> list[ExportRow]:
+    """Score customers that have purchased at ``as_of_ms`` (refund-only ones are left out);
+    frequency and monetary over ``window`` when given."""
     buyers = [c for c in customers if c.state.has_purchased]
     rec = np.array([recency_days(c.state.last_purchase_ms or 0, as_of_ms) for c in buyers],
                    dtype=np.int64)
-    freq = np.array([c.state.frequency for c in buyers], dtype=np.int64)
-    mon = np.array([c.state.monetary_minor for c in buyers], dtype=np.int64)
+    fm = [frequency_monetary(c.state, as_of_ms, window) for c in buyers]
+    freq = np.array([x[0] for x in fm], dtype=np.int64)
+    mon = np.array([x[1] for x in fm], dtype=np.int64)
     # the worker's scoring mechanism, with thresholds of the whole population at as_of_ms
     scorer = (Thresholds.from_population(rec, freq, mon) if len(buyers) >= min_population
               else Thresholds.fixed(thresholds))

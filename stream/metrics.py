@@ -1,7 +1,7 @@
 """Prometheus metrics of the worker, in one typed bundle built from a replaceable registry.
 
 Label values come from closed sets only (dead-letter reasons, segment names of the rule table,
-partitions of the input topic); never a customer id.
+change causes, partitions of the input topic); never a customer id.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Metrics:
     customers: Gauge
     applied_offset: Gauge
     outbox_depth: Gauge
+    as_of_seconds: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None, prefix: str = "rfm") -> Metrics:
@@ -46,7 +47,7 @@ class Metrics:
             dead_lettered=Counter(f"{p}_dead_lettered", "Records sent to the dead-letter topic",
                                   ["reason"], registry=reg),
             segment_changes=Counter(f"{p}_segment_changes", "Segment-change events emitted",
-                                    ["from_segment", "to_segment"], registry=reg),
+                                    ["from_segment", "to_segment", "cause"], registry=reg),
             batch_seconds=Histogram(f"{p}_processing_latency_seconds",
                                     "Time to process one partition batch: validate, apply, "
                                     "score, segment, cluster, compare-and-set",
@@ -57,4 +58,6 @@ class Metrics:
                                  ["partition"], registry=reg),
             outbox_depth=Gauge(f"{p}_outbox_depth", "Segment changes waiting in the outbox",
                                registry=reg),
+            as_of_seconds=Gauge(f"{p}_as_of_seconds", "As-of event time each partition "
+                                "scores at (Unix seconds)", ["partition"], registry=reg),
         )

@@ -13,22 +13,24 @@ scores every event with the same thresholds, whatever the batch sizes.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from state.rfm import Record
+from state.rfm import MS_PER_DAY, Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
 from stream.clustering import CustomerClusterer
 from stream.events import DeadLetter, SegmentChanged, encode_raw
 from stream.metrics import Metrics
-from stream.planning import PlanContext, as_of, plan_batch
+from stream.planning import Plan, PlanContext, plan_step
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
+from stream.timeline import TimePolicy
 from stream.validation import Accepted, InputRules, Rejected, validate
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def _blocks(records: list[Record], size: int) -> list[list[Record]]:
 
 
 class BatchProcessor:
-    """Processes one partition's batch at a time (one owner per partition, offset order).
+    """Processes one partition's steps at a time (one owner per partition, offset order).
 
     Parameters
     ----------
@@ -105,25 +107,33 @@ class BatchProcessor:
         Number of partitions of the input topic (the population spans all of them).
     currency_decimals
         Minor-unit digits of the reporting currency.
+    limits, policy
+        Memory bounds per customer; how time moves scores (watermark, idleness, flapping
+        guard, rescore rate, window).
+    max_due
+        At most this many due customers are read per step.
     """
 
     def __init__(self, store: RedisStore, rules: InputRules, table: SegmentTable,
                  scoring: ScoringConfig, clusterer: CustomerClusterer, metrics: Metrics,
-                 partitions: int, currency_decimals: int = 2):
+                 partitions: int, currency_decimals: int = 2, limits: Limits = Limits(),
+                 policy: TimePolicy = TimePolicy(), max_due: int = 10_000):
         self.store, self.rules, self.table = store, rules, table
         self.scoring, self.clusterer, self.metrics = scoring, clusterer, metrics
         self.partitions = list(range(partitions))
-        self.decimals = currency_decimals
+        self.decimals, self.limits, self.policy = currency_decimals, limits, policy
+        self.max_due = max_due
         self._fixed = Thresholds.fixed(scoring.fixed)
+        self._lock = asyncio.Lock()  # one step at a time: the agent's and the sweep timer's
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
                       reject: dict[int, tuple[str, str]] | None = None) -> BatchResult:
         """Process one partition's records (ascending offsets).
 
-        ``now_ms`` is the wall clock for the future-skew check and ``emitted_at`` (defaults to
-        the real clock). ``reject`` forces records (by offset) to be dead letters with the
-        given ``(reason, detail)`` (used for a record whose processing failed).
+        ``now_ms`` is the wall clock for the future-skew check, idleness and ``emitted_at``
+        (defaults to the real clock). ``reject`` forces records (by offset) to be dead letters
+        with the given ``(reason, detail)`` (used for a record whose processing failed).
 
         Raises
         ------
@@ -132,7 +142,7 @@ class BatchProcessor:
             was written. Re-read the missing range, process it, then these records with
             ``check_gap=False`` (holes left then are offsets that hold no record).
         redis.exceptions.RedisError
-            Nothing of the failed block was written (a redelivery applies it).
+            Nothing of the failed step was written (a redelivery applies it).
         """
         if not records:
             return BatchResult()
@@ -150,88 +160,179 @@ class BatchProcessor:
                 state_records.append(Record(raw.offset, None, None))
                 dead[raw.offset] = self.dead_letter(raw, verdict.reason, verdict.detail, now)
         self.metrics.events_consumed.inc(len(records))
-        previous_last: int | None = None
-        for block in _blocks(state_records, self.scoring.refresh_every):
-            await self._process_block(partition, block, dead, now, result, check_gap,
-                                      previous_last)
-            previous_last = block[-1].offset
+        async with self._lock:
+            previous_last: int | None = None
+            for block in _blocks(state_records, self.scoring.refresh_every):
+                await self._run(partition, block, dead, now, result, check_gap, previous_last)
+                previous_last = block[-1].offset
         self.metrics.applied_offset.labels(str(partition)).set(records[-1].offset)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return result
 
-    async def _process_block(self, partition: int, block: list[Record],
-                             dead: dict[int, DeadLetter], now: int, result: BatchResult,
-                             check_gap: bool, previous_last: int | None) -> None:
-        """Read, plan and commit one block (its dead letters go to the outbox with it).
+    async def sweep(self, partition: int, now_ms: int | None = None) -> BatchResult:
+        """Re-score the partition's customers that are due by its as-of time now (no new
+        event of its own: the watermark moved on other partitions, or the wall clock moved)."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        result = BatchResult()
+        async with self._lock:
+            await self._run(partition, [], {}, now, result, False, None)
+        return result
+
+    async def _run(self, partition: int, block: list[Record], dead: dict[int, DeadLetter],
+                   now: int, result: BatchResult, check_gap: bool,
+                   previous_last: int | None) -> None:
+        """Plan and commit ``block`` (records of one threshold block, or none: a sweep) in as
+        many steps as the due customers need. Dead letters go to the outbox with their step.
 
         ``previous_last``: the last offset of the block committed just before in this batch;
         Redis must hold at least that (else it lost writes in between: GapError).
         """
-        ids = [r.customer_id for r in block if r.customer_id is not None]
-        for attempt in range(5):
-            view = await self.store.read_partition(partition, ids, self.partitions)
-            if previous_last is not None and view.last_offset < previous_last:
-                raise GapError(partition, view.last_offset + 1, block[0].offset)
-            if (check_gap and previous_last is None
-                    and block[0].offset > view.last_offset + 1):
-                raise GapError(partition, view.last_offset + 1, block[0].offset)
-            thresholds = await self._thresholds_for(view, block[0].offset)
+        remaining, conflicts = block, 0
+        while True:
+            hint = max((r.event.occurred_ms for r in remaining if r.event is not None),
+                       default=None)
+            if not block:
+                hint = await self._sweep_as_of(partition, now)
+                if hint is None:
+                    return
+            elif self.policy.mode == "wall_clock":
+                hint = now
+            ids = [r.customer_id for r in remaining if r.customer_id is not None]
+            view = await self.store.read_partition(partition, ids, self.partitions, hint,
+                                                   self.max_due)
+            if remaining:
+                if previous_last is not None and view.last_offset < previous_last:
+                    raise GapError(partition, view.last_offset + 1, remaining[0].offset)
+                if (check_gap and previous_last is None and remaining is block
+                        and block[0].offset > view.last_offset + 1):
+                    raise GapError(partition, view.last_offset + 1, block[0].offset)
+            first = remaining[0].offset if remaining else view.last_offset + 1
+            thresholds, text, rescore = await self._thresholds_for(view, first, now)
+            if rescore:
+                missing = [c for c in rescore if c not in view.customers]
+                extra = await self.store.read_customers(partition, missing)
+                view = replace(view, customers={**extra, **view.customers})
             model = copy.deepcopy(self.clusterer)
-            ctx = PlanContext(self.table, thresholds, model, self.store.limits,
-                              self.rules.currency, self.decimals, now)
-            plan = plan_batch(view, block, ctx)
+            ctx = PlanContext(self.table, thresholds, model, self.limits, self.rules.currency,
+                              self.decimals, now, self.policy)
+            own_active = bool(remaining) or self._active(view, now)
+            plan = plan_step(view, remaining, ctx, rescore, own_active)
+            consumed = remaining[:plan.consumed]
             # a redelivered record was dead-lettered when it was first applied
-            letters = [dead[r.offset] for r in block
+            letters = [dead[r.offset] for r in consumed
                        if r.offset in dead and r.offset > view.last_offset]
+            if not (consumed or plan.writes or plan.changes or text
+                    or plan.as_of != view.as_of):
+                return
+            meta: dict[str, str | int] = {}
+            if plan.last_offset > view.last_offset:
+                meta["offset"] = plan.last_offset
+            if plan.watermark is not None:
+                meta["wm"] = plan.watermark
+            if plan.as_of is not None:
+                meta["asof"] = plan.as_of
+            if plan.applied_any:
+                meta["seen"] = now
+            if text is not None:
+                meta["thr"] = text
             outbox = ([("c", c.model_dump_json()) for c in plan.changes]
                       + [("d", d.model_dump_json()) for d in letters])
             try:
-                outcome = await self.store.commit_batch(
-                    partition, view.last_offset, block, plan.assignments, outbox)
+                await self.store.commit(partition, view.seq, meta, plan.writes, outbox)
             except ConflictError as exc:
-                log.warning("%s (attempt %d): another writer; re-reading", exc, attempt + 1)
+                conflicts += 1
+                if conflicts >= 5:
+                    raise
+                log.warning("%s (attempt %d): another writer; re-reading", exc, conflicts)
                 continue
-            self.clusterer = model
-            result.changes += plan.changes
-            result.dead_letters += letters
-            result.applied += outcome.applied
-            result.duplicates += outcome.duplicate_offsets + outcome.duplicate_events
-            self.metrics.events_applied.inc(outcome.applied)
-            self.metrics.duplicates_skipped.labels("offset").inc(outcome.duplicate_offsets)
-            self.metrics.duplicates_skipped.labels("event_id").inc(outcome.duplicate_events)
-            for c in plan.changes:
-                self.metrics.segment_changes.labels(
-                    c.previous.segment if c.previous else "", c.current.segment).inc()
-            for d in letters:
-                self.metrics.dead_lettered.labels(d.reason).inc()
-            return
-        raise ConflictError(partition, view.last_offset, -1)
+            if plan.outcome.applied:
+                self.clusterer = model
+            self._account(plan, letters, result)
+            remaining = remaining[plan.consumed:]
+            if not remaining and not plan.more:
+                return
 
-    async def _thresholds_for(self, view: PartitionView, first_offset: int) -> Thresholds:
-        """The thresholds of the block starting at ``first_offset``; refreshed (and stored)
-        when the block is newer than the partition's current thresholds."""
+    def _account(self, plan: Plan, letters: list[DeadLetter], result: BatchResult) -> None:
+        outcome = plan.outcome
+        result.changes += plan.changes
+        result.dead_letters += letters
+        result.applied += outcome.applied
+        result.duplicates += outcome.duplicate_offsets + outcome.duplicate_events
+        self.metrics.events_applied.inc(outcome.applied)
+        self.metrics.duplicates_skipped.labels("offset").inc(outcome.duplicate_offsets)
+        self.metrics.duplicates_skipped.labels("event_id").inc(outcome.duplicate_events)
+        for c in plan.changes:
+            self.metrics.segment_changes.labels(
+                c.previous.segment if c.previous else "", c.current.segment, c.cause).inc()
+        for d in letters:
+            self.metrics.dead_lettered.labels(d.reason).inc()
+
+    def _active(self, view: PartitionView, now: int) -> bool:
+        """Whether the partition's own watermark still holds its as-of time back."""
+        idle = self.policy.idle_partition_ms
+        return idle == 0 or view.seen_ms is None or now - view.seen_ms <= idle
+
+    async def _sweep_as_of(self, partition: int, now: int) -> int | None:
+        """The as-of time a sweep of ``partition`` can reach now (None: nothing moved)."""
+        if self.policy.mode == "wall_clock":
+            return now
+        clocks = await self.store.clocks(self.partitions)
+        own = next(c for c in clocks if c.partition == partition)
+        others = [c for c in clocks if c.partition != partition]
+        idle = self.policy.idle_partition_ms
+        active = idle == 0 or own.seen_ms is None or now - own.seen_ms <= idle
+        return self.policy.watermark(own.watermark, others, now, own_active=active)
+
+    async def _thresholds_for(self, view: PartitionView, first_offset: int, now: int
+                              ) -> tuple[Thresholds, str | None, list[str]]:
+        """The thresholds of the block starting at ``first_offset``: ``(thresholds, JSON to
+        store or None, customers to re-score)``. Refreshed when the block is newer than the
+        partition's current thresholds; the customers a refresh may move are re-scored."""
         if self.scoring.mode == "fixed":
-            return self._fixed
+            return self._fixed, None, []
         block = first_offset // self.scoring.refresh_every
+        old = None
         if view.thresholds:
             stored = json.loads(view.thresholds)
+            old = Thresholds.from_dict(stored)
             if int(stored["block"]) >= block:
-                return Thresholds.from_dict(stored)
-        fresh = await self.refresh_thresholds(view)
+                return old, None, []
+        fresh = await self.refresh_thresholds(view, now)
         text = json.dumps({**fresh.to_dict(), "block": block})
-        await self.store.save_thresholds(view.partition, view.last_offset, text)
-        return fresh
+        if fresh.anchor_ms is None or fresh == old:
+            return fresh, text, []
+        return fresh, text, await self._moved_by(view.partition, old, fresh)
 
-    async def refresh_thresholds(self, view: PartitionView) -> Thresholds:
-        """Thresholds from the current population of all partitions, at the watermark."""
+    async def _moved_by(self, partition: int, old: Thresholds | None, new: Thresholds
+                        ) -> list[str]:
+        """Customers of a partition whose scores may differ between ``old`` and ``new``
+        thresholds: those whose value lies between an old and a new bound (all of them when
+        the old ones were not quintiles). Cost: the customers near a moved bound."""
+        inf = float("inf")
+        if old is None or old.anchor_ms is None or new.anchor_ms is None:
+            ranges = [("last", -inf, inf)]
+        else:
+            ranges = [("last", old.anchor_ms - MS_PER_DAY, inf)]
+            for b_old, b_new in zip(old.r_below, new.r_below, strict=True):
+                cuts = (old.anchor_ms - b_old * MS_PER_DAY, new.anchor_ms - b_new * MS_PER_DAY)
+                ranges.append(("last", min(cuts) - MS_PER_DAY, max(cuts) + MS_PER_DAY))
+            for kind, a, b in (("freq", old.f_above, new.f_above),
+                               ("mon", old.m_above, new.m_above)):
+                ranges += [(kind, min(x, y), max(x, y) + 1)
+                           for x, y in zip(a, b, strict=True) if x != y]
+        return sorted(await self.store.members_between(partition, ranges))
+
+    async def refresh_thresholds(self, view: PartitionView, now: int) -> Thresholds:
+        """Thresholds from the current population of all partitions, anchored at the
+        partition's as-of time."""
         n = await self.store.population(self.partitions)
-        if n < self.scoring.min_population or view.watermark is None:
+        t = self.policy.as_of(view.as_of, view.watermark, view.others, now)
+        if n < self.scoring.min_population or t is None:
             return self._fixed
-        t = as_of(view.watermark, view.other_watermarks)
         stats = await self.store.order_statistics(self.partitions, t, quintile_ranks(n))
         return Thresholds.from_order_statistics(
             n, stats.recency_kth_largest, stats.frequency_kth_smallest,
-            stats.monetary_kth_smallest, version=f"q{n}@{_utc(t).isoformat()}")
+            stats.monetary_kth_smallest, version=f"q{n}@{_utc(t).isoformat()}", anchor_ms=t)
 
     async def current_thresholds(self, partition: int) -> Thresholds:
         """The thresholds a partition scores with now (for views and exports)."""

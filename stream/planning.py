@@ -1,29 +1,45 @@
-"""Plan one partition batch: per event, in offset order, the new RFM state, scores, segment,
-cluster and segment change. Pure (the clustering model is the only thing it mutates: it learns).
+"""Plan one step of one partition: per event, in offset order, the new RFM state, scores,
+segment, cluster and segment change; and, as the as-of time advances, the customers due for a
+re-score without an event (inactivity, window expiry, flapping guard, threshold refresh).
+Pure (the clustering model is the only thing it mutates: it learns).
 
 Given the same starting view, records, thresholds and model, the plan is the same: that is what
-makes a replay of one partition reproduce the same segment changes. The plan is committed by
-one atomic script (``state/lua/apply_batch.lua``), whose RFM fold is the twin of the one here.
+makes a replay of one partition reproduce the same segment changes, whatever the batch sizes.
+Due customers fire in (due time, customer id) order just before the event whose watermark
+passes their due time, at that event's as-of time. The plan is committed by one atomic script
+(``state/lua/commit.lua``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import heapq
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from state.rfm import BatchOutcome, Limits, Record, apply_event, recency_days
-from state.store import Assigned, PartitionView
+from state.rfm import (
+    BatchOutcome,
+    Limits,
+    Record,
+    StateEvent,
+    apply_event,
+    frequency_monetary,
+    recency_days,
+    window_expiry_ms,
+)
+from state.store import CustomerWrite, PartitionView, StoredCustomer
 from stream.changes import change_id, is_change
 from stream.clustering import CustomerClusterer, features
 from stream.events import Assignment, SegmentChanged
 from stream.scoring import Thresholds
 from stream.segments import SegmentTable
+from stream.timeline import TimePolicy, earliest
 
 
 @dataclass(frozen=True, slots=True)
 class PlanContext:
-    """What scoring needs besides the data: rules, thresholds, model, currency, clock."""
+    """What scoring needs besides the data: rules, thresholds, model, currency, time policy and
+    the wall clock (for idleness and ``emitted_at`` only)."""
 
     table: SegmentTable
     thresholds: Thresholds
@@ -32,90 +48,215 @@ class PlanContext:
     currency: str
     currency_decimals: int
     now_ms: int
+    policy: TimePolicy = TimePolicy()
 
 
 @dataclass
 class Plan:
-    """A batch's outcome before it is committed."""
+    """A step's outcome before it is committed.
 
-    records: list[Record]
-    assignments: dict[str, Assigned] = field(default_factory=dict)
+    ``consumed``: how many of the records it covers (the rest go to the next step: it stopped
+    where more customers may be due than were read); ``more``: it stopped early.
+    """
+
+    consumed: int = 0
+    more: bool = False
+    writes: list[CustomerWrite] = field(default_factory=list)
     changes: list[SegmentChanged] = field(default_factory=list)
     outcome: BatchOutcome = BatchOutcome()
     last_offset: int = -1
     watermark: int | None = None
+    as_of: int | None = None
+    applied_any: bool = False
 
 
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def as_of(own_watermark: int, others: tuple[int, ...]) -> int:
-    """The event-time watermark: the minimum over partitions of their highest event time.
+class _Planner:
+    """The working state of one plan (customers as they stand, their due times, the heap)."""
 
-    >>> as_of(500, ()), as_of(500, (300, 900))
-    (500, 300)
-    """
-    return min(own_watermark, *others) if others else own_watermark
+    def __init__(self, view: PartitionView, ctx: PlanContext):
+        self.view, self.ctx = view, ctx
+        self.book: dict[str, StoredCustomer | None] = dict(view.customers)
+        self.due: dict[str, int | None] = {cid: t for t, cid in view.dues}
+        self.heap: list[tuple[int, str]] = list(view.dues)
+        heapq.heapify(self.heap)
+        self.touched: dict[str, tuple[int, int, int] | None] = {}
+        self.due_only: set[str] = set()
+        self.barrier = view.dues[-1][0] if view.dues_capped and view.dues else None
+        self.plan = Plan(last_offset=view.last_offset, watermark=view.watermark,
+                         as_of=view.as_of)
+
+    # --- time ----------------------------------------------------------------------------------
+    def schedule_rescore(self, customer_ids: list[str], anchor_ms: int) -> None:
+        """Make customers due from ``anchor_ms``, ``rescore_spacing_ms`` apart (id order)."""
+        spacing = self.ctx.policy.rescore_spacing_ms
+        for k, cid in enumerate(sorted(customer_ids)):
+            t = anchor_ms + k * spacing
+            current = self.due.get(cid)
+            if current is not None and current <= t:
+                continue
+            self.due[cid] = t
+            heapq.heappush(self.heap, (t, cid))
+            if cid not in self.touched:
+                self.due_only.add(cid)
+
+    def advance(self, candidate: int | None) -> bool:
+        """Move the as-of time to ``candidate`` and fire what is due by then. False when it
+        stopped at the barrier (more may be due than were read)."""
+        if candidate is None:
+            return True
+        p = self.plan
+        p.as_of = candidate if p.as_of is None else max(p.as_of, candidate)
+        limit = p.as_of if self.barrier is None else min(p.as_of, self.barrier)
+        while self.heap and self.heap[0][0] <= limit:
+            t, cid = heapq.heappop(self.heap)
+            if self.due.get(cid) == t:  # else superseded
+                self.evaluate(cid, None, due_ms=t)
+        return self.barrier is None or p.as_of <= self.barrier
+
+    # --- one customer --------------------------------------------------------------------------
+    def evaluate(self, cid: str, event: StateEvent | None, due_ms: int | None = None,
+                 new_customer: bool = False) -> None:
+        """Score a customer at the as-of time; publish a change if there is one (and the
+        flapping guard lets it through); schedule its next due time."""
+        ctx, p = self.ctx, self.plan
+        c = self.book.get(cid)
+        assert p.as_of is not None
+        if c is None:  # due, but erased since
+            self.due[cid] = None
+            self.due_only.add(cid)
+            return
+        s, t = c.state, p.as_of
+        self.due_only.discard(cid)
+        if s.last_purchase_ms is None:  # refunds only: kept, never scored
+            self.touched[cid], self.due[cid] = None, None
+            return
+        days = recency_days(s.last_purchase_ms, t)
+        f, m = frequency_monetary(s, t, ctx.policy.window)
+        scores = ctx.thresholds.score(ctx.thresholds.scoring_days(s.last_purchase_ms, t), f, m)
+        segment = ctx.table.lookup(*scores)
+        x = features(days, f, m / 10 ** ctx.currency_decimals)
+        previous = None if c.segment is None else Assignment(segment=c.segment,
+                                                             cluster=c.cluster)
+        if event is not None:
+            cluster = ctx.clusterer.learn_predict_one(x, new_customer=new_customer)
+        elif previous is not None and previous.segment == segment.name:
+            cluster = c.cluster  # no cluster-only change without the customer's own event
+        else:
+            cluster = ctx.clusterer.predict_one(x)
+        new = Assignment(segment=segment.name, cluster=cluster)
+        cause = self._cause(event, c, scores)
+        hold = None if cause == "purchase" else ctx.policy.dwell_until(c.changed_ms)
+        deferred = None
+        if is_change(previous, new, features_changed=event is not None):
+            if previous is not None and hold is not None and t < hold:
+                deferred = hold
+            else:
+                p.changes.append(self._change(cid, c, previous, new, scores, segment.strategy,
+                                              days, f, m, cause, event, due_ms))
+                c = replace(c, segment=new.segment, cluster=new.cluster, scores=scores,
+                            changed_ms=t)
+        self.book[cid] = c
+        nxt = earliest(ctx.thresholds.next_recency_change_ms(s.last_purchase_ms, t),
+                       window_expiry_ms(s, t, ctx.policy.window), deferred)
+        self.due[cid] = nxt
+        if nxt is not None:
+            heapq.heappush(self.heap, (nxt, cid))
+        self.touched[cid] = (s.last_purchase_ms, f, m)
+
+    def _cause(self, event: StateEvent | None, c: StoredCustomer,
+               scores: tuple[int, int, int]) -> str:
+        if event is not None:
+            return event.kind
+        if self.ctx.thresholds.anchor_ms is not None or c.scores is None:
+            return "rescore"
+        return "rescore" if any(a > b for a, b in zip(scores, c.scores, strict=True)) \
+            else "inactivity"
+
+    def _change(self, cid: str, c: StoredCustomer, previous: Assignment | None,
+                new: Assignment, scores: tuple[int, int, int], strategy: str, days: int,
+                f: int, m: int, cause: str, event: StateEvent | None,
+                due_ms: int | None) -> SegmentChanged:
+        ctx, t = self.ctx, self.plan.as_of
+        assert t is not None
+        ref = event.event_id if event is not None else f"{cause}@{due_ms}"
+        return SegmentChanged(
+            change_id=change_id(cid, ref, previous, new), customer_id=cid, previous=previous,
+            current=new, recency_days=days, frequency=f,
+            monetary=Decimal(m).scaleb(-ctx.currency_decimals), currency=ctx.currency,
+            r_score=scores[0], f_score=scores[1], m_score=scores[2], strategy=strategy,
+            cause=cause,  # type: ignore[arg-type]
+            cause_event_id=None if event is None else event.event_id,
+            occurred_at=_utc(event.occurred_ms if event is not None else due_ms or t),
+            as_of=_utc(t), emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
+            thresholds_version=ctx.thresholds.version,
+            model_version=ctx.clusterer.n_learned if new.cluster is not None else None)
+
+    # --- the step ------------------------------------------------------------------------------
+    def run(self, records: list[Record], own_active: bool) -> Plan:
+        ctx, view, p = self.ctx, self.view, self.plan
+        applied = dup_off = dup_ev = 0
+        stopped = False
+        for i, rec in enumerate(records):
+            if rec.offset <= p.last_offset:
+                dup_off += rec.event is not None
+                p.consumed = i + 1
+                continue
+            wm = p.watermark
+            if rec.event is not None:
+                t = rec.event.occurred_ms
+                wm = t if wm is None else max(wm, t)
+            if not self.advance(ctx.policy.as_of(p.as_of, wm, view.others, ctx.now_ms)):
+                stopped = True
+                break
+            p.consumed, p.last_offset = i + 1, rec.offset
+            if rec.event is None or rec.customer_id is None:
+                continue
+            cid, event = rec.customer_id, rec.event
+            before = self.book.get(cid)
+            state, ok = apply_event(before.state if before else None, event, ctx.limits,
+                                    ctx.policy.window)
+            if not ok:
+                dup_ev += 1
+                continue
+            applied += 1
+            p.watermark, p.applied_any = wm, True
+            self.book[cid] = (replace(before, state=state) if before is not None
+                              else StoredCustomer(cid, state))
+            self.evaluate(cid, event, new_customer=before is None
+                          or before.state.last_purchase_ms is None)
+        if not stopped:
+            stopped = not self.advance(ctx.policy.as_of(p.as_of, p.watermark, view.others,
+                                                        ctx.now_ms, own_active))
+        p.more = stopped
+        p.outcome = BatchOutcome(applied, dup_off, dup_ev)
+        p.writes = [CustomerWrite(cid, self.due.get(cid), self.book[cid], pop)
+                    for cid, pop in self.touched.items()]
+        p.writes += [CustomerWrite(cid, self.due.get(cid)) for cid in sorted(self.due_only)]
+        return p
 
 
-def plan_batch(view: PartitionView, records: list[Record], ctx: PlanContext) -> Plan:
-    """Fold the records into the customers' states, one event at a time, and decide changes.
+def plan_step(view: PartitionView, records: list[Record], ctx: PlanContext,
+              rescore: list[str] | None = None, own_active: bool = True) -> Plan:
+    """Plan one step: fold ``records`` (ascending offsets) into the customers' states, score
+    each customer an applied event touches, and fire due customers as the as-of time advances.
 
     Records at or below ``view.last_offset`` are skipped (redelivered); a duplicate
-    ``event_id`` is skipped by the fold. After each applied event of a customer who has
-    purchased, the customer is scored at the watermark, given a segment and (learning first) a
-    cluster, and a :class:`SegmentChanged` is planned when :func:`is_change` says so.
+    ``event_id`` is skipped by the fold. ``rescore``: customers to re-score after a threshold
+    refresh (due from ``ctx.thresholds.anchor_ms``, spaced by the policy); their states must
+    be in ``view.customers``. ``own_active``: whether this partition's own watermark holds the
+    as-of time (False for a timer sweep of a partition idle itself).
+
+    A plan may stop before the end of ``records`` (``Plan.more``) when more customers may be
+    due than the view read; the caller commits it and plans the rest from a fresh view.
     """
-    plan = Plan(records=records, last_offset=view.last_offset, watermark=view.watermark)
-    states = {cid: (c.state if c else None) for cid, c in view.customers.items()}
-    current = {cid: (Assignment(segment=c.segment, cluster=c.cluster)
-                     if c is not None and c.segment is not None else None)
-               for cid, c in view.customers.items()}
-    applied = dup_off = dup_ev = 0
-    scale = 10 ** ctx.currency_decimals
-    for rec in records:
-        if rec.offset <= plan.last_offset:
-            dup_off += rec.event is not None
-            continue
-        plan.last_offset = rec.offset
-        if rec.event is None or rec.customer_id is None:
-            continue
-        cid, event = rec.customer_id, rec.event
-        before = states.get(cid)
-        state, ok = apply_event(before, event, ctx.limits)
-        if not ok:
-            dup_ev += 1
-            continue
-        applied += 1
-        states[cid] = state
-        plan.watermark = (event.occurred_ms if plan.watermark is None
-                          else max(plan.watermark, event.occurred_ms))
-        if not state.has_purchased:
-            continue
-        t = as_of(plan.watermark, view.other_watermarks)
-        days = recency_days(state.last_purchase_ms or 0, t)
-        r, f, m = ctx.thresholds.score(days, state.frequency, state.monetary_minor)
-        segment = ctx.table.lookup(r, f, m)
-        x = features(days, state.frequency, state.monetary_minor / scale)
-        cluster = ctx.clusterer.learn_predict_one(
-            x, new_customer=before is None or not before.has_purchased)
-        new = Assignment(segment=segment.name, cluster=cluster)
-        previous = current.get(cid)
-        if not is_change(previous, new, features_changed=True):
-            continue
-        current[cid] = new
-        plan.assignments[cid] = Assigned(new.segment, new.cluster)
-        plan.changes.append(SegmentChanged(
-            change_id=change_id(cid, event.event_id, previous, new),
-            customer_id=cid, previous=previous, current=new, recency_days=days,
-            frequency=state.frequency, monetary=Decimal(state.monetary_minor).scaleb(
-                -ctx.currency_decimals),
-            currency=ctx.currency, r_score=r, f_score=f, m_score=m, strategy=segment.strategy,
-            cause="refund" if event.kind == "refund" else "purchase",
-            cause_event_id=event.event_id, occurred_at=_utc(event.occurred_ms), as_of=_utc(t),
-            emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
-            thresholds_version=ctx.thresholds.version,
-            model_version=ctx.clusterer.n_learned if new.cluster is not None else None))
-    plan.outcome = BatchOutcome(applied, dup_off, dup_ev)
-    return plan
+    planner = _Planner(view, ctx)
+    if rescore:
+        anchor = ctx.thresholds.anchor_ms
+        if anchor is None:
+            raise ValueError("rescore needs anchored thresholds")
+        planner.schedule_rescore(rescore, anchor)
+    return planner.run(records, own_active)

@@ -97,7 +97,7 @@ def start_worker(settings: Settings, log_path: Path, extra_env: Mapping[str, str
 def store_for(settings: Settings) -> RedisStore:
     """A store on the settings' Redis and namespace (the caller closes ``store.client``)."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
-    return RedisStore(client, settings.namespace, settings.limits)
+    return RedisStore(client, settings.namespace)
 
 
 async def wait_applied(store: RedisStore, targets: Mapping[int, int],

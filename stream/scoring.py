@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from state.rfm import MS_PER_DAY, recency_days
+
 
 def quintile_score(worse: int, population: int) -> int:
     """Score 1-5 from the number of strictly worse customers among ``population``.
@@ -107,14 +109,22 @@ class Thresholds:
     ``1 + floor(5 * worse / N)`` against that population (proof: ``floor(5c/N) >= j`` iff
     ``c >= ceil(jN/5)``, and at least ``k`` values are below ``v`` iff the ``k``-th smallest is).
 
+    Fixed thresholds score recency at the as-of time: an inactive customer's R falls as days
+    pass. Quintile thresholds are *anchored* at the event time they were computed at
+    (``anchor_ms``): recency is a rank, so it is scored as days before the anchor, and time
+    passing alone changes no one's R (everyone ages alike); R moves when a refresh finds that
+    the population moved on (README "Scoring").
+
     Parameters
     ----------
     version
-        ``fixed`` or ``q<N>@<event-time ms>``; carried by segment-change events.
+        ``fixed`` or ``q<N>@<as-of time>``; carried by segment-change events.
     r_below, f_above, m_above
         Four boundaries each (days; orders; minor currency units).
     population
         N the boundaries were computed from (0 for fixed thresholds).
+    anchor_ms
+        Event time (epoch ms) recency is measured at for scoring; None: the as-of time.
 
     Examples
     --------
@@ -128,10 +138,30 @@ class Thresholds:
     f_above: tuple[int, int, int, int]
     m_above: tuple[int, int, int, int]
     population: int = 0
+    anchor_ms: int | None = None
+
+    def scoring_days(self, last_purchase_ms: int, as_of_ms: int) -> int:
+        """The recency (days) that :meth:`score` takes: at the anchor, or at ``as_of_ms``."""
+        return recency_days(last_purchase_ms,
+                            as_of_ms if self.anchor_ms is None else self.anchor_ms)
+
+    def next_recency_change_ms(self, last_purchase_ms: int, as_of_ms: int) -> int | None:
+        """The first event time after ``as_of_ms`` at which R falls with no new event (fixed
+        thresholds: ``last + b`` days for the next bound ``b``); None if never (anchored
+        thresholds, or R is already 1).
+
+        >>> t = Thresholds.fixed(FixedThresholds((30, 90, 180, 365), (2, 3, 5, 8), (1, 2, 3, 4)))
+        >>> t.next_recency_change_ms(0, 0) // 86_400_000, t.next_recency_change_ms(0, 400 * 86_400_000)
+        (31, None)
+        """
+        if self.anchor_ms is not None:
+            return None
+        times = [last_purchase_ms + b * MS_PER_DAY for b in self.r_below]
+        return min((t for t in times if t > as_of_ms), default=None)
 
     def score(self, recency_days: int, frequency: int, monetary_minor: int
               ) -> tuple[int, int, int]:
-        """(R, F, M) scores 1-5 of one customer."""
+        """(R, F, M) scores 1-5 of one customer (recency from :meth:`scoring_days`)."""
         return (1 + sum(recency_days < b for b in self.r_below),
                 1 + sum(frequency > b for b in self.f_above),
                 1 + sum(monetary_minor > b for b in self.m_above))
@@ -148,33 +178,37 @@ class Thresholds:
     @classmethod
     def from_order_statistics(cls, population: int, r_kth_largest: Sequence[int],
                               f_kth_smallest: Sequence[int], m_kth_smallest: Sequence[int],
-                              version: str) -> Thresholds:
+                              version: str, anchor_ms: int | None = None) -> Thresholds:
         """Quintile thresholds from the order statistics at :func:`quintile_ranks`."""
         def four(x: Sequence[int]) -> tuple[int, int, int, int]:
             if len(x) != 4:
                 raise ValueError(f"need 4 order statistics, got {len(x)}")
             return (int(x[0]), int(x[1]), int(x[2]), int(x[3]))
         return cls(version, four(r_kth_largest), four(f_kth_smallest), four(m_kth_smallest),
-                   population)
+                   population, anchor_ms)
 
     @classmethod
     def from_population(cls, recency_days: npt.ArrayLike, frequency: npt.ArrayLike,
-                        monetary_minor: npt.ArrayLike, version: str = "q") -> Thresholds:
-        """Quintile thresholds of a whole population given as arrays of shape (N,)."""
+                        monetary_minor: npt.ArrayLike, version: str = "q",
+                        anchor_ms: int | None = None) -> Thresholds:
+        """Quintile thresholds of a whole population given as arrays of shape (N,)
+        (recency in days at ``anchor_ms``)."""
         r, f, m = (np.sort(np.asarray(a)) for a in (recency_days, frequency, monetary_minor))
         k = np.array(quintile_ranks(len(r))) - 1
         return cls.from_order_statistics(len(r), r[::-1][k].tolist(), f[k].tolist(),
-                                         m[k].tolist(), version)
+                                         m[k].tolist(), version, anchor_ms)
 
     def to_dict(self) -> dict[str, object]:
         return {"version": self.version, "r_below": list(self.r_below),
                 "f_above": list(self.f_above), "m_above": list(self.m_above),
-                "population": self.population}
+                "population": self.population, "anchor_ms": self.anchor_ms}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Thresholds:
+        anchor = d.get("anchor_ms")
         return cls.from_order_statistics(int(d["population"]), d["r_below"],  # type: ignore[arg-type]
-                                         d["f_above"], d["m_above"], str(d["version"]))  # type: ignore[arg-type]
+                                         d["f_above"], d["m_above"], str(d["version"]),  # type: ignore[arg-type]
+                                         None if anchor is None else int(anchor))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state.rfm import Limits
+from state.rfm import Limits, Window
 from stream.scoring import FixedThresholds, ScoringConfig
+from stream.timeline import TimePolicy
 from stream.validation import InputRules
 
 
@@ -78,6 +79,24 @@ class Settings(BaseSettings):
     segment_table: str | None = Field(None, description="Path of a segment rule table (TOML); "
                                       "default: the table shipped in stream/segments.toml")
 
+    # --- time
+    as_of_mode: Literal["watermark", "wall_clock"] = Field(
+        "watermark", description="Score at the event-time watermark (replays are "
+        "deterministic) or at the wall clock")
+    idle_partition_s: float = Field(60.0, ge=0, description="A partition with no applied event "
+                                    "for this long stops holding the watermark back (s; 0: never)")
+    min_dwell_s: float = Field(86400.0, ge=0, description="Flapping guard: event time a customer "
+                               "keeps its segment after a change, unless a purchase moves it "
+                               "(s; 0: off)")
+    rescore_spacing_ms: int = Field(10, ge=0, description="Event time between two re-scores "
+                                    "after a threshold refresh (rate limit of cause=rescore)")
+    window_days: int = Field(0, ge=0, description="Count frequency and monetary over the last "
+                             "N days only (0: all time); a multiple of window_bucket_days")
+    window_bucket_days: int = Field(30, ge=1, description="Window bucket width (days)")
+    sweep_interval_s: float = Field(1.0, gt=0, description="How often owned partitions are "
+                                    "swept for customers due without an event (s)")
+    max_due_per_step: int = Field(10_000, ge=1, description="Due customers read per step")
+
     # --- clustering
     n_clusters: int = Field(5, ge=2, le=20)
     cluster_seed: int = 42
@@ -94,6 +113,8 @@ class Settings(BaseSettings):
             bounds = getattr(self, name)
             if list(bounds) != sorted(bounds):
                 raise ValueError(f"{name} must be ascending, got {bounds}")
+        if self.window_days and self.window_days % self.window_bucket_days:
+            raise ValueError("window_days must be a multiple of window_bucket_days")
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
         return self
@@ -101,6 +122,13 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         return Limits(self.recent_event_ids, self.recent_order_ids)
+
+    def time_policy(self) -> TimePolicy:
+        """How time moves scores: as-of mode, idleness, flapping guard, rescore rate, window."""
+        return TimePolicy(self.as_of_mode, round(self.idle_partition_s * 1000),
+                          round(self.min_dwell_s * 1000), self.rescore_spacing_ms,
+                          Window(self.window_days, self.window_bucket_days)
+                          if self.window_days else None)
 
     def fixed_thresholds(self) -> FixedThresholds:
         """The fixed business thresholds, monetary converted to minor units."""

@@ -93,7 +93,7 @@ async def test_redis_losing_writes_between_blocks_of_one_batch_is_a_gap(services
     proc = services.processor
     k = services.settings.threshold_refresh_every
     batch = [raw(o, "c", purchase(o, "c", "2024-01-01")) for o in range(k - 2, k + 2)]
-    real_commit = services.store.commit_batch
+    real_commit = services.store.commit
     calls = []
 
     async def commit_then_lose(*args, **kwargs):
@@ -103,7 +103,7 @@ async def test_redis_losing_writes_between_blocks_of_one_batch_is_a_gap(services
             await services.store.client.flushall()
         return out
 
-    services.store.commit_batch = commit_then_lose
+    services.store.commit = commit_then_lose
     with pytest.raises(GapError) as exc:
         await proc.process(0, batch, now_ms=NOW, check_gap=False)
     assert (exc.value.expected, exc.value.got) == (0, k)

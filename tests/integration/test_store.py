@@ -1,6 +1,6 @@
-"""The Redis store against a real redis-server: the Lua batch update is the twin of the pure
-fold (differential test), a redelivered batch changes nothing, and population counts equal
-brute-force counting."""
+"""The Redis store against a real redis-server: a committed step reads back exactly (every
+field, population sets, due times, per-segment counts), a stale writer changes nothing, due
+customers are read in order and capped, and order statistics equal brute-force counting."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.rfm import Limits, PartitionState, Record, StateEvent, apply_batch
-from state.store import Assigned, ConflictError, RedisStore
+from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
+from state.store import ConflictError, CustomerWrite, RedisStore, StoredCustomer
 
 DAY = 86_400_000
 _ns = itertools.count()
@@ -24,65 +24,91 @@ def redis_url(stack):
     return stack.redis_url
 
 
-def new_store(url: str, limits: Limits = Limits(event_ids=4, order_ids=3)) -> RedisStore:
+def new_store(url: str) -> RedisStore:
     client = aioredis.Redis.from_url(url, decode_responses=True)
-    return RedisStore(client, f"store{next(_ns)}", limits)
+    return RedisStore(client, f"store{next(_ns)}")
+
+
+def bought(cid: str, last_ms: int, frequency: int = 1, monetary: int = 100) -> CustomerWrite:
+    """A customer with ``frequency`` orders, the last at ``last_ms``, worth ``monetary``."""
+    state = None
+    for k in range(frequency):
+        state, _ = apply_event(state, StateEvent(f"{cid}-{k}", f"{cid}-o{k}", "purchase",
+                                                 monetary if k == 0 else 0, last_ms))
+    assert state is not None
+    return CustomerWrite(cid, None, StoredCustomer(cid, state),
+                         (last_ms, state.frequency, state.monetary_minor))
 
 
 event = st.builds(
     StateEvent,
-    event_id=st.sampled_from([f"e{i}" for i in range(10)]),
-    order_id=st.sampled_from([f"o{i}" for i in range(6)]),
+    event_id=st.text(min_size=1, max_size=8),  # any text: ids are stored as JSON
+    order_id=st.sampled_from(["o1", "o2", "ö\"3", "o,4"]),
     kind=st.sampled_from(["purchase", "refund"]),
     amount_minor=st.integers(0, 10**12),
-    occurred_ms=st.integers(0, 10**13),
+    occurred_ms=st.integers(0, 10**12),
 )
-record = st.tuples(st.sampled_from(["c1", "c2", "c3"]), st.one_of(st.none(), event))
-batches = st.lists(st.lists(record, min_size=1, max_size=12), min_size=1, max_size=5)
+stored = st.builds(
+    lambda cid, evs, seg, cl, sc, chg: StoredCustomer(cid, _fold(evs), seg, cl, sc, chg),
+    st.sampled_from(["c1", "c2", "c:3", "c{4}"]),
+    st.lists(event, max_size=8),
+    st.one_of(st.none(), st.sampled_from(["Champions", "At Risk", "Hibernating"])),
+    st.one_of(st.none(), st.integers(0, 9)),
+    st.one_of(st.none(), st.tuples(*[st.integers(1, 5)] * 3)),
+    st.one_of(st.none(), st.integers(0, 10**13)),
+)
 
 
-@given(batches=batches, replay=st.lists(st.integers(0, 4), max_size=3))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_lua_matches_pure_fold(redis_url, batches, replay):
-    """Random batches (duplicate ids, refunds, late events, dead letters, small memory limits),
-    some batches redelivered: Lua and the pure fold end in identical state."""
+def _fold(events: list[StateEvent]) -> CustomerState:
+    s = CustomerState()
+    for e in events:
+        s, _ = apply_event(s, e, Limits(event_ids=4, order_ids=3), Window(90, 30))
+    return s
+
+
+@given(steps=st.lists(st.lists(st.tuples(stored, st.one_of(st.none(), st.integers(0, 10**13))),
+                               min_size=1, max_size=4), min_size=1, max_size=4))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_committed_steps_read_back_exactly(redis_url, steps):
+    """Random customers (any id text, windows, orders, published segments) committed over
+    several steps: every field, population value, due time and segment count reads back."""
     async def run():
         store = new_store(redis_url)
-        limits = store.limits
-        offset = 0
-        built = []
-        for batch in batches:
-            recs = []
-            for cid, ev in batch:
-                recs.append(Record(offset, None if ev is None else cid, ev))
-                offset += 1
-            built.append(recs)
-        order = list(range(len(built)))
-        order += [i for i in replay if i < len(built)]  # redeliveries after the fact
-        part, customers = PartitionState(), {}
+        expected: dict[str, tuple[StoredCustomer, int | None]] = {}
         try:
-            for i in order:
-                before = part.last_offset
-                part, customers, expected = apply_batch(part, customers, built[i], limits)
-                got = await store.commit_batch(0, before, built[i], {}, [])
-                assert got == expected
-            for cid, state in customers.items():
-                stored = await store.read_customer(0, cid)
-                assert stored is not None and stored.state == state, cid
-            meta = await store.partition_meta([0])
-            assert meta[0] == (part.last_offset, part.max_event_ms)
+            seq = -1
+            for step in steps:
+                writes = []
+                for c, due in step:
+                    s = c.state
+                    pop = None if s.last_purchase_ms is None else (
+                        s.last_purchase_ms, s.frequency, s.monetary_minor)
+                    writes.append(CustomerWrite(c.customer_id, due, c, pop))
+                    expected[c.customer_id] = (c, due)
+                seq = await store.commit(0, seq, {"asof": 5}, writes, [])
+            back = await store.read_customers(0, list(expected))
+            k = store.keys(0)
+            segs: dict[str, int] = {}
+            for cid, (c, due) in expected.items():
+                assert back[cid] == c
+                assert await store.client.zscore(k.due, cid) == due
+                last = c.state.last_purchase_ms
+                assert await store.client.zscore(k.z_last, cid) == last
+                if last is not None:
+                    assert await store.client.zscore(k.z_mon, cid) == c.state.monetary_minor
+                if c.segment:
+                    segs[c.segment] = segs.get(c.segment, 0) + 1
+            assert await store.segment_counts([0]) == segs
         finally:
             await store.client.aclose()
     asyncio.run(run())
 
 
-async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stack):
+async def test_a_stale_writer_changes_nothing(stack):
     store = new_store(stack.redis_url)
-    recs = [Record(10, "c1", StateEvent("e1", "o1", "purchase", 1234, 5 * DAY)),
-            Record(11, "c2", StateEvent("e2", "o2", "purchase", 99, 6 * DAY)),
-            Record(12, "c1", StateEvent("e3", "o3", "refund", 34, 7 * DAY))]
-    first = await store.commit_batch(3, -1, recs, {"c1": Assigned("Champions", 2)},
-                                     [("c", "{}"), ("d", '{"x": 1}')])
+    seq = await store.commit(3, -1, {"offset": 12, "wm": 7 * DAY}, [bought("c1", 5 * DAY)],
+                             [("c", "{}"), ("d", '{"x": 1}')])
     pattern = f"rfm:{store.namespace}:*"
 
     async def dump():
@@ -90,22 +116,39 @@ async def test_redelivered_batch_changes_nothing_and_stale_writer_conflicts(stac
 
     before = await dump()
     with pytest.raises(ConflictError) as exc:  # a writer that read before the first commit
-        await store.commit_batch(3, -1, recs, {"c1": Assigned("At Risk", None)}, [("c", "{}")])
-    assert exc.value.stored == 12
-    second = await store.commit_batch(3, 12, recs, {}, [])  # a redelivery
-    assert first.applied == 3 and second.applied == 0 and second.duplicate_offsets == 3
+        await store.commit(3, -1, {"offset": 13}, [bought("c1", 9 * DAY)], [("c", "{}")])
+    assert exc.value.stored == seq == 0
     assert await dump() == before
-    view = await store.read_partition(3, ["c1", "c2", "nobody"], range(4))
-    c1 = view.customers["c1"]
-    assert (c1.state.frequency, c1.state.monetary_minor, c1.state.last_purchase_ms) == (
-        1, 1200, 5 * DAY)
-    assert (c1.segment, c1.cluster) == ("Champions", 2)
-    assert view.customers["nobody"] is None and (view.last_offset, view.watermark) == (12, 7 * DAY)
-    assert await store.segment_counts(range(4)) == {"Champions": 1}
+    view = await store.read_partition(3, ["c1", "nobody"], range(4))
+    assert view.customers["nobody"] is None and view.customers["c1"] is not None
+    assert (view.seq, view.last_offset, view.watermark) == (0, 12, 7 * DAY)
     entries = await store.outbox_read(3)
     assert [(k, v) for _, k, v in entries] == [("c", "{}"), ("d", '{"x": 1}')]
     assert await store.outbox_ack(3, [entries[0][0]]) == 1
     assert await store.outbox_depth(range(4)) == 1
+    await store.client.aclose()
+
+
+async def test_due_customers_are_read_in_order_up_to_the_reachable_time_and_capped(stack):
+    store = new_store(stack.redis_url)
+    writes = [bought(f"c{i}", i * DAY) for i in range(6)]
+    dues = {"c0": 50, "c1": 30, "c2": 30, "c3": 70, "c4": 95, "c5": None}
+    writes = [CustomerWrite(w.customer_id, dues[w.customer_id], w.customer, w.population)
+              for w in writes]
+    seq = await store.commit(0, -1, {"wm": 60, "asof": 40}, writes, [])
+    view = await store.read_partition(0, [], [0], hint_ms=None)  # reach: max(wm, asof) = 60
+    assert view.dues == ((30, "c1"), (30, "c2"), (50, "c0")) and not view.dues_capped
+    assert {cid for _, cid in view.dues} == set(view.customers)
+    view = await store.read_partition(0, [], [0], hint_ms=80)
+    assert [cid for _, cid in view.dues] == ["c1", "c2", "c0", "c3"]
+    view = await store.read_partition(0, [], [0], hint_ms=80, max_due=2)
+    assert view.dues == ((30, "c1"), (30, "c2")) and view.dues_capped
+    # a due-only write keeps the earlier of two due times; '' removes
+    await store.commit(0, seq, {}, [CustomerWrite("c3", 90), CustomerWrite("c0", 10),
+                                    CustomerWrite("c4", None)], [])
+    k = store.keys(0)
+    assert (await store.client.zscore(k.due, "c3"), await store.client.zscore(k.due, "c0"),
+            await store.client.zscore(k.due, "c4")) == (70, 10, None)
     await store.client.aclose()
 
 
@@ -118,16 +161,9 @@ async def test_order_statistics_match_brute_force_across_partitions(stack):
         people[f"c{i}"] = (i % 3, last, 1 + i % 4, (i * 37) % 500)
     people["late"] = (0, as_of + DAY, 1, 0)  # bought after the as-of time: recency 0
     for p in range(3):
-        recs, off = [], 0
-        for cid, (pp, last, f, mon) in people.items():
-            if pp != p:
-                continue
-            for k in range(f):
-                recs.append(Record(off, cid, StateEvent(f"{cid}-{k}", f"{cid}-o{k}", "purchase",
-                                                        mon if k == 0 else 0, last)))
-                off += 1
-        await store.commit_batch(p, -1, recs, {}, [])
-
+        await store.commit(p, -1, {}, [bought(cid, last, f, mon)
+                                       for cid, (pp, last, f, mon) in people.items() if pp == p],
+                           [])
     rec = sorted((max(0, (as_of - v[1]) // DAY) for v in people.values()), reverse=True)
     freq = sorted(v[2] for v in people.values())
     mon = sorted(v[3] for v in people.values())
@@ -139,14 +175,7 @@ async def test_order_statistics_match_brute_force_across_partitions(stack):
     assert stats.monetary_kth_smallest == tuple(mon[k - 1] for k in ranks)
     with pytest.raises(ValueError):
         await store.order_statistics(range(3), as_of, (42,))
-    await store.client.aclose()
-
-
-async def test_thresholds_are_compare_and_set(stack):
-    store = new_store(stack.redis_url)
-    await store.commit_batch(0, -1, [Record(0, "c1", StateEvent("e", "o", "purchase", 1, 1))],
-                             {}, [])
-    assert await store.save_thresholds(0, 0, "A") is True
-    assert await store.save_thresholds(0, -1, "B") is False
-    assert await store.thresholds(0) == "A"
+    between = await store.members_between(0, [("freq", 2, 3), ("mon", 0, 0)])
+    assert between == {cid for cid, (p, _, f, m) in people.items()
+                       if p == 0 and (2 <= f <= 3 or m == 0)}
     await store.client.aclose()
