@@ -10,6 +10,7 @@ Fields (all strings; absent or empty = none):
 ``seg`` ``cl``         the segment and cluster id last published
 ``sc``                 the R, F, M scores last published, e.g. ``"541"``
 ``chg``                as-of time (epoch ms) of the last published change
+``hc``                 cause of a change the flapping guard holds back, until it is published
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from state.rfm import Bucket, CustomerState, Order
 
-FIELDS = ("f", "buy", "ref", "last", "first", "ev", "o", "w", "seg", "cl", "sc", "chg")
+FIELDS = ("f", "buy", "ref", "last", "first", "ev", "o", "w", "seg", "cl", "sc", "chg", "hc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +29,8 @@ class StoredCustomer:
     """A customer as stored: RFM state and what was last published for it.
 
     ``scores``: (R, F, M) last published, or None; ``changed_ms``: as-of time of the last
-    published change (the flapping guard's clock), or None.
+    published change (the flapping guard's clock), or None; ``held_cause``: the cause of a
+    change the flapping guard holds back, or None.
     """
 
     customer_id: str
@@ -37,6 +39,7 @@ class StoredCustomer:
     cluster: int | None = None
     scores: tuple[int, int, int] | None = None
     changed_ms: int | None = None
+    held_cause: str | None = None
 
 
 def _int(value: str | None) -> int | None:
@@ -62,6 +65,7 @@ def encode(c: StoredCustomer) -> dict[str, str]:
         "seg": c.segment or "", "cl": "" if c.cluster is None else str(c.cluster),
         "sc": "" if c.scores is None else "".join(map(str, c.scores)),
         "chg": "" if c.changed_ms is None else str(c.changed_ms),
+        "hc": c.held_cause or "",
     }
 
 
@@ -90,4 +94,4 @@ def decode(customer_id: str, values: Sequence[str | None] | Mapping[str, str | N
     sc = v.get("sc") or ""
     return StoredCustomer(customer_id, state, v.get("seg") or None, _int(v.get("cl")),
                           (int(sc[0]), int(sc[1]), int(sc[2])) if len(sc) == 3 else None,
-                          _int(v.get("chg")))
+                          _int(v.get("chg")), v.get("hc") or None)

@@ -153,12 +153,15 @@ class _Planner:
         deferred = None
         if is_change(previous, new, features_changed=event is not None):
             if previous is not None and hold is not None and t < hold:
-                deferred = hold
+                deferred = hold  # the flapping guard: decided again when it ends
+                c = replace(c, held_cause=cause)
             else:
                 p.changes.append(self._change(cid, c, previous, new, scores, segment.strategy,
                                               days, f, m, cause, event, due_ms))
                 c = replace(c, segment=new.segment, cluster=new.cluster, scores=scores,
-                            changed_ms=t)
+                            changed_ms=t, held_cause=None)
+        elif c.held_cause is not None:
+            c = replace(c, held_cause=None)  # back where it was published: nothing to tell
         self.book[cid] = c
         nxt = earliest(ctx.thresholds.next_recency_change_ms(s.last_purchase_ms, t),
                        window_expiry_ms(s, t, ctx.policy.window), deferred)
@@ -171,6 +174,8 @@ class _Planner:
                scores: tuple[int, int, int]) -> str:
         if event is not None:
             return event.kind
+        if c.held_cause is not None:
+            return c.held_cause
         if self.ctx.thresholds.anchor_ms is not None or c.scores is None:
             return "rescore"
         return "rescore" if any(a > b for a, b in zip(scores, c.scores, strict=True)) \
