@@ -15,9 +15,10 @@ Fields (all strings; absent or empty = none):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import orjson
 
 from state.rfm import Bucket, CustomerState, Order
 
@@ -47,7 +48,7 @@ def _int(value: str | None) -> int | None:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return orjson.dumps(value).decode("utf-8")
 
 
 def encode(c: StoredCustomer) -> dict[str, str]:
@@ -87,10 +88,10 @@ def decode(customer_id: str, values: Sequence[str | None] | Mapping[str, str | N
         frequency=int(v.get("f") or 0), purchases_minor=int(v.get("buy") or 0),
         refunds_minor=int(v.get("ref") or 0), last_purchase_ms=_int(v.get("last")),
         first_purchase_ms=_int(v.get("first")),
-        recent_event_ids=tuple(json.loads(v.get("ev") or "[]")),
+        recent_event_ids=tuple(orjson.loads(v.get("ev") or "[]")),
         orders=tuple(Order(str(o[0]), int(o[1]), int(o[2]), int(o[3]))
-                     for o in json.loads(v.get("o") or "[]")),
-        buckets=tuple(Bucket(*map(int, b)) for b in json.loads(v.get("w") or "[]")))
+                     for o in orjson.loads(v.get("o") or "[]")),
+        buckets=tuple(Bucket(*map(int, b)) for b in orjson.loads(v.get("w") or "[]")))
     sc = v.get("sc") or ""
     return StoredCustomer(customer_id, state, v.get("seg") or None, _int(v.get("cl")),
                           (int(sc[0]), int(sc[1]), int(sc[2])) if len(sc) == 3 else None,

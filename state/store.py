@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -188,8 +189,24 @@ class RedisStore:
         k = self.keys(partition)
         pipe = self.client.pipeline(transaction=False)
         for cid in ids:
-            pipe.hmget(k.customer(cid), *FIELDS)
+            pipe.hgetall(k.customer(cid))
         return {cid: decode(cid, f) for cid, f in zip(ids, await pipe.execute(), strict=True)}
+
+    async def population_values(self, partition: int, customer_ids: Iterable[str]
+                                ) -> dict[str, tuple[int, int, int]]:
+        """``{customer: (last purchase ms, frequency, monetary minor)}`` from the population
+        sorted sets, for the customers that are scored."""
+        ids = list(dict.fromkeys(customer_ids))
+        if not ids:
+            return {}
+        k = self.keys(partition)
+        pipe = self.client.pipeline(transaction=False)
+        for key in (k.z_last, k.z_freq, k.z_mon):
+            pipe.zmscore(key, ids)
+        last, freq, mon = await pipe.execute()
+        return {cid: (int(a), int(b), int(c)) for cid, a, b, c in zip(ids, last, freq, mon,
+                                                                      strict=True)
+                if a is not None and b is not None and c is not None}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
                      writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]]) -> int:
@@ -208,17 +225,19 @@ class RedisStore:
             When Redis is unreachable or the script fails; nothing was written.
         """
         k = self.keys(partition)
-        args: list[Any] = [expected_seq, len(writes), len(meta), len(outbox), len(FIELDS),
-                           *FIELDS]
-        for name, value in meta.items():
-            args += [name, value]
+        writes_json: list[list[Any]] = []
         for w in writes:
-            args += [w.customer_id, "d" if w.customer is None else "s", _opt(w.due_ms)]
-            if w.customer is not None:
-                args += ["", "", ""] if w.population is None else list(w.population)
-                fields = encode(w.customer)
-                args += [fields[f] for f in FIELDS]
-        args += [x for entry in outbox for x in entry]
+            if w.customer is None:
+                writes_json.append([w.customer_id, _opt(w.due_ms), None, None])
+                continue
+            fields = encode(w.customer)
+            writes_json.append([w.customer_id, _opt(w.due_ms),
+                                False if w.population is None else [str(x) for x in w.population],
+                                [fields[f] for f in FIELDS]])
+        payload = orjson.dumps({"meta": {f: str(v) for f, v in meta.items()},
+                                "fields": FIELDS, "writes": writes_json,
+                                "outbox": [list(e) for e in outbox]})
+        args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox,
                 *(k.customer(w.customer_id) for w in writes)]
         try:

@@ -305,9 +305,10 @@ class BatchProcessor:
 
     async def _moved_by(self, partition: int, old: Thresholds | None, new: Thresholds
                         ) -> list[str]:
-        """Customers of a partition whose scores may differ between ``old`` and ``new``
-        thresholds: those whose value lies between an old and a new bound (all of them when
-        the old ones were not quintiles). Cost: the customers near a moved bound."""
+        """Customers of a partition whose segment differs between ``old`` and ``new``
+        thresholds (all of them when the old ones were not quintiles). Only the customers whose
+        value lies between an old and a new bound are looked at, so the cost grows with the
+        customers near a moved bound, not with the population."""
         inf = float("inf")
         if old is None or old.anchor_ms is None or new.anchor_ms is None:
             ranges = [("last", -inf, inf)]
@@ -320,7 +321,15 @@ class BatchProcessor:
                                ("mon", old.m_above, new.m_above)):
                 ranges += [(kind, min(x, y), max(x, y) + 1)
                            for x, y in zip(a, b, strict=True) if x != y]
-        return sorted(await self.store.members_between(partition, ranges))
+        near = await self.store.members_between(partition, ranges)
+        if old is None or old.anchor_ms is None:
+            return sorted(near)
+
+        def segment(t: Thresholds, last: int, f: int, m: int) -> str:
+            return self.table.lookup(*t.score(t.scoring_days(last, 0), f, m)).name
+
+        values = await self.store.population_values(partition, near)
+        return sorted(c for c, v in values.items() if segment(old, *v) != segment(new, *v))
 
     async def refresh_thresholds(self, view: PartitionView, now: int) -> Thresholds:
         """Thresholds from the current population of all partitions, anchored at the

@@ -162,9 +162,13 @@ class Thresholds:
     def score(self, recency_days: int, frequency: int, monetary_minor: int
               ) -> tuple[int, int, int]:
         """(R, F, M) scores 1-5 of one customer (recency from :meth:`scoring_days`)."""
-        return (1 + sum(recency_days < b for b in self.r_below),
-                1 + sum(frequency > b for b in self.f_above),
-                1 + sum(monetary_minor > b for b in self.m_above))
+        r, f, m = self.r_below, self.f_above, self.m_above  # unrolled: the hot path
+        return (1 + (recency_days < r[0]) + (recency_days < r[1]) + (recency_days < r[2])
+                + (recency_days < r[3]),
+                1 + (frequency > f[0]) + (frequency > f[1]) + (frequency > f[2])
+                + (frequency > f[3]),
+                1 + (monetary_minor > m[0]) + (monetary_minor > m[1]) + (monetary_minor > m[2])
+                + (monetary_minor > m[3]))
 
     @classmethod
     def fixed(cls, t: FixedThresholds) -> Thresholds:
