@@ -247,6 +247,8 @@ class BatchProcessor:
                 continue
             if plan.outcome.applied:
                 self.clusterer = model
+            if plan.as_of is not None:
+                self.metrics.as_of_seconds.labels(str(partition)).set(plan.as_of / 1000)
             self._account(plan, letters, result)
             remaining = remaining[plan.consumed:]
             if not remaining and not plan.more:

@@ -115,7 +115,8 @@ class _Planner:
             t, cid = heapq.heappop(self.heap)
             if self.due.get(cid) == t:  # else superseded
                 self.evaluate(cid, None, due_ms=t)
-        return self.barrier is None or p.as_of <= self.barrier
+        # at the barrier itself, unread customers may be due at the same time (ties)
+        return self.barrier is None or p.as_of < self.barrier
 
     # --- one customer --------------------------------------------------------------------------
     def evaluate(self, cid: str, event: StateEvent | None, due_ms: int | None = None,

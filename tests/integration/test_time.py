@@ -152,3 +152,20 @@ async def test_flapping_guard_holds_refund_changes_for_the_dwell_time(settings, 
             assert late[0].as_of == datetime(2024, 1, 2, 0, 10, tzinfo=UTC)
     finally:
         await s.store.client.aclose()
+
+
+@pytest.mark.parametrize("max_due", [1, 2, 10_000])
+async def test_a_small_cap_on_due_customers_per_step_changes_nothing(settings, max_due):
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "scoring_mode": "fixed", "max_due_per_step": max_due}))
+    rows = [raw(i, f"c{i}", purchase(i, f"c{i}", "2024-01-01")) for i in range(5)]
+    rows += [raw(5, "z", purchase(5, "z", "2024-04-01"))]  # day 91: all five fall to R3 at once
+    try:
+        changes = []
+        for rec in rows:
+            changes += (await s.processor.process(0, [rec], now_ms=NOW)).changes
+    finally:
+        await s.store.client.aclose()
+    assert [(c.customer_id, c.cause, c.current.segment) for c in changes[5:]] == [
+        *((f"c{i}", "inactivity", "About To Sleep") for i in range(5)),
+        ("z", "purchase", "New Customers")]

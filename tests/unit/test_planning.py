@@ -1,0 +1,72 @@
+"""Planning a step without I/O: hand-worked due firing, the flapping guard, and the cap on
+due customers read per step."""
+
+from __future__ import annotations
+
+from state.rfm import Limits, Record, StateEvent
+from state.store import PartitionView, StoredCustomer
+from stream.clustering import CustomerClusterer
+from stream.planning import PlanContext, plan_step
+from stream.scoring import FixedThresholds, Thresholds
+from stream.segments import SegmentTable
+from stream.timeline import TimePolicy
+
+DAY = 86_400_000
+H = 3_600_000
+FIXED = Thresholds.fixed(FixedThresholds((30, 90, 180, 365), (2, 3, 5, 8), (1, 2, 3, 4)))
+
+
+def ctx(dwell_ms: int = DAY) -> PlanContext:
+    return PlanContext(SegmentTable.load(), FIXED, CustomerClusterer(min_customers=10**9),
+                       Limits(), "USD", 2, now_ms=0, policy=TimePolicy(min_dwell_ms=dwell_ms))
+
+
+def view(customers=None, dues=(), capped=False, as_of=None, wm=None, last_offset=-1):
+    return PartitionView(0, 0, last_offset, wm, as_of, None, (), dict(customers or {}),
+                         tuple(dues), capped)
+
+
+def buy(offset, cid, t, order=None, kind="purchase", amount=1000):
+    return Record(offset, cid, StateEvent(f"e{offset}", order or f"o{offset}", kind, amount, t))
+
+
+def segments(plan, cid):
+    return [(c.cause, c.current.segment) for c in plan.changes if c.customer_id == cid]
+
+
+def test_flapping_guard_holds_a_refund_change_and_publishes_it_when_the_dwell_ends():
+    recs = [buy(0, "x", 0, "o1"), buy(1, "x", 10 * 60_000, "o2"),
+            buy(2, "x", H, "o2", kind="refund")]  # F2 -> F1 within a day of the last change
+    plan = plan_step(view(), recs, ctx())
+    assert segments(plan, "x") == [("purchase", "New Customers"),
+                                   ("purchase", "Potential Loyalists")]
+    (write,) = [w for w in plan.writes if w.customer_id == "x"]
+    assert write.due_ms == 10 * 60_000 + DAY and write.customer.held_cause == "refund"
+    # the next step: another customer's event passes the end of the hold
+    later = plan_step(view({"x": write.customer}, dues=[(write.due_ms, "x")],
+                           as_of=plan.as_of, wm=plan.watermark, last_offset=2),
+                      [buy(3, "y", DAY + H)], ctx())
+    assert segments(later, "x") == [("refund", "New Customers")]
+    assert [w.customer.held_cause for w in later.writes if w.customer_id == "x"] == [None]
+    # without the guard the refund changes the segment at once
+    unguarded = plan_step(view(), recs, ctx(dwell_ms=0))
+    assert segments(unguarded, "x")[-1] == ("refund", "New Customers")
+
+
+def test_due_customers_fire_in_order_before_the_event_that_passes_them():
+    x = StoredCustomer("x", plan_step(view(), [buy(0, "x", 0)], ctx()).writes[0].customer.state,
+                       "New Customers", None, (5, 1, 5), 0)
+    w = StoredCustomer("w", x.state, "New Customers", None, (5, 1, 5), 0)
+    dues = [(31 * DAY, "w"), (31 * DAY, "x")]
+    recs = [buy(1, "a", 30 * DAY), buy(2, "b", 31 * DAY), buy(3, "c", 32 * DAY)]
+    plan = plan_step(view({"x": x, "w": w}, dues, as_of=0, wm=0, last_offset=0), recs, ctx())
+    assert [(c.customer_id, c.cause) for c in plan.changes] == [
+        ("a", "purchase"), ("w", "inactivity"), ("x", "inactivity"), ("b", "purchase"),
+        ("c", "purchase")]
+    # capped: only w was read although more may be due; the plan stops before the event that
+    # would pass w's due time, having fired w at that event's as-of time
+    capped = plan_step(view({"x": x, "w": w}, dues[:1], capped=True, as_of=0, wm=0,
+                            last_offset=0), recs, ctx())
+    assert capped.more and capped.consumed == 1 and capped.as_of == 31 * DAY
+    assert [(c.customer_id, c.cause) for c in capped.changes] == [
+        ("a", "purchase"), ("w", "inactivity")]
