@@ -26,7 +26,6 @@ import redis.asyncio as aioredis
 from state.rfm import MS_PER_DAY, StateEvent, apply_event
 from state.store import CustomerWrite, RedisStore, StoredCustomer
 from stream import localstack
-from stream.clustering import CustomerClusterer
 from stream.metrics import Metrics
 from stream.pipeline import BatchProcessor
 from stream.scoring import Thresholds
@@ -61,7 +60,7 @@ async def measure(redis_url: str, n: int, changing: int) -> tuple[float, int, in
     store = RedisStore(client, settings.namespace)
     table = SegmentTable.load()
     processor = BatchProcessor(store, settings.input_rules(), table, settings.scoring(),
-                               CustomerClusterer(), Metrics.create(), 1, limits=settings.limits,
+                               Metrics.create(), 1, limits=settings.limits,
                                policy=settings.time_policy())
     try:
         await populate(store, n, changing, table, Thresholds.fixed(settings.fixed_thresholds()))

@@ -20,7 +20,9 @@ Kinds
 ``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
 ``segcount``      hash: segment name -> number of customers whose stored segment it is
 ``outbox``        stream: segment-change events not yet acknowledged by Kafka (field ``v``)
-``model``         (no hash tag) the clustering model's JSON snapshot: ``rfm:<namespace>:model``
+``model``         string: the latest clustering model snapshot (JSON), written by the commit of
+                  the trainer's partition (0) only; ``model:version``: its version, which
+                  workers poll
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ class PartitionKeys:
         return self.prefix + "outbox"
 
     @property
+    def model(self) -> str:
+        return self.prefix + "model"
+
+    @property
+    def model_version(self) -> str:
+        return self.prefix + "model:version"
+
+    @property
     def due(self) -> str:
         return self.prefix + "due"
 
@@ -89,6 +99,11 @@ class PartitionKeys:
         return f"rfm:{self.namespace}:\\{{p{self.partition}\\}}:c:*"
 
 
-def model_key(namespace: str) -> str:
-    """Key of the clustering model snapshot of a namespace."""
-    return f"rfm:{namespace}:model"
+def model_keys(namespace: str) -> tuple[str, str]:
+    """Keys of the clustering model snapshot and its version (in the trainer partition's slot).
+
+    >>> model_keys("live")
+    ('rfm:live:{p0}:model', 'rfm:live:{p0}:model:version')
+    """
+    k = PartitionKeys(namespace, 0)
+    return k.model, k.model_version

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from state.codec import FIELDS, StoredCustomer, decode, encode
-from state.keys import PartitionKeys, model_key
+from state.keys import PartitionKeys, model_keys
 from state.rfm import MS_PER_DAY
 
 
@@ -69,7 +69,8 @@ class PartitionView:
     customer asked for, and each due customer (None when unknown); ``dues``: ``(due_ms, id)``
     of the customers due by the furthest as-of the step can reach, ascending;
     ``dues_capped``: more may be due than were returned; ``seen_ms``: wall clock of the
-    partition's last applied event.
+    partition's last applied event; ``model_version``: version of the latest clustering
+    model snapshot.
     """
 
     partition: int
@@ -83,6 +84,7 @@ class PartitionView:
     dues: tuple[tuple[int, str], ...] = ()
     dues_capped: bool = False
     seen_ms: int | None = None
+    model_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,8 @@ class RedisStore:
                                *FIELDS], client=pipe)
         for p in others:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
-        reply, *clocks = await pipe.execute()
+        pipe.get(model_keys(self.namespace)[1])
+        reply, *clocks, version = await pipe.execute()
         (offset, wm, asof, thr, seq, seen), due_flat = reply[0], reply[1]
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
@@ -180,7 +183,8 @@ class RedisStore:
             partition, _int(seq, -1), _int(offset, -1), _opt_int(wm), _opt_int(asof), thr,
             tuple(PartitionClock(p, _opt_int(c[0]), _opt_int(c[1]))
                   for p, c in zip(others, clocks, strict=True)),
-            customers, dues, max_due > 0 and len(dues) >= max_due, _opt_int(seen))
+            customers, dues, max_due > 0 and len(dues) >= max_due, _opt_int(seen),
+            _opt_int(version))
 
     async def read_customers(self, partition: int, customer_ids: Iterable[str]
                              ) -> dict[str, StoredCustomer | None]:
@@ -209,13 +213,15 @@ class RedisStore:
                 if a is not None and b is not None and c is not None}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
-                     writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]]) -> int:
+                     writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]],
+                     model: tuple[int, str] | None = None) -> int:
         """Write a planned step atomically if the partition's commit sequence is still
         ``expected_seq``; returns the new sequence.
 
         ``meta``: partition meta fields to set (``offset``, ``wm``, ``asof``, ``seen``,
         ``thr``); ``outbox``: ``(kind, JSON)`` entries, kind ``c`` (segment change) or ``d``
-        (dead letter).
+        (dead letter); ``model``: ``(version, snapshot JSON)`` a training step published (the
+        trainer partition only).
 
         Raises
         ------
@@ -236,10 +242,11 @@ class RedisStore:
                                 [fields[f] for f in FIELDS]])
         payload = orjson.dumps({"meta": {f: str(v) for f, v in meta.items()},
                                 "fields": FIELDS, "writes": writes_json,
-                                "outbox": [list(e) for e in outbox]})
+                                "outbox": [list(e) for e in outbox],
+                                "model": [str(model[0]), model[1]] if model else None})
         args = [expected_seq, payload]
-        keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox,
-                *(k.customer(w.customer_id) for w in writes)]
+        keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
+                k.model_version, *(k.customer(w.customer_id) for w in writes)]
         try:
             return int(await self._commit(keys=keys, args=args))
         except ResponseError as exc:
@@ -424,11 +431,41 @@ class RedisStore:
             if cursor == 0:
                 return
 
-    async def save_model(self, snapshot_json: str) -> None:
-        """Store the clustering model snapshot (JSON text) of this namespace."""
-        await self.client.set(model_key(self.namespace), snapshot_json)
-
     async def load_model(self) -> str | None:
-        """The stored clustering model snapshot (JSON text), or None."""
-        value = await self.client.get(model_key(self.namespace))
+        """The latest clustering model snapshot (JSON text), or None."""
+        value = await self.client.get(model_keys(self.namespace)[0])
         return None if value is None else str(value)
+
+    async def sample_by_rank(self, partitions: Iterable[int], ranks: Sequence[int]
+                             ) -> list[tuple[int, int, int]]:
+        """The customers at the given ranks (0-based) of the population, ordered by partition,
+        then by last purchase and id: ``(last purchase ms, frequency, monetary minor)`` each.
+        Ranks beyond the population are skipped."""
+        parts = list(partitions)
+        pipe = self.client.pipeline(transaction=False)
+        for p in parts:
+            pipe.zcard(self.keys(p).z_last)
+        starts, total = [], 0
+        for n in await pipe.execute():
+            starts.append(total)
+            total += int(n)
+        pipe = self.client.pipeline(transaction=False)
+        asked = []
+        for r in ranks:
+            if not 0 <= r < total:
+                continue
+            i = max(j for j, s0 in enumerate(starts) if s0 <= r)
+            k = self.keys(parts[i])
+            pipe.zrange(k.z_last, r - starts[i], r - starts[i], withscores=True)
+            asked.append(k)
+        rows = await pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        lasts = []
+        for k, row in zip(asked, rows, strict=True):
+            member, last = row[0]
+            pipe.zscore(k.z_freq, member)
+            pipe.zscore(k.z_mon, member)
+            lasts.append(int(last))
+        values = await pipe.execute()
+        return [(last, int(values[2 * j]), int(values[2 * j + 1]))
+                for j, last in enumerate(lasts)]

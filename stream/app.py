@@ -20,6 +20,7 @@ Run with ``rfm-stream worker`` (or ``python -m stream worker``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from state.rfm import frequency_monetary, recency_days
 from state.store import RedisStore
-from stream.clustering import CustomerClusterer
 from stream.kafka_io import bootstrap_of, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
@@ -56,35 +56,13 @@ class Services:
     processor: BatchProcessor
     metrics: Metrics
     publisher: OutboxPublisher | None = None
-    saved_at_learned: int = 0
     started: bool = False
     redis_failing: bool = False
     outbox_error: str | None = None
 
-    @property
-    def clusterer(self) -> CustomerClusterer:
-        return self.processor.clusterer
-
     async def start(self) -> None:
-        """Load the latest model snapshot from Redis (idempotent)."""
-        if self.started:
-            return
-        text = await self.store.load_model()
-        if text:
-            self.processor.clusterer = CustomerClusterer.from_json(text)
-            self.saved_at_learned = self.clusterer.n_learned
-            log.info("loaded clustering model snapshot (%d updates learned)",
-                     self.clusterer.n_learned)
+        """Mark the agent started (idempotent)."""
         self.started = True
-
-    async def save_model(self, force: bool = False) -> None:
-        """Save a model snapshot when ``snapshot_every`` updates were learned (or ``force``)."""
-        learned = self.clusterer.n_learned
-        if learned == self.saved_at_learned:
-            return
-        if force or learned - self.saved_at_learned >= self.settings.snapshot_every:
-            await self.store.save_model(self.clusterer.to_json())
-            self.saved_at_learned = learned
 
 
 def build_services(settings: Settings, metrics: Metrics | None = None) -> Services:
@@ -92,14 +70,12 @@ def build_services(settings: Settings, metrics: Metrics | None = None) -> Servic
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace)
-    clusterer = CustomerClusterer(settings.n_clusters, settings.cluster_seed,
-                                  settings.cluster_halflife, settings.cluster_min_customers)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix)
     processor = BatchProcessor(store, settings.input_rules(),
                                SegmentTable.load(settings.segment_table), settings.scoring(),
-                               clusterer, m, settings.partitions, settings.currency_decimals,
+                               m, settings.partitions, settings.currency_decimals,
                                settings.limits, settings.time_policy(),
-                               settings.max_due_per_step)
+                               settings.max_due_per_step, settings.trainer())
     return Services(settings, store, processor, m)
 
 
@@ -246,10 +222,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             # the batch's state, changes and dead letters are committed in Redis: its offsets
             # may be committed to Kafka; the outbox publisher sends what it produced
             await publish_outbox(set(by_partition))
-            try:
-                await services.save_model()
-            except RedisError as exc:
-                log.warning("model snapshot not saved (%r); will retry", exc)
 
     @app.timer(1.0)
     async def outbox_timer() -> None:
@@ -298,13 +270,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
 
-    @app.on_before_shutdown.connect
-    async def _save_model_on_shutdown(sender: Any, **kwargs: Any) -> None:
-        try:
-            await services.save_model(force=True)
-        except Exception:  # pragma: no cover - shutdown best effort, logged
-            log.exception("could not save the clustering model snapshot on shutdown")
-
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
         try:  # gauges read from Redis; while it is unreachable the rest is still served
@@ -348,6 +313,16 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         return web.json({"rules_version": table.version, "segments": [
             {"segment": s.name, "customers": counts.get(s.name, 0), "strategy": s.strategy,
              "description": s.description} for s in table.segments.values()]})
+
+    @app.page("/clusters")
+    async def clusters_view(web: Any, request: Any) -> Any:
+        text = await services.store.load_model()
+        if text is None:
+            return web.json({"model_version": None, "clusters": []})
+        snap = json.loads(text)
+        return web.json({"model_version": snap.get("version"), "as_of_ms": snap.get("as_of_ms"),
+                         "population": snap.get("population"),
+                         "clusters": snap.get("profiles", [])})
 
     @app.page("/customers/{customer_id:[^/]+}")
     async def customer_view(web: Any, request: Any, customer_id: str) -> Any:

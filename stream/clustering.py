@@ -16,6 +16,7 @@ import collections
 import functools
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy.typing as npt
 from river import cluster, preprocessing
 
 FEATURES = ("recency", "frequency", "monetary")
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 
 
 def features(recency_days: float, frequency: float, monetary: float) -> dict[str, float]:
@@ -97,19 +98,6 @@ class CustomerClusterer:
         if new_customer:
             self.n_customers += 1
 
-    def learn_predict_one(self, x: dict[str, float], new_customer: bool = False) -> int | None:
-        """:meth:`learn_one` then :meth:`predict_one`, with one distance computation.
-
-        Learning moves only the closest centroid, and towards ``x``, so it stays the closest:
-        the cluster after learning is the one found before it.
-        """
-        self.scaler.learn_one(x)
-        closest = self.kmeans.learn_predict_one(self.scaler.transform_one(x))
-        self.n_learned += 1
-        if new_customer:
-            self.n_customers += 1
-        return int(closest) if self.ready else None
-
     def predict_one(self, x: dict[str, float]) -> int | None:
         """Cluster id of a feature dict, or None before the model is ready. Pure."""
         if not self.ready:
@@ -117,10 +105,16 @@ class CustomerClusterer:
         return int(self.kmeans.predict_one(self.scaler.transform_one(x)))
 
     # --- snapshots -----------------------------------------------------------------------
-    def to_snapshot(self) -> dict[str, Any]:
-        """The model as JSON-able data (format :data:`SNAPSHOT_FORMAT`)."""
+    def to_snapshot(self, version: int = 0, ids: dict[int, int] | None = None,
+                    profiles: list[dict[str, Any]] | None = None, **extra: Any
+                    ) -> dict[str, Any]:
+        """The model as JSON-able data (format :data:`SNAPSHOT_FORMAT`), with its published
+        ``version``, the public id of each centroid (``ids``: internal -> public; identity when
+        None), cluster ``profiles`` and ``extra`` fields."""
         return {
-            "format": SNAPSHOT_FORMAT,
+            "format": SNAPSHOT_FORMAT, "version": version,
+            "ids": {str(i): int(p) for i, p in (ids or {i: i for i in self.kmeans.centers}).items()},
+            "profiles": profiles or [], **extra,
             "features": list(FEATURES),
             "params": {"n_clusters": self.n_clusters, "seed": self.seed,
                        "halflife": self.halflife, "min_customers": self.min_customers},
@@ -160,29 +154,161 @@ class CustomerClusterer:
         return cls.from_snapshot(json.loads(text))
 
 
-def predict_many(snap: dict[str, Any], x: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    """Cluster ids of many customers from a snapshot, with numpy (same result as River's).
+@dataclass(frozen=True)
+class ClusterModel:
+    """What workers score with: one published snapshot of the trainer's model (read only).
+
+    Cluster ids are *public* ids: they keep their meaning across snapshots (see
+    :func:`match_ids`). ``predict`` is a pure function of the features and the snapshot, so
+    every worker that holds version ``v`` gives a customer the same id.
 
     Parameters
     ----------
-    snap
-        A :meth:`CustomerClusterer.to_snapshot` dict.
-    x
-        Shape (N, 3): log-scaled features in :data:`FEATURES` order.
-
-    Returns
-    -------
-    ndarray of int64, shape (N,)
-        Cluster ids; -1 for all when the snapshot's model is not ready.
+    version
+        Snapshot version (1, 2, ...), carried by segment-change events as ``model_version``.
+    means, sds
+        Scaler statistics per feature (:data:`FEATURES` order); sd 0 scales to 0.
+    centroids
+        Shape (k, 3): standardised centroids in public id order (row i = id ``ids[i]``).
+    ids
+        Public ids of the rows.
+    ready
+        False while the model has learned from fewer customers than the cold-start minimum:
+        then no customer gets a cluster id.
+    profiles
+        Readable profile of each cluster (see :func:`profiles`).
     """
-    arr = np.asarray(x, dtype=np.float64).reshape(-1, len(FEATURES))
-    if snap["n_customers"] < snap["params"]["min_customers"]:
-        return np.full(arr.shape[0], -1, dtype=np.int64)
-    means = np.array([snap["scaler"]["means"].get(f, 0.0) for f in FEATURES])
-    var = np.array([snap["scaler"]["vars"].get(f, 0.0) for f in FEATURES])
-    sd = np.sqrt(var)
-    z = np.where(var > 0, (arr - means) / np.where(sd > 0, sd, 1.0), 0.0)
-    ids = sorted(snap["centroids"], key=int)
-    c = np.array([[snap["centroids"][i][f] for f in FEATURES] for i in ids])
-    d = ((z[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
-    return np.array([int(i) for i in ids], dtype=np.int64)[np.argmin(d, axis=1)]
+
+    version: int
+    means: tuple[float, ...]
+    sds: tuple[float, ...]
+    centroids: npt.NDArray[np.float64]
+    ids: tuple[int, ...]
+    ready: bool
+    profiles: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any]) -> ClusterModel:
+        """The scoring view of a :meth:`CustomerClusterer.to_snapshot` dict.
+
+        Raises
+        ------
+        ValueError
+            When the snapshot has another format or feature list.
+        """
+        if snap.get("format") != SNAPSHOT_FORMAT or snap.get("features") != list(FEATURES):
+            raise ValueError(f"unsupported model snapshot format {snap.get('format')!r}")
+        means = tuple(float(snap["scaler"]["means"].get(f, 0.0)) for f in FEATURES)
+        sds = tuple(math.sqrt(float(snap["scaler"]["vars"].get(f, 0.0))) for f in FEATURES)
+        public = {int(k): int(v) for k, v in snap.get("ids", {}).items()}
+        rows = sorted(snap["centroids"], key=lambda i: public.get(int(i), int(i)))
+        ids = tuple(public.get(int(i), int(i)) for i in rows)
+        c = np.array([[float(snap["centroids"][i][f]) for f in FEATURES] for i in rows])
+        ready = int(snap["n_customers"]) >= int(snap["params"]["min_customers"])
+        return cls(int(snap.get("version", 0)), means, sds, c, ids, ready,
+                   tuple(snap.get("profiles", ())))
+
+    def _z(self, arr: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        mean, sd = np.array(self.means), np.array(self.sds)
+        return np.where(sd > 0, (arr - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+
+    def predict(self, x: dict[str, float]) -> int | None:
+        """Public cluster id of one feature dict (:func:`features`), or None when not ready."""
+        if not self.ready:
+            return None
+        best, best_d = 0, math.inf
+        z = [(x[f] - m) / s if s > 0 else 0.0 for f, m, s in zip(FEATURES, self.means,
+                                                                  self.sds, strict=True)]
+        for i, row in enumerate(self.centroids.tolist()):
+            d = (z[0] - row[0]) ** 2 + (z[1] - row[1]) ** 2 + (z[2] - row[2]) ** 2
+            if d < best_d:
+                best, best_d = i, d
+        return self.ids[best]
+
+    def predict_many(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Public cluster ids of many customers; shape (N, 3) log-scaled features in
+        :data:`FEATURES` order -> (N,) int64, all -1 when not ready."""
+        arr = np.asarray(x, dtype=np.float64).reshape(-1, len(FEATURES))
+        if not self.ready:
+            return np.full(arr.shape[0], -1, dtype=np.int64)
+        d = ((self._z(arr)[:, None, :] - self.centroids[None, :, :]) ** 2).sum(axis=2)
+        return np.array(self.ids, dtype=np.int64)[np.argmin(d, axis=1)]
+
+    def centroids_original(self) -> npt.NDArray[np.float64]:
+        """Centroids in log-feature units (un-standardised), shape (k, 3), public id order."""
+        return self.centroids * np.array(self.sds) + np.array(self.means)
+
+
+def predict_many(snap: dict[str, Any], x: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Cluster ids of many customers from a snapshot dict (see :meth:`ClusterModel.predict_many`).
+
+    >>> m = CustomerClusterer(min_customers=1)
+    >>> m.learn_one(features(3, 1, 20), new_customer=True)
+    >>> predict_many(m.to_snapshot(), [[0.0, 0.0, 0.0]]).shape
+    (1,)
+    """
+    return ClusterModel.from_snapshot(snap).predict_many(x)
+
+
+def match_ids(previous: ClusterModel | None, current: ClusterModel) -> dict[int, int]:
+    """Public ids for ``current``'s rows that keep the meaning of ``previous``'s: the pairing of
+    centroids (in log-feature units) with the least total squared distance (the Hungarian
+    method, ``scipy.optimize.linear_sum_assignment``). Returns ``{current row id: public id}``;
+    with no previous model, ids stay as they are.
+
+    >>> import numpy as np
+    >>> a = ClusterModel(1, (0.0,) * 3, (1.0,) * 3, np.array([[0.0, 0, 0], [5, 5, 5]]), (0, 1), True)
+    >>> b = ClusterModel(2, (0.0,) * 3, (1.0,) * 3, np.array([[5.1, 5, 5], [0.1, 0, 0]]), (0, 1), True)
+    >>> match_ids(a, b)
+    {0: 1, 1: 0}
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if previous is None or len(previous.ids) != len(current.ids):
+        return {i: i for i in current.ids}
+    old, new = previous.centroids_original(), current.centroids_original()
+    cost = ((new[:, None, :] - old[None, :, :]) ** 2).sum(axis=2)
+    rows, cols = linear_sum_assignment(cost)
+    return {current.ids[r]: previous.ids[c] for r, c in zip(rows, cols, strict=True)}
+
+
+_VALUE_NAMES = {5: ("top", "high", "middle", "low", "lowest")}
+
+
+def profiles(model: ClusterModel, recency_days: npt.ArrayLike, frequency: npt.ArrayLike,
+             monetary: npt.ArrayLike, population: int) -> list[dict[str, Any]]:
+    """Readable profiles of the clusters from a sample of customers (original units).
+
+    Each profile: ``cluster`` (public id), ``size`` (estimated customers: the cluster's share
+    of the sample times ``population``), ``share``, ``median_recency_days``,
+    ``median_frequency``, ``median_monetary`` (currency units) and a ``label``: clusters ranked
+    by median monetary x median frequency ("top value", ..., "lowest value"), "active" when the
+    median recency is at most the sample's, else "lapsed".
+
+    Parameters
+    ----------
+    recency_days, frequency, monetary
+        Shape (N,) each: the sampled customers' values.
+    """
+    r, f, m = (np.asarray(a, dtype=np.float64) for a in (recency_days, frequency, monetary))
+    x = np.log1p(np.c_[r, f, m])
+    assigned = model.predict_many(x)
+    rows = []
+    for cid in model.ids:
+        mask = assigned == cid
+        n = int(mask.sum())
+        rows.append({"cluster": cid, "share": n / max(len(r), 1),
+                     "size": round(population * n / max(len(r), 1)),
+                     "median_recency_days": float(np.median(r[mask])) if n else None,
+                     "median_frequency": float(np.median(f[mask])) if n else None,
+                     "median_monetary": float(np.median(m[mask])) if n else None})
+    k = len(rows)
+    names = _VALUE_NAMES.get(k) or tuple(f"value rank {i + 1} of {k}" for i in range(k))
+    order = sorted(rows, key=lambda p: -((p["median_monetary"] or 0) * (p["median_frequency"]
+                                                                        or 0)))
+    overall = float(np.median(r)) if len(r) else 0.0
+    for rank, p in enumerate(order):
+        activity = ("active" if p["median_recency_days"] is not None
+                    and p["median_recency_days"] <= overall else "lapsed")
+        p["label"] = f"{names[rank]} value, {activity}"
+    return rows

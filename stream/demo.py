@@ -115,7 +115,7 @@ async def export(settings: Settings, out_dir: Path) -> DemoResult:
     n_changes = write_jsonl((v for *_, v in changes), out_dir / "segment_changes.jsonl")
     dead = await read_all(bootstrap, settings.dead_letter_topic, idle_s=0.5)
     return DemoResult(rows, n_changes, len(dead), datetime.fromtimestamp(as_of / 1000, UTC),
-                      int(model["n_learned"]) if model else 0)
+                      int(model["version"]) if model else 0)
 
 
 def report(result: DemoResult, table: SegmentTable) -> str:

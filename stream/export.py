@@ -19,7 +19,7 @@ import numpy as np
 
 from state.rfm import Window, frequency_monetary, recency_days
 from state.store import RedisStore, StoredCustomer
-from stream.clustering import CustomerClusterer, features, predict_many
+from stream.clustering import ClusterModel, features, predict_many
 from stream.scoring import FixedThresholds, Thresholds
 from stream.segments import SegmentTable
 
@@ -83,11 +83,13 @@ async def load_customers(store: RedisStore, partitions: Iterable[int]) -> list[S
 
 
 async def load_model(store: RedisStore) -> dict[str, Any] | None:
-    """The latest clustering model snapshot, checked by a round trip through the wrapper."""
+    """The latest clustering model snapshot (checked: :class:`ClusterModel` reads it)."""
     text = await store.load_model()
     if text is None:
         return None
-    return CustomerClusterer.from_json(text).to_snapshot()
+    snap: dict[str, Any] = json.loads(text)
+    ClusterModel.from_snapshot(snap)
+    return snap
 
 
 def write_csv(rows: Iterable[ExportRow], path: Path) -> int:

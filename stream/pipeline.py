@@ -14,7 +14,6 @@ scores every event with the same thresholds, whatever the batch sizes.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import json
 import logging
@@ -24,13 +23,14 @@ from datetime import UTC, datetime
 
 from state.rfm import MS_PER_DAY, Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
-from stream.clustering import CustomerClusterer
+from stream.clustering import ClusterModel
 from stream.events import DeadLetter, SegmentChanged, encode_raw
 from stream.metrics import Metrics
 from stream.planning import Plan, PlanContext, plan_step
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
 from stream.timeline import TimePolicy
+from stream.trainer import TRAINER_PARTITION, TrainerConfig, dumps, sample_ranks, train
 from stream.validation import Accepted, InputRules, Rejected, validate
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ class BatchProcessor:
         The segment rule table.
     scoring
         How thresholds are made.
-    clusterer
-        The online clustering model (learns from every applied purchase).
     metrics
         The metrics bundle.
     partitions
@@ -110,19 +108,23 @@ class BatchProcessor:
     limits, policy
         Memory bounds per customer; how time moves scores (watermark, idleness, flapping
         guard, rescore rate, window).
+    trainer
+        The clustering model's parameters (trained when this worker owns partition 0).
     max_due
         At most this many due customers are read per step.
     """
 
     def __init__(self, store: RedisStore, rules: InputRules, table: SegmentTable,
-                 scoring: ScoringConfig, clusterer: CustomerClusterer, metrics: Metrics,
+                 scoring: ScoringConfig, metrics: Metrics,
                  partitions: int, currency_decimals: int = 2, limits: Limits = Limits(),
-                 policy: TimePolicy = TimePolicy(), max_due: int = 10_000):
+                 policy: TimePolicy = TimePolicy(), max_due: int = 10_000,
+                 trainer: TrainerConfig = TrainerConfig()):
         self.store, self.rules, self.table = store, rules, table
-        self.scoring, self.clusterer, self.metrics = scoring, clusterer, metrics
+        self.scoring, self.metrics = scoring, metrics
+        self.model: ClusterModel | None = None  # the latest published snapshot
         self.partitions = list(range(partitions))
         self.decimals, self.limits, self.policy = currency_decimals, limits, policy
-        self.max_due = max_due
+        self.max_due, self.trainer = max_due, trainer
         self._fixed = Thresholds.fixed(scoring.fixed)
         self._lock = asyncio.Lock()  # one step at a time: the agent's and the sweep timer's
 
@@ -212,9 +214,12 @@ class BatchProcessor:
                 missing = [c for c in rescore if c not in view.customers]
                 extra = await self.store.read_customers(partition, missing)
                 view = replace(view, customers={**extra, **view.customers})
-            model = copy.deepcopy(self.clusterer)
-            ctx = PlanContext(self.table, thresholds, model, self.limits, self.rules.currency,
-                              self.decimals, now, self.policy)
+            await self._refresh_model(view.model_version)
+            trained = (await self._train_for(view, first, now)
+                       if partition == TRAINER_PARTITION and remaining else None)
+            model = ClusterModel.from_snapshot(json.loads(trained[1])) if trained else self.model
+            ctx = PlanContext(self.table, thresholds, model, self.limits,
+                              self.rules.currency, self.decimals, now, self.policy)
             own_active = bool(remaining) or self._active(view, now)
             plan = plan_step(view, remaining, ctx, rescore, own_active)
             consumed = remaining[:plan.consumed]
@@ -238,21 +243,47 @@ class BatchProcessor:
             outbox = ([("c", c.model_dump_json()) for c in plan.changes]
                       + [("d", d.model_dump_json()) for d in letters])
             try:
-                await self.store.commit(partition, view.seq, meta, plan.writes, outbox)
+                await self.store.commit(partition, view.seq, meta, plan.writes, outbox, trained)
             except ConflictError as exc:
                 conflicts += 1
                 if conflicts >= 5:
                     raise
                 log.warning("%s (attempt %d): another writer; re-reading", exc, conflicts)
                 continue
-            if plan.outcome.applied:
-                self.clusterer = model
+            self.model = model
             if plan.as_of is not None:
                 self.metrics.as_of_seconds.labels(str(partition)).set(plan.as_of / 1000)
             self._account(plan, letters, result)
             remaining = remaining[plan.consumed:]
             if not remaining and not plan.more:
                 return
+
+    async def _train_for(self, view: PartitionView, first_offset: int, now: int
+                         ) -> tuple[int, str] | None:
+        """A training step when the trainer partition enters a new block: ``(version,
+        snapshot JSON)`` to commit with the block, else None (see :mod:`stream.trainer`)."""
+        block = first_offset // self.scoring.refresh_every
+        text = await self.store.load_model()
+        previous = json.loads(text) if text else None
+        if previous is not None and int(previous.get("block", -1)) >= block:
+            return None
+        population = await self.store.population(self.partitions)
+        as_of = self.policy.as_of(view.as_of, view.watermark, view.others, now)
+        if not population or as_of is None:
+            return None
+        version = (int(previous["version"]) if previous else 0) + 1
+        ranks = sample_ranks(version, self.trainer.seed, population, self.trainer.sample_size)
+        sample = await self.store.sample_by_rank(self.partitions, ranks)
+        snapshot = train(previous, self.trainer, sample, as_of, population, self.decimals)
+        snapshot["block"] = block
+        return version, dumps(snapshot)
+
+    async def _refresh_model(self, version: int | None) -> None:
+        """Load the latest model snapshot when its version differs from the one held."""
+        if version == (self.model.version if self.model else None):
+            return
+        text = await self.store.load_model()
+        self.model = ClusterModel.from_snapshot(json.loads(text)) if text else None
 
     def _account(self, plan: Plan, letters: list[DeadLetter], result: BatchResult) -> None:
         outcome = plan.outcome

@@ -1,7 +1,7 @@
 """Plan one step of one partition: per event, in offset order, the new RFM state, scores,
 segment, cluster and segment change; and, as the as-of time advances, the customers due for a
 re-score without an event (inactivity, window expiry, flapping guard, threshold refresh).
-Pure (the clustering model is the only thing it mutates: it learns).
+Pure.
 
 Given the same starting view, records, thresholds and model, the plan is the same: that is what
 makes a replay of one partition reproduce the same segment changes, whatever the batch sizes.
@@ -29,7 +29,7 @@ from state.rfm import (
 )
 from state.store import CustomerWrite, PartitionView, StoredCustomer
 from stream.changes import change_id, is_change
-from stream.clustering import CustomerClusterer, features
+from stream.clustering import ClusterModel, features
 from stream.events import Assignment, SegmentChanged
 from stream.scoring import Thresholds
 from stream.segments import SegmentTable
@@ -38,12 +38,13 @@ from stream.timeline import TimePolicy, earliest
 
 @dataclass(frozen=True, slots=True)
 class PlanContext:
-    """What scoring needs besides the data: rules, thresholds, model, currency, time policy and
-    the wall clock (for idleness and ``emitted_at`` only)."""
+    """What scoring needs besides the data: rules, thresholds, the clustering model snapshot
+    (None: no cluster ids), currency, time policy and the wall clock (for idleness and
+    ``emitted_at`` only)."""
 
     table: SegmentTable
     thresholds: Thresholds
-    clusterer: CustomerClusterer
+    model: ClusterModel | None
     limits: Limits
     currency: str
     currency_decimals: int
@@ -119,8 +120,7 @@ class _Planner:
         return self.barrier is None or p.as_of < self.barrier
 
     # --- one customer --------------------------------------------------------------------------
-    def evaluate(self, cid: str, event: StateEvent | None, due_ms: int | None = None,
-                 new_customer: bool = False) -> None:
+    def evaluate(self, cid: str, event: StateEvent | None, due_ms: int | None = None) -> None:
         """Score a customer at the as-of time; publish a change if there is one (and the
         flapping guard lets it through); schedule its next due time."""
         ctx, p = self.ctx, self.plan
@@ -142,12 +142,10 @@ class _Planner:
         x = features(days, f, m / 10 ** ctx.currency_decimals)
         previous = None if c.segment is None else Assignment(segment=c.segment,
                                                              cluster=c.cluster)
-        if event is not None:
-            cluster = ctx.clusterer.learn_predict_one(x, new_customer=new_customer)
-        elif previous is not None and previous.segment == segment.name:
+        if event is None and previous is not None and previous.segment == segment.name:
             cluster = c.cluster  # no cluster-only change without the customer's own event
         else:
-            cluster = ctx.clusterer.predict_one(x)
+            cluster = ctx.model.predict(x) if ctx.model is not None else None
         new = Assignment(segment=segment.name, cluster=cluster)
         cause = self._cause(event, c, scores)
         hold = None if cause == "purchase" else ctx.policy.dwell_until(c.changed_ms)
@@ -199,7 +197,7 @@ class _Planner:
             occurred_at=_utc(event.occurred_ms if event is not None else due_ms or t),
             as_of=_utc(t), emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
             thresholds_version=ctx.thresholds.version,
-            model_version=ctx.clusterer.n_learned if new.cluster is not None else None)
+            model_version=ctx.model.version if new.cluster is not None and ctx.model else None)
 
     # --- the step ------------------------------------------------------------------------------
     def run(self, records: list[Record], own_active: bool) -> Plan:
@@ -232,8 +230,7 @@ class _Planner:
             p.watermark, p.applied_any = wm, True
             self.book[cid] = (replace(before, state=state) if before is not None
                               else StoredCustomer(cid, state))
-            self.evaluate(cid, event, new_customer=before is None
-                          or before.state.last_purchase_ms is None)
+            self.evaluate(cid, event)
         if not stopped:
             stopped = not self.advance(ctx.policy.as_of(p.as_of, p.watermark, view.others,
                                                         ctx.now_ms, own_active))

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from state.rfm import Limits, Window
 from stream.scoring import FixedThresholds, ScoringConfig
 from stream.timeline import TimePolicy
+from stream.trainer import TrainerConfig
 from stream.validation import InputRules
 
 
@@ -104,8 +105,9 @@ class Settings(BaseSettings):
                                     description="River KMeans step towards each point")
     cluster_min_customers: int = Field(100, ge=1,
                                        description="No cluster id before this many customers")
-    snapshot_every: int = Field(5000, ge=1,
-                                description="Save a model snapshot every N learned updates")
+    train_sample_size: int = Field(500, ge=1, description="Customers the trainer samples and "
+                                   "learns per step (one step per threshold block of "
+                                   "partition 0)")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -129,6 +131,11 @@ class Settings(BaseSettings):
                           round(self.min_dwell_s * 1000), self.rescore_spacing_ms,
                           Window(self.window_days, self.window_bucket_days)
                           if self.window_days else None)
+
+    def trainer(self) -> TrainerConfig:
+        """The clustering model's parameters and training sample size."""
+        return TrainerConfig(self.n_clusters, self.cluster_seed, self.cluster_halflife,
+                             self.cluster_min_customers, self.train_sample_size)
 
     def fixed_thresholds(self) -> FixedThresholds:
         """The fixed business thresholds, monetary converted to minor units."""

@@ -6,11 +6,12 @@
 -- committed since, nothing is written.
 --
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
--- KEYS[7] outbox  KEYS[8 ..] one hash per written customer, in the order of "writes"
+-- KEYS[7] outbox  KEYS[8] model  KEYS[9] model:version
+-- KEYS[10 ..] one hash per written customer, in the order of "writes"
 -- ARGV[1] expected seq (-1 when none)
 -- ARGV[2] JSON {"meta": {field: value}, "fields": [hash field names],
 --               "writes": [[id, due, null | [last, freq, mon] | false, [values] | null]],
---               "outbox": [[kind, text]]}
+--               "outbox": [[kind, text]], "model": null | [version, snapshot JSON]}
 --   a write with values null writes the due time only, keeping the earlier of two;
 --   due "" = none (removed); population false = not scored (removed from the sorted sets);
 --   a value "" deletes the hash field. Numbers travel as strings (exact in any width).
@@ -27,7 +28,7 @@ local fields = p.fields
 local seg_field = nil
 for i, f in ipairs(fields) do if f == 'seg' then seg_field = i end end
 for ci, w in ipairs(p.writes) do
-  local key, id, due, pop, values = KEYS[7 + ci], w[1], w[2], w[3], w[4]
+  local key, id, due, pop, values = KEYS[9 + ci], w[1], w[2], w[3], w[4]
   if values == cjson.null then
     if due == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], 'LT', due, id) end
   else
@@ -55,6 +56,10 @@ for ci, w in ipairs(p.writes) do
 end
 for _, entry in ipairs(p.outbox) do
   redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2])
+end
+if p.model ~= cjson.null and p.model ~= nil then
+  redis.call('SET', KEYS[8], p.model[2])
+  redis.call('SET', KEYS[9], p.model[1])
 end
 redis.call('HSET', KEYS[1], 'seq', string.format('%.0f', stored + 1))
 return stored + 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from state.rfm import Limits, Record, StateEvent
 from state.store import PartitionView, StoredCustomer
-from stream.clustering import CustomerClusterer
 from stream.planning import PlanContext, plan_step
 from stream.scoring import FixedThresholds, Thresholds
 from stream.segments import SegmentTable
@@ -17,7 +16,7 @@ FIXED = Thresholds.fixed(FixedThresholds((30, 90, 180, 365), (2, 3, 5, 8), (1, 2
 
 
 def ctx(dwell_ms: int = DAY) -> PlanContext:
-    return PlanContext(SegmentTable.load(), FIXED, CustomerClusterer(min_customers=10**9),
+    return PlanContext(SegmentTable.load(), FIXED, None,
                        Limits(), "USD", 2, now_ms=0, policy=TimePolicy(min_dwell_ms=dwell_ms))
 
 
