@@ -100,11 +100,10 @@ async def applied_at_least(settings: Settings, n: float, workers: list[WorkerPro
 
 async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_path):
     """Five SIGKILLs at random moments of a one-partition CDNOW load: the final state equals
-    the pandas oracle and the de-duplicated segment changes equal an uninterrupted run's.
-    The clustering model is left cold here (no cluster ids): an in-memory model restarted from
-    its last snapshot is not the model of an uninterrupted run, and this test is about
-    delivery, not about the model."""
-    common = dict(partitions=1, cluster_min_customers=10**9)
+    the pandas oracle and the de-duplicated segment changes (cluster ids and model versions
+    included: the trainer's snapshots are committed with partition 0's steps) equal an
+    uninterrupted run's."""
+    common = dict(partitions=1)
     calm = crash_settings(stack, unique + "calm", **common)
     crash = crash_settings(stack, unique + "crash", **common)
     calm_targets, crash_targets = await load(calm), await load(crash)
@@ -143,6 +142,7 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
     calm_changes = await changes_without_emitted_at(calm)
     crash_changes = await changes_without_emitted_at(crash)
     assert len(calm_changes) > 20_000
+    assert sum(c["current"]["cluster"] is not None for c in calm_changes) > 10_000
     assert crash_changes == calm_changes
 
 
