@@ -107,3 +107,9 @@ def model_keys(namespace: str) -> tuple[str, str]:
     """
     k = PartitionKeys(namespace, 0)
     return k.model, k.model_version
+
+
+def alias_key(name: str) -> str:
+    """Key naming the namespace a configured namespace name resolves to (set by
+    ``rfm-stream replay --switch``): ``rfm:alias:<name>``."""
+    return f"rfm:alias:{name}"

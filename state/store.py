@@ -146,6 +146,7 @@ class RedisStore:
         PartitionKeys(namespace, 0)  # validates the namespace
         self._commit = client.register_script(_script_text("commit.lua"))
         self._read = client.register_script(_script_text("read.lua"))
+        self._forget = client.register_script(_script_text("forget.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
@@ -430,6 +431,14 @@ class RedisStore:
                 yield [c for c in page if c is not None]
             if cursor == 0:
                 return
+
+    async def forget(self, partition: int, customer_id: str) -> bool:
+        """Erase a customer from a partition (state, population, due time, segment count);
+        True when it existed. Steps of the partition in flight re-read (compare-and-set)."""
+        k = self.keys(partition)
+        return bool(await self._forget(
+            keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id)],
+            args=[customer_id]))
 
     async def load_model(self) -> str | None:
         """The latest clustering model snapshot (JSON text), or None."""

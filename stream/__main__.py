@@ -1,5 +1,3 @@
-import sys
-
 from stream.cli import main
 
-sys.exit(main())
+main()

@@ -65,8 +65,10 @@ class Services:
         self.started = True
 
 
-def build_services(settings: Settings, metrics: Metrics | None = None) -> Services:
-    """Wire settings -> Redis client -> store -> processor."""
+def build_services(settings: Settings, metrics: Metrics | None = None,
+                   replay: bool = False) -> Services:
+    """Wire settings -> Redis client -> store -> processor (``replay``: changes are marked
+    as a replay's)."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace)
@@ -75,7 +77,7 @@ def build_services(settings: Settings, metrics: Metrics | None = None) -> Servic
                                SegmentTable.load(settings.segment_table), settings.scoring(),
                                m, settings.partitions, settings.currency_decimals,
                                settings.limits, settings.time_policy(),
-                               settings.max_due_per_step, settings.trainer())
+                               settings.max_due_per_step, settings.trainer(), replay)
     return Services(settings, store, processor, m)
 
 
@@ -257,16 +259,19 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         except RedisError as exc:
             log.warning("could not read applied offsets on assignment (%r)", exc)
             return
-        for tp in mine:
-            # nothing applied yet: offset 0, which resets to the log start if it is gone.
-            # Records already fetched from the group's offset may still arrive: the offset
-            # check skips old ones and the gap check re-reads what lies before new ones.
-            target = meta[tp.partition][0] + 1
-            try:
-                await app.consumer.seek(tp, target)
-            except Exception as exc:  # never crash the worker over an optimisation
-                log.warning("could not seek %s to %d (%r)", tp, target, exc)
-                continue
+        # nothing applied yet: offset 0, which resets to the log start if it is gone. Records
+        # already fetched from the group's offset may still arrive: the offset check skips old
+        # ones and the gap check re-reads what lies before new ones. seek_wait runs on the
+        # consumer's own thread: faust's plain seek() touches aiokafka's fetcher from this
+        # thread, which races with a fetch in progress (KeyError in fetched_records,
+        # robinhood/aiokafka#19) and crashes the worker.
+        targets = {tp: meta[tp.partition][0] + 1 for tp in mine}
+        try:
+            await app.consumer.seek_wait(targets)
+        except Exception as exc:  # never crash the worker over an optimisation
+            log.warning("could not seek to Redis's applied offsets (%r)", exc)
+            return
+        for tp, target in targets.items():
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
 

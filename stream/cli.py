@@ -1,51 +1,263 @@
-"""``rfm-stream`` command line: ``worker``, ``demo``, ``schemas``.
+"""``rfm-stream``: the command line (click, as faust's own).
 
-``rfm-stream worker [faust worker options]`` runs the faust worker configured by ``RFM_*``
-environment variables (README "Configuration").
+Every command reads the ``RFM_*`` environment variables (README "Configuration"); the state
+namespace is resolved through ``rfm-stream replay --switch`` aliases.
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import json
+import os
 import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+T = TypeVar("T")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "worker":
-        from stream.app import app, settings
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
 
-        sys.argv = ["rfm-stream", "worker", "--loglevel", "info",
-                    "--web-bind", settings.web_bind, "--web-port", str(settings.web_port),
-                    *args[1:]]
-        app.main()
-        return 0
-    parser = argparse.ArgumentParser(
-        prog="rfm-stream", description="Real-time RFM customer segmentation.",
-        epilog="examples:\n  rfm-stream demo\n  RFM_KAFKA_URL=kafka://127.0.0.1:9092 "
-               "RFM_REDIS_URL=redis://127.0.0.1:6379/0 rfm-stream worker\n"
-               "  rfm-stream schemas docs/schemas",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="run the faust worker (options after it go to faust)")
-    demo = sub.add_parser("demo", help="CDNOW end to end on the embedded local stack")
-    demo.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
-    schemas = sub.add_parser("schemas", help="write the events' JSON Schemas")
-    schemas.add_argument("directory", nargs="?", default="docs/schemas")
-    ns = parser.parse_args(args)
-    if ns.command == "demo":
-        from stream import demo as demo_mod
 
-        return demo_mod.main(ns.out)
-    if ns.command == "schemas":
-        from stream.events import write_schemas
+def _settings() -> Any:
+    from redis.exceptions import RedisError
 
-        for p in write_schemas(Path(ns.directory)):
-            print(p)
-        return 0
-    return 2  # pragma: no cover
+    from stream.runner import resolve_namespace
+    from stream.settings import Settings
+
+    settings = Settings()
+    try:
+        return resolve_namespace(settings)
+    except RedisError as exc:
+        raise click.ClickException(
+            f"Redis unreachable at the configured RFM_REDIS_URL: {exc}") from exc
+
+
+def _epoch_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not an ISO-8601 date-time: {exc}") from exc
+    if t.tzinfo is None:
+        raise click.BadParameter(f"{text!r} needs a UTC offset, e.g. 1998-01-01T00:00:00Z")
+    return int(t.timestamp() * 1000)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+Examples:
+  rfm-stream demo                                   # CDNOW end to end, embedded stack
+  rfm-stream worker                                 # the stream worker (RFM_* settings)
+  rfm-stream load retail.csv --format online-retail --currency GBP
+  rfm-stream replay --namespace rebuild-2026 --switch
+  rfm-stream customer 00042
+  rfm-stream export --out customers.parquet --as-of 1998-06-30T00:00:00Z
+  rfm-stream forget 00042
+""")
+def main() -> None:
+    """Real-time RFM customer segmentation on Kafka and Redis."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run the stream worker (options after it go to faust's worker command)."""
+    settings = _settings()
+    os.environ["RFM_NAMESPACE"] = settings.namespace
+    from stream.app import app
+    from stream.app import settings as app_settings
+
+    sys.argv = ["rfm-stream", "worker", "--loglevel", "info", "--web-bind", app_settings.web_bind,
+                "--web-port", str(app_settings.web_port), *ctx.args]
+    app.main()
+
+
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Output directory.")
+def demo(out: str) -> None:
+    """The whole pipeline on the CDNOW purchases, on an embedded broker and Redis."""
+    from stream import demo as demo_mod
+
+    sys.exit(demo_mod.main(out))
+
+
+@main.command()
+@click.argument("directory", default="docs/schemas", type=click.Path(file_okay=False))
+def schemas(directory: str) -> None:
+    """Write the events' JSON Schemas."""
+    from stream.events import write_schemas
+
+    for p in write_schemas(Path(directory)):
+        click.echo(p)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="event", show_default=True,
+              type=click.Choice(["event", "cdnow", "online-retail", "mapped"]),
+              help="Row layout (see README 'Loading files').")
+@click.option("--map", "mapping", multiple=True, metavar="FIELD=COLUMN",
+              help="For --format mapped: which column holds an event field (repeatable).")
+@click.option("--timezone", default="UTC", show_default=True,
+              help="Time zone of date-times written without one.")
+@click.option("--currency", default=None, help="Currency of the amounts [default: RFM_CURRENCY].")
+@click.option("--topic", default=None, help="Topic to produce to [default: RFM_PURCHASES_TOPIC].")
+@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write rejected rows (row number, reason, detail) to this JSON Lines file.")
+@click.option("--dry-run", is_flag=True, help="Read and check the file; produce nothing.")
+def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency: str | None,
+         topic: str | None, rejects: Path | None, dry_run: bool) -> None:
+    """Load a CSV, JSON Lines or Parquet FILE into the purchases topic.
+
+    Every row becomes an event (key = customer id, record timestamp = event time) or a
+    rejected row with its reason; the summary counts each. Event ids are a hash of the row, so
+    loading a file twice is harmless.
+    """
+    from tqdm import tqdm
+
+    from stream.loaders import LoadOptions, load_file
+    from stream.replay import load as load_events
+
+    settings = _settings()
+    pairs = dict(m.split("=", 1) for m in mapping if "=" in m)
+    if len(pairs) != len(mapping):
+        raise click.BadParameter("use FIELD=COLUMN", param_hint="--map")
+    opts = LoadOptions(fmt, timezone, currency or settings.currency, settings.currency_decimals,
+                       pairs or None)
+    out = rejects.open("w", encoding="utf-8") if rejects else None
+
+    def on_reject(r: Any) -> None:
+        if out:
+            out.write(json.dumps({"row": r.row, "reason": r.reason, "detail": r.detail}) + "\n")
+
+    try:
+        with tqdm(desc="produce", unit="ev", disable=dry_run) as bar:
+            summary = _run(load_events(settings, load_file(file, opts), topic, dry_run,
+                                       on_reject, bar.update))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if out:
+            out.close()
+    click.echo(f"{summary.rows:,} rows: {summary.events:,} events"
+               f"{' (dry run: none produced)' if dry_run else ''}, "
+               f"{sum(summary.rejected.values()):,} rejected")
+    for reason, n in sorted(summary.rejected.items()):
+        click.echo(f"  {reason}: {n:,}")
+
+
+@main.command()
+@click.option("--namespace", required=True, help="New state namespace to rebuild into.")
+@click.option("--from", "from_time", default=None, metavar="ISO-TIME",
+              help="Only events at or after this event time are applied.")
+@click.option("--changes-topic", default=None,
+              help="Publish the replay's segment changes here (marked replay=true).")
+@click.option("--switch", is_flag=True,
+              help="When done, make RFM_NAMESPACE resolve to the new namespace.")
+def replay(namespace: str, from_time: str | None, changes_topic: str | None,
+           switch: bool) -> None:
+    """Rebuild state from the purchases topic into a new namespace, in event time."""
+    from tqdm import tqdm
+
+    from stream.replay import replay as run_replay
+
+    settings = _settings()
+    try:
+        with tqdm(desc="replay", unit="ev") as bar:
+            s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
+                                switch, bar.update))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
+               f"--from, {s.dead_letters:,} dead letters; {s.changes:,} segment changes"
+               f"{' published to ' + changes_topic if changes_topic else ' (not published)'}")
+    if switch:
+        click.echo(f"{settings.namespace!r} now resolves to {namespace!r}: restart the workers")
+
+
+@main.command()
+@click.argument("customer_id")
+def customer(customer_id: str) -> None:
+    """Show one customer: state, scores at the as-of time, segment, cluster."""
+    from stream.app import build_services, customer_json
+
+    async def show() -> tuple[dict[str, Any], int]:
+        services = build_services(_settings())
+        try:
+            return await customer_json(services, customer_id)
+        finally:
+            await services.store.client.aclose()
+
+    body, status = _run(show())
+    click.echo(json.dumps(body, indent=2))
+    if status != 200:
+        sys.exit(1)
+
+
+@main.command()
+def segments() -> None:
+    """Customers per segment, with each segment's strategy."""
+    from stream.runner import store_for
+    from stream.segments import SegmentTable
+
+    settings = _settings()
+
+    async def counts() -> dict[str, int]:
+        store = store_for(settings)
+        try:
+            return await store.segment_counts(range(settings.partitions))
+        finally:
+            await store.client.aclose()
+
+    got = _run(counts())
+    table = SegmentTable.load(settings.segment_table)
+    click.echo(f"{'segment':<22}{'customers':>10}  strategy")
+    for name, seg in table.segments.items():
+        click.echo(f"{name:<22}{got.get(name, 0):>10,}  {seg.strategy}")
+
+
+@main.command()
+@click.option("--out", default="customers.csv", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
+@click.option("--as-of", default=None, metavar="ISO-TIME",
+              help="Score at this time [default: the watermark].")
+def export(out: Path, as_of: str | None) -> None:
+    """Export every customer scored at one as-of time (recency, scores, segment, cluster)."""
+    from stream.export import export_customers
+
+    settings = _settings()
+    try:
+        n, t = _run(export_customers(settings, out, _epoch_ms(as_of)))
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{n:,} customers scored at {datetime.fromtimestamp(t / 1000, UTC).isoformat()} "
+               f"-> {out}")
+
+
+@main.command()
+@click.argument("customer_id")
+def forget(customer_id: str) -> None:
+    """Erase one customer's state everywhere (a data-protection request).
+
+    Removes the state, population entries, due time and segment count in Redis, and writes a
+    tombstone for the customer on the compacted customer-segments topic. Past events on the
+    purchases and segment-changes topics are kept until their retention ends.
+    """
+    from stream.admin import forget_customer
+
+    found = _run(forget_customer(_settings(), customer_id))
+    click.echo(f"{customer_id}: {'erased' if found else 'not found (nothing stored)'}")
+    if not found:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -109,10 +109,12 @@ class SegmentChanged(BaseModel):
     emitted_at: datetime = Field(description="Wall-clock time of emission (UTC)")
     schema_version: int = Field(OUT_SCHEMA_VERSION, description="Version of this schema")
     rules_version: str = Field(description="Version of the segment rule table")
-    thresholds_version: str = Field(description="What scored: population:<N> (quintiles of N "
-                                    "customers) or fixed")
-    model_version: int | None = Field(description="Updates the clustering model had learned; "
-                                      "null when no cluster id was given")
+    thresholds_version: str = Field(description="What scored: q<N>@<anchor time> (quintiles "
+                                    "of N customers) or fixed")
+    model_version: int | None = Field(description="Version of the clustering model snapshot "
+                                      "that gave the cluster id; null when none was given")
+    replay: bool = Field(False, description="True when emitted by a replay (rfm-stream "
+                         "replay), not by live processing")
 
 
 class DeadLetter(BaseModel):

@@ -22,6 +22,7 @@ from state.store import RedisStore, StoredCustomer
 from stream.clustering import ClusterModel, features, predict_many
 from stream.scoring import FixedThresholds, Thresholds
 from stream.segments import SegmentTable
+from stream.settings import Settings
 
 COLUMNS = ("customer_id", "recency_days", "frequency", "monetary", "r_score", "f_score",
            "m_score", "segment", "cluster")
@@ -116,3 +117,45 @@ def write_jsonl(values: Iterable[bytes], path: Path) -> int:
             fh.write(json.dumps(json.loads(v), sort_keys=True) + "\n")
             n += 1
     return n
+
+
+async def export_customers(settings: Settings, out: Path, as_of_ms: int | None = None
+                           ) -> tuple[int, int]:
+    """Score every customer at ``as_of_ms`` (default: the latest as-of time of the
+    partitions) and write them to ``out`` (``.csv`` or ``.parquet``); returns (rows, as-of).
+
+    Raises
+    ------
+    RuntimeError
+        When nothing was applied yet and no as-of time is given.
+    ValueError
+        For another file extension.
+    """
+    from stream.runner import store_for
+
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"export to .csv or .parquet, not {out.suffix!r}")
+    store = store_for(settings)
+    try:
+        parts = range(settings.partitions)
+        t = as_of_ms if as_of_ms is not None else await store.as_of(parts)
+        if t is None:
+            raise RuntimeError("no event was applied: nothing to export")
+        customers = await load_customers(store, parts)
+        model = await load_model(store)
+    finally:
+        await store.client.aclose()
+    rows = score_all(customers, t, SegmentTable.load(settings.segment_table),
+                     settings.fixed_thresholds(), settings.min_population, model,
+                     settings.currency_decimals, settings.time_policy().window)
+    if out.suffix.lower() == ".csv":
+        return write_csv(rows, out), t
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows, key=lambda r: r.customer_id)
+    table = pa.table({c: [getattr(r, c) if c != "monetary" else str(r.monetary) for r in rows]
+                      for c in COLUMNS})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return len(rows), t

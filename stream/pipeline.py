@@ -110,6 +110,8 @@ class BatchProcessor:
         guard, rescore rate, window).
     trainer
         The clustering model's parameters (trained when this worker owns partition 0).
+    replay
+        Mark the segment changes as a replay's.
     max_due
         At most this many due customers are read per step.
     """
@@ -118,24 +120,26 @@ class BatchProcessor:
                  scoring: ScoringConfig, metrics: Metrics,
                  partitions: int, currency_decimals: int = 2, limits: Limits = Limits(),
                  policy: TimePolicy = TimePolicy(), max_due: int = 10_000,
-                 trainer: TrainerConfig = TrainerConfig()):
+                 trainer: TrainerConfig = TrainerConfig(), replay: bool = False):
         self.store, self.rules, self.table = store, rules, table
         self.scoring, self.metrics = scoring, metrics
         self.model: ClusterModel | None = None  # the latest published snapshot
         self.partitions = list(range(partitions))
         self.decimals, self.limits, self.policy = currency_decimals, limits, policy
-        self.max_due, self.trainer = max_due, trainer
+        self.max_due, self.trainer, self.replay = max_due, trainer, replay
         self._fixed = Thresholds.fixed(scoring.fixed)
         self._lock = asyncio.Lock()  # one step at a time: the agent's and the sweep timer's
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
-                      reject: dict[int, tuple[str, str]] | None = None) -> BatchResult:
+                      reject: dict[int, tuple[str, str]] | None = None,
+                      skip: set[int] | None = None) -> BatchResult:
         """Process one partition's records (ascending offsets).
 
         ``now_ms`` is the wall clock for the future-skew check, idleness and ``emitted_at``
         (defaults to the real clock). ``reject`` forces records (by offset) to be dead letters
-        with the given ``(reason, detail)`` (used for a record whose processing failed).
+        with the given ``(reason, detail)`` (used for a record whose processing failed);
+        ``skip`` offsets only advance the applied offset (a replay from an event time).
 
         Raises
         ------
@@ -154,6 +158,9 @@ class BatchProcessor:
         state_records: list[Record] = []
         dead: dict[int, DeadLetter] = {}
         for raw in records:
+            if skip and raw.offset in skip:
+                state_records.append(Record(raw.offset, None, None))
+                continue
             verdict = (Rejected(*reject[raw.offset]) if reject and raw.offset in reject
                        else validate(raw.key, raw.value, self.rules, now))
             if isinstance(verdict, Accepted):
@@ -208,7 +215,9 @@ class BatchProcessor:
                 if (check_gap and previous_last is None and remaining is block
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
-            first = remaining[0].offset if remaining else view.last_offset + 1
+            # thresholds are refreshed (and the model trained) only by steps with records, at
+            # offset blocks: never by a timer sweep, whose timing would shape the output
+            first = remaining[0].offset if remaining else -1
             thresholds, text, rescore = await self._thresholds_for(view, first, now)
             if rescore:
                 missing = [c for c in rescore if c not in view.customers]
@@ -219,7 +228,7 @@ class BatchProcessor:
                        if partition == TRAINER_PARTITION and remaining else None)
             model = ClusterModel.from_snapshot(json.loads(trained[1])) if trained else self.model
             ctx = PlanContext(self.table, thresholds, model, self.limits,
-                              self.rules.currency, self.decimals, now, self.policy)
+                              self.rules.currency, self.decimals, now, self.policy, self.replay)
             own_active = bool(remaining) or self._active(view, now)
             plan = plan_step(view, remaining, ctx, rescore, own_active)
             consumed = remaining[:plan.consumed]
@@ -260,9 +269,12 @@ class BatchProcessor:
 
     async def _train_for(self, view: PartitionView, first_offset: int, now: int
                          ) -> tuple[int, str] | None:
-        """A training step when the trainer partition enters a new block: ``(version,
-        snapshot JSON)`` to commit with the block, else None (see :mod:`stream.trainer`)."""
+        """A training step when the trainer partition enters a new block (the block's first
+        step, whatever the batch sizes): ``(version, snapshot JSON)`` to commit with it, else
+        None (see :mod:`stream.trainer`)."""
         block = first_offset // self.scoring.refresh_every
+        if view.last_offset >= block * self.scoring.refresh_every:
+            return None  # not the block's first step: training is decided there only
         text = await self.store.load_model()
         previous = json.loads(text) if text else None
         if previous is not None and int(previous.get("block", -1)) >= block:
@@ -318,9 +330,10 @@ class BatchProcessor:
 
     async def _thresholds_for(self, view: PartitionView, first_offset: int, now: int
                               ) -> tuple[Thresholds, str | None, list[str]]:
-        """The thresholds of the block starting at ``first_offset``: ``(thresholds, JSON to
-        store or None, customers to re-score)``. Refreshed when the block is newer than the
-        partition's current thresholds; the customers a refresh may move are re-scored."""
+        """The thresholds of the block starting at ``first_offset`` (-1: a sweep, which uses
+        the current ones): ``(thresholds, JSON to store or None, customers to re-score)``.
+        Refreshed when the block is newer than the partition's current thresholds; the
+        customers a refresh may move are re-scored."""
         if self.scoring.mode == "fixed":
             return self._fixed, None, []
         block = first_offset // self.scoring.refresh_every
@@ -328,8 +341,10 @@ class BatchProcessor:
         if view.thresholds:
             stored = json.loads(view.thresholds)
             old = Thresholds.from_dict(stored)
-            if int(stored["block"]) >= block:
+            if int(stored["block"]) >= block or first_offset < 0:
                 return old, None, []
+        if first_offset < 0:  # a sweep before any refresh
+            return self._fixed, None, []
         fresh = await self.refresh_thresholds(view, now)
         text = json.dumps({**fresh.to_dict(), "block": block})
         if fresh.anchor_ms is None or fresh == old:

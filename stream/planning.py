@@ -50,6 +50,7 @@ class PlanContext:
     currency_decimals: int
     now_ms: int
     policy: TimePolicy = TimePolicy()
+    replay: bool = False
 
 
 @dataclass
@@ -197,7 +198,8 @@ class _Planner:
             occurred_at=_utc(event.occurred_ms if event is not None else due_ms or t),
             as_of=_utc(t), emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
             thresholds_version=ctx.thresholds.version,
-            model_version=ctx.model.version if new.cluster is not None and ctx.model else None)
+            model_version=ctx.model.version if new.cluster is not None and ctx.model else None,
+            replay=ctx.replay)
 
     # --- the step ------------------------------------------------------------------------------
     def run(self, records: list[Record], own_active: bool) -> Plan:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from state.keys import alias_key
 from state.store import RedisStore
 from stream.settings import Settings
 
@@ -126,3 +127,25 @@ async def wait_applied(store: RedisStore, targets: Mapping[int, int],
             raise WorkerError(f"workers did not catch up in {timeout_s} s: {meta} vs "
                               f"{dict(targets)}\n{tail}")
         await asyncio.sleep(0.2)
+
+
+def resolve_namespace(settings: Settings) -> Settings:
+    """The settings with the namespace its name resolves to (``rfm-stream replay --switch``
+    points a name at a rebuilt namespace); unchanged when no alias is set.
+
+    Raises
+    ------
+    redis.exceptions.RedisError
+        When Redis is unreachable.
+    """
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
+                                  socket_timeout=10, socket_connect_timeout=5)
+    try:
+        target = client.get(alias_key(settings.namespace))
+    finally:
+        client.close()
+    if not target or target == settings.namespace:
+        return settings
+    return settings.model_copy(update={"namespace": str(target)})

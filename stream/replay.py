@@ -1,0 +1,203 @@
+"""Load files into the purchases topic, and replay a topic into a fresh state namespace.
+
+A replay reads every partition of the topic from its beginning to the end it had when the
+replay started, with no consumer group (nothing is committed to Kafka; the new namespace's
+applied offsets are the replay's progress), and applies the records through the same batch
+processor as the worker, in offset order per partition: in event time, so the watermark drives
+recency and a replay of one partition gives the same state and changes every time.
+
+``--from`` (an event time) cannot seek: the local broker's ``offsets_for_times`` answers with
+write times (LOCAL_STACK.md), so the replay reads from the beginning and records whose event
+time is earlier only advance the applied offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from state.keys import alias_key
+from stream.kafka_io import Message, bootstrap_of, create_topics, produce
+from stream.loaders import Loaded
+from stream.pipeline import RawRecord
+from stream.settings import Settings
+
+
+@dataclass
+class LoadSummary:
+    """What a load did: events produced, rejected rows by reason."""
+
+    events: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+
+
+async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = None,
+               dry_run: bool = False, on_reject: Callable[[Loaded], None] | None = None,
+               progress: Callable[[int], None] | None = None) -> LoadSummary:
+    """Produce the events of ``rows`` to the purchases topic (key = customer id, record
+    timestamp = event time); count and report the rejected rows."""
+    summary = LoadSummary()
+    messages: list[Message] = []
+    for r in rows:
+        summary.rows += 1
+        if r.event is None:
+            summary.rejected[r.reason or "?"] = summary.rejected.get(r.reason or "?", 0) + 1
+            if on_reject:
+                on_reject(r)
+            continue
+        summary.events += 1
+        messages.append(Message(str(r.event["customer_id"]).encode("utf-8"),
+                                orjson.dumps(r.event), r.occurred_ms))
+    if not dry_run and messages:
+        await produce(bootstrap_of(settings.kafka_url), topic or settings.purchases_topic,
+                      messages, progress=progress)
+    return summary
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did."""
+
+    records: int = 0
+    applied: int = 0
+    skipped_before_from: int = 0
+    changes: int = 0
+    dead_letters: int = 0
+
+
+async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
+                 changes_topic: str | None = None, switch: bool = False,
+                 progress: Callable[[int], None] | None = None,
+                 batch: int = 2000) -> ReplaySummary:
+    """Replay the purchases topic into ``namespace`` (which should be new).
+
+    ``changes_topic``: publish the replay's segment changes there (marked ``replay=true``),
+    else they are counted and dropped; live topics are never written. ``switch``: when done,
+    make ``namespace`` the one the name ``settings.namespace`` resolves to (workers pick it up
+    when they restart).
+
+    Raises
+    ------
+    ValueError
+        When ``namespace`` is the live namespace itself.
+    """
+    from stream.app import build_services
+
+    if namespace == settings.namespace:
+        raise ValueError("replay into a new namespace, not the live one")
+    target = settings.model_copy(update={"namespace": namespace})
+    services = build_services(target, replay=True)
+    bootstrap = bootstrap_of(settings.kafka_url)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                group_id=None, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all") if changes_topic \
+        else None
+    summary = ReplaySummary()
+    if changes_topic:  # one partition, like segment-changes: consumers read it in order
+        await create_topics(bootstrap, {changes_topic: 1})
+    await consumer.start()
+    if producer:
+        await producer.start()
+    try:
+        parts = sorted(consumer.partitions_for_topic(settings.purchases_topic) or [])
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = sorted(consumer.partitions_for_topic(settings.purchases_topic) or [])
+        if not parts:
+            raise ValueError(f"topic {settings.purchases_topic!r} has no partitions")
+        tps = [TopicPartition(settings.purchases_topic, p) for p in parts]
+        ends = await _ends(bootstrap, tps)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        done = {tp for tp in tps if ends[tp] == 0}
+        while len(done) < len(tps):
+            fetched = await consumer.getmany(*[tp for tp in tps if tp not in done],
+                                             timeout_ms=1000, max_records=batch)
+            for tp, msgs in fetched.items():
+                msgs = [m for m in msgs if m.offset < ends[tp]]
+                if not msgs:
+                    continue
+                # the processor checks that offsets follow on from the namespace's (GapError)
+                raws = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in msgs]
+                skip = ({m.offset for m in msgs if _event_ms(m.value) < from_ms}
+                        if from_ms is not None else None)
+                result = await services.processor.process(tp.partition, raws, skip=skip)
+                summary.records += len(msgs)
+                summary.skipped_before_from += len(skip or ())
+                summary.applied += result.applied
+                summary.changes += len(result.changes)
+                summary.dead_letters += len(result.dead_letters)
+                await _drain(services.store, tp.partition, producer, changes_topic)
+                if progress:
+                    progress(len(msgs))
+                if msgs[-1].offset + 1 >= ends[tp]:
+                    done.add(tp)
+            for tp in tps:
+                if tp not in done and await consumer.position(tp) >= ends[tp]:
+                    done.add(tp)
+        for p in parts:
+            await _drain(services.store, p, producer, changes_topic)
+        if switch:
+            await services.store.client.set(alias_key(settings.namespace), namespace)
+    finally:
+        await consumer.stop()
+        if producer:
+            await producer.stop()
+        await services.store.client.aclose()
+    return summary
+
+
+async def _ends(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The end offset of each partition as of now, from fetch responses of a consumer of its
+    own (the local broker's ListOffsets is wrong: LOCAL_STACK.md)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    ends: dict[TopicPartition, int] = {}
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        for _ in range(50):
+            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+            for tp in tps:
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    ends[tp] = hw
+            if len(ends) == len(tps):
+                break
+    finally:
+        await consumer.stop()
+    return {tp: ends.get(tp, 0) for tp in tps}
+
+
+def _event_ms(value: bytes | None) -> float:
+    """Event time of a raw record (ms), or +inf when it has none (such a record is applied
+    or dead-lettered as usual)."""
+    from datetime import datetime
+
+    try:
+        text = orjson.loads(value or b"")["occurred_at"]
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000
+    except Exception:  # the processor dead-letters it with the precise reason
+        return float("inf")
+
+
+async def _drain(store, partition: int, producer: AIOKafkaProducer | None,  # type: ignore[no-untyped-def]
+                 topic: str | None) -> None:
+    """Empty a partition's outbox: changes go to the replay's topic (if any); dead letters of
+    a replay were dead-lettered live already and are dropped."""
+    while True:
+        entries = await store.outbox_read(partition, 1000)
+        if not entries:
+            return
+        if producer and topic:
+            sends = [await producer.send(topic, value.encode("utf-8"),
+                                         key=orjson.loads(value)["customer_id"].encode("utf-8"))
+                     for _, kind, value in entries if kind == "c"]
+            await asyncio.gather(*sends)
+        await store.outbox_ack(partition, [eid for eid, _, _ in entries])

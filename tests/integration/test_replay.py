@@ -1,0 +1,151 @@
+"""Load and replay against the real broker and Redis: an Online-Retail file loads into exactly
+the documented state (pandas oracle); a replay of a live topic rebuilds the live state and
+change stream; the CLI's customer, segments, export and forget commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from stream import cdnow
+from stream.cli import main
+from stream.demo import cdnow_messages, ensure_topics, run_to_completion
+from stream.kafka_io import bootstrap_of, produce, read_all
+from stream.loaders import LoadOptions, load_file
+from stream.replay import load, replay
+from stream.runner import resolve_namespace, store_for
+
+pytestmark = pytest.mark.timeout(600)
+DATA = Path(__file__).parent.parent / "data"
+
+
+def retail_oracle(path: Path) -> dict[str, tuple[int, int, int | None]]:
+    """The documented rules with pandas: customer -> (frequency, monetary cents, last ms)."""
+    df = pd.read_csv(path, dtype={"InvoiceNo": str, "CustomerID": str}).drop_duplicates()
+    df = df[df["CustomerID"].notna() & ~df["InvoiceNo"].str.startswith("A")]
+    df["customer"] = df["CustomerID"].str.replace(r"\.0$", "", regex=True)
+    cancel = df["InvoiceNo"].str.startswith("C")
+    df = df[cancel | (df["Quantity"] > 0)]
+    cancel = df["InvoiceNo"].str.startswith("C")
+    df["cents"] = (df["Quantity"].abs() * df["UnitPrice"] * 100).round().astype(int)
+    t = pd.to_datetime(df["InvoiceDate"], format="%m/%d/%Y %H:%M").dt.tz_localize(UTC)
+    df["ms"] = (t - pd.Timestamp(0, tz=UTC)) // pd.Timedelta(milliseconds=1)
+    sales, refunds = df[~cancel], df[cancel]
+    out = {}
+    for cid in df["customer"].unique():
+        s, r = sales[sales["customer"] == cid], refunds[refunds["customer"] == cid]
+        out[cid] = (s["InvoiceNo"].nunique(), max(0, int(s["cents"].sum() - r["cents"].sum())),
+                    int(s["ms"].max()) if len(s) else None)
+    return out
+
+
+async def test_online_retail_file_loads_into_the_documented_state(settings, tmp_path):
+    s = settings.model_copy(update={"partitions": 2, "currency": "GBP"})
+    await ensure_topics(s)
+    path = DATA / "online_retail_sample.csv"
+    rows = list(load_file(path, LoadOptions("online-retail", "UTC", "GBP", 2)))
+    summary = await load(s, rows)
+    assert (summary.rows, summary.events, summary.rejected) == (14, 10, {
+        "duplicate_row": 1, "missing_customer_id": 1, "adjustment": 1, "invalid_quantity": 1})
+    again = await load(s, list(load_file(path, LoadOptions("online-retail", "UTC", "GBP", 2))))
+    assert again.events == 10  # the same ids again: applied once
+    result = await replay(s, s.namespace + "-rebuilt", changes_topic=s.namespace + "-replayed")
+    assert (result.records, result.applied, result.dead_letters) == (20, 10, 0)
+    store = store_for(s.model_copy(update={"namespace": s.namespace + "-rebuilt"}))
+    try:
+        got = {}
+        for p in (0, 1):
+            async for page in store.iter_customers(p):
+                got.update({c.customer_id: (c.state.frequency, c.state.monetary_minor,
+                                            c.state.last_purchase_ms) for c in page})
+    finally:
+        await store.client.aclose()
+    assert got == retail_oracle(path)
+    assert got["14527"] == (2, 3280, got["14527"][2])  # hand-worked: 34.80 + 25.50 - 27.50
+    changes = [json.loads(v) for *_, v in await read_all(bootstrap_of(s.kafka_url),
+                                                         s.namespace + "-replayed", idle_s=1.0)]
+    assert changes and all(c["replay"] for c in changes)
+    assert {c["customer_id"] for c in changes} == {"17850", "13047", "14527"}
+
+
+async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
+    s = settings.model_copy(update={"partitions": 1})
+    await ensure_topics(s)
+    rows = sorted(cdnow.read_rows(), key=lambda r: r.day)[:6_000]
+    targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, cdnow_messages(rows))
+    await run_to_completion(s, targets, tmp_path / "live.log", show=False)
+    new = s.namespace + "-replay"
+    result = await replay(s, new, changes_topic=new + "-changes", switch=True)
+    assert result.applied == 6_000
+
+    async def everything(namespace):
+        store = store_for(s.model_copy(update={"namespace": namespace}))
+        try:
+            out = {}
+            async for page in store.iter_customers(0):
+                out.update({c.customer_id: c for c in page})
+            return out, await store.load_model(), await store.segment_counts([0])
+        finally:
+            await store.client.aclose()
+
+    live, replayed = await everything(s.namespace), await everything(new)
+    assert len(live[0]) > 2_000
+
+    async def await_read(topic):
+        return await read_all(bootstrap_of(s.kafka_url), topic, idle_s=1.0)
+
+    live_changes = [{k: v for k, v in json.loads(v).items() if k not in ("emitted_at", "replay")}
+                    for *_, v in await await_read(s.segment_changes_topic)]
+    replay_changes = [json.loads(v) for *_, v in await await_read(new + "-changes")]
+    assert all(c.pop("replay") for c in replay_changes)
+    for c in replay_changes:
+        c.pop("emitted_at")
+    first = next((i for i, (a, b) in enumerate(zip(live_changes, replay_changes, strict=False))
+                  if a != b), None)
+    assert first is None, (first, len(live_changes), len(replay_changes), {
+        k: (live_changes[first][k], replay_changes[first].get(k)) for k in live_changes[first]
+        if live_changes[first][k] != replay_changes[first].get(k)})
+    assert replay_changes == live_changes
+    diff = [(live[0].get(c), replayed[0].get(c)) for c in set(live[0]) | set(replayed[0])
+            if live[0].get(c) != replayed[0].get(c)]
+    assert not diff, (len(diff), diff[:2])
+    assert replayed == live  # state, published segments and clusters, model, counts
+    assert resolve_namespace(s).namespace == new  # --switch
+
+    # the CLI on the rebuilt namespace (through the alias)
+    env = {"RFM_KAFKA_URL": s.kafka_url, "RFM_REDIS_URL": s.redis_url.get_secret_value(),
+           "RFM_NAMESPACE": s.namespace, "RFM_PARTITIONS": "1",
+           "RFM_CUSTOMER_SEGMENTS_TOPIC": s.customer_segments_topic}
+    runner = CliRunner()
+
+    async def cli(*args):  # the commands run their own event loop: not on this one
+        return await asyncio.to_thread(runner.invoke, main, list(args), env=env)
+
+    cid = sorted(live[0])[0]
+    shown = await cli("customer", cid)
+    assert shown.exit_code == 0, shown.output
+    body = json.loads(shown.output)
+    assert (body["customer_id"], body["frequency"], body["segment"]) == (
+        cid, live[0][cid].state.frequency, live[0][cid].segment)
+    seg = await cli("segments")
+    assert seg.exit_code == 0 and "Champions" in seg.output
+    out = tmp_path / "customers.parquet"
+    exported = await cli("export", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    assert pq.read_table(out).num_rows == len(live[0])
+    before = live[2][live[0][cid].segment]
+    gone = await cli("forget", cid)
+    assert gone.exit_code == 0 and "erased" in gone.output
+    after, _, counts = await everything(new)
+    assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
+    assert (await cli("customer", cid)).exit_code == 1
+    tombstones = [v for _, _, k, v in await await_read(s.customer_segments_topic)
+                  if k == cid.encode()]
+    assert tombstones and tombstones[-1] is None
