@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test test-unit lint schemas bench clean
+.PHONY: venv demo test test-unit lint schemas bench bench-all clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PY)" || { echo "Python 3.11 is required (python3.11 not found)"; exit 1; }
@@ -36,6 +36,12 @@ schemas: $(STAMP)
 ## make bench: worker throughput on the CDNOW load (prints figures; not a test)
 bench: $(STAMP)
 	$(BIN)/python bench/worker_throughput.py
+
+## make bench-all: every benchmark (worker, replay, sweep over 1M customers, clustering)
+bench-all: bench
+	$(BIN)/python bench/replay_throughput.py
+	$(BIN)/python bench/sweep_cost.py
+	$(BIN)/python bench/clustering_cost.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
