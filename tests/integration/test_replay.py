@@ -73,6 +73,9 @@ async def test_online_retail_file_loads_into_the_documented_state(settings, tmp_
                                                          s.namespace + "-replayed", idle_s=1.0)]
     assert changes and all(c["replay"] for c in changes)
     assert {c["customer_id"] for c in changes} == {"17850", "13047", "14527"}
+    # from an event time: the earlier records only advance the offsets
+    late = await replay(s, s.namespace + "-late", from_ms=1291248000000)  # 2010-12-02 UTC
+    assert (late.records, late.skipped_before_from, late.applied) == (20, 14, 3)
 
 
 async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):

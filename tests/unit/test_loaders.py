@@ -69,3 +69,20 @@ def test_mapped_json_lines_and_bad_lines(tmp_path):
                              "amount": "9.99", "occurred_at": "2024-01-02T10:00:00+00:00",
                              "currency": "EUR", "type": "purchase"}
     assert "customer_id" in rows[2].detail
+
+
+def test_parquet_gives_the_same_events_as_csv(tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pacsv.read_csv(DATA / "online_retail_sample.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"InvoiceNo": "string", "CustomerID": "string", "InvoiceDate": "string",
+                      "UnitPrice": "string", "StockCode": "string"}))
+    pq.write_table(table, tmp_path / "retail.parquet")
+    from_csv = [(r.row, r.reason, r.event) for r in load_file(DATA / "online_retail_sample.csv",
+                                                              RETAIL)]
+    from_parquet = [(r.row, r.reason, r.event) for r in load_file(tmp_path / "retail.parquet",
+                                                                  RETAIL)]
+    assert [x[:2] for x in from_parquet] == [x[:2] for x in from_csv]
+    assert [x[2]["amount"] for x in from_parquet if x[2]] == [x[2]["amount"] for x in from_csv
+                                                              if x[2]]
