@@ -31,6 +31,7 @@ import faust
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
@@ -43,6 +44,7 @@ from stream.outbox import OutboxPublisher
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
 from stream.segments import SegmentTable
 from stream.settings import Settings
+from stream.validation import REASONS
 
 log = logging.getLogger("rfm_stream")
 
@@ -72,9 +74,11 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace)
-    m = metrics or Metrics.create(prefix=settings.metrics_prefix)
-    processor = BatchProcessor(store, settings.input_rules(),
-                               SegmentTable.load(settings.segment_table), settings.scoring(),
+    table = SegmentTable.load(settings.segment_table)
+    m = metrics or Metrics.create(prefix=settings.metrics_prefix, segments=table.segments,
+                                  reasons=REASONS, partitions=settings.partitions,
+                                  clusters=settings.n_clusters)
+    processor = BatchProcessor(store, settings.input_rules(), table, settings.scoring(),
                                m, settings.partitions, settings.currency_decimals,
                                settings.limits, settings.time_policy(),
                                settings.max_due_per_step, settings.trainer(), replay)
@@ -277,16 +281,26 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
+        m = services.metrics
         try:  # gauges read from Redis; while it is unreachable the rest is still served
             parts = range(settings.partitions)
             counts = await asyncio.wait_for(services.store.segment_counts(parts), 2)
             for name in services.processor.table.segments:
-                services.metrics.customers.labels(name).set(counts.get(name, 0))
-            services.metrics.outbox_depth.set(
-                await asyncio.wait_for(services.store.outbox_depth(parts), 2))
+                m.customers.labels(name).set(counts.get(name, 0))
+            m.outbox_depth.set(await asyncio.wait_for(services.store.outbox_depth(parts), 2))
+            applied = await asyncio.wait_for(services.store.partition_meta(parts), 2)
+            owned = owned_partitions() if services.started else set()
+            for p in parts:
+                hw = app.consumer.highwater(TP(settings.purchases_topic, p)) \
+                    if p in owned else None
+                m.consumer_lag.labels(str(p)).set(max(0, hw - applied[p][0] - 1) if hw else 0)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
-        return web.bytes(generate_latest(services.metrics.registry),
+        model = services.processor.model
+        if model is not None:
+            for prof in model.profiles:
+                m.cluster_customers.labels(str(prof["cluster"])).set(prof.get("size") or 0)
+        return web.bytes(generate_latest(m.registry),
                          content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/health")

@@ -177,6 +177,8 @@ class ClusterModel:
         then no customer gets a cluster id.
     profiles
         Readable profile of each cluster (see :func:`profiles`).
+    as_of_ms
+        Event time the snapshot was trained at (epoch ms), when known.
     """
 
     version: int
@@ -186,6 +188,7 @@ class ClusterModel:
     ids: tuple[int, ...]
     ready: bool
     profiles: tuple[dict[str, Any], ...] = ()
+    as_of_ms: int | None = None
 
     @classmethod
     def from_snapshot(cls, snap: dict[str, Any]) -> ClusterModel:
@@ -205,8 +208,9 @@ class ClusterModel:
         ids = tuple(public.get(int(i), int(i)) for i in rows)
         c = np.array([[float(snap["centroids"][i][f]) for f in FEATURES] for i in rows])
         ready = int(snap["n_customers"]) >= int(snap["params"]["min_customers"])
+        as_of = snap.get("as_of_ms")
         return cls(int(snap.get("version", 0)), means, sds, c, ids, ready,
-                   tuple(snap.get("profiles", ())))
+                   tuple(snap.get("profiles", ())), None if as_of is None else int(as_of))
 
     def _z(self, arr: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         mean, sd = np.array(self.means), np.array(self.sds)

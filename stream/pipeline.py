@@ -165,6 +165,7 @@ class BatchProcessor:
                        else validate(raw.key, raw.value, self.rules, now))
             if isinstance(verdict, Accepted):
                 state_records.append(Record(raw.offset, verdict.customer_id, verdict.event))
+                self.metrics.event_time_lag.observe(max(0, now - verdict.event.occurred_ms) / 1000)
             else:
                 state_records.append(Record(raw.offset, None, None))
                 dead[raw.offset] = self.dead_letter(raw, verdict.reason, verdict.detail, now)
@@ -207,8 +208,9 @@ class BatchProcessor:
             elif self.policy.mode == "wall_clock":
                 hint = now
             ids = [r.customer_id for r in remaining if r.customer_id is not None]
-            view = await self.store.read_partition(partition, ids, self.partitions, hint,
-                                                   self.max_due)
+            with self.metrics.redis_seconds.labels("read").time():
+                view = await self.store.read_partition(partition, ids, self.partitions, hint,
+                                                       self.max_due)
             if remaining:
                 if previous_last is not None and view.last_offset < previous_last:
                     raise GapError(partition, view.last_offset + 1, remaining[0].offset)
@@ -252,7 +254,9 @@ class BatchProcessor:
             outbox = ([("c", c.model_dump_json()) for c in plan.changes]
                       + [("d", d.model_dump_json()) for d in letters])
             try:
-                await self.store.commit(partition, view.seq, meta, plan.writes, outbox, trained)
+                with self.metrics.redis_seconds.labels("commit").time():
+                    await self.store.commit(partition, view.seq, meta, plan.writes, outbox,
+                                            trained)
             except ConflictError as exc:
                 conflicts += 1
                 if conflicts >= 5:
@@ -262,6 +266,9 @@ class BatchProcessor:
             self.model = model
             if plan.as_of is not None:
                 self.metrics.as_of_seconds.labels(str(partition)).set(plan.as_of / 1000)
+                if model is not None and model.as_of_ms is not None:
+                    self.metrics.model_version.set(model.version)
+                    self.metrics.model_age.set(max(0, plan.as_of - model.as_of_ms) / 1000)
             self._account(plan, letters, result)
             remaining = remaining[plan.consumed:]
             if not remaining and not plan.more:
@@ -285,7 +292,8 @@ class BatchProcessor:
             return None
         version = (int(previous["version"]) if previous else 0) + 1
         ranks = sample_ranks(version, self.trainer.seed, population, self.trainer.sample_size)
-        sample = await self.store.sample_by_rank(self.partitions, ranks)
+        with self.metrics.redis_seconds.labels("train").time():
+            sample = await self.store.sample_by_rank(self.partitions, ranks)
         snapshot = train(previous, self.trainer, sample, as_of, population, self.decimals)
         snapshot["block"] = block
         return version, dumps(snapshot)
@@ -307,8 +315,9 @@ class BatchProcessor:
         self.metrics.duplicates_skipped.labels("offset").inc(outcome.duplicate_offsets)
         self.metrics.duplicates_skipped.labels("event_id").inc(outcome.duplicate_events)
         for c in plan.changes:
-            self.metrics.segment_changes.labels(
-                c.previous.segment if c.previous else "", c.current.segment, c.cause).inc()
+            self.metrics.segment_entries.labels(c.current.segment, c.cause).inc()
+            if c.previous is not None:
+                self.metrics.segment_exits.labels(c.previous.segment, c.cause).inc()
         for d in letters:
             self.metrics.dead_lettered.labels(d.reason).inc()
 
@@ -382,7 +391,8 @@ class BatchProcessor:
     async def refresh_thresholds(self, view: PartitionView, now: int) -> Thresholds:
         """Thresholds from the current population of all partitions, anchored at the
         partition's as-of time."""
-        n = await self.store.population(self.partitions)
+        with self.metrics.redis_seconds.labels("population").time():
+            n = await self.store.population(self.partitions)
         t = self.policy.as_of(view.as_of, view.watermark, view.others, now)
         if n < self.scoring.min_population or t is None:
             return self._fixed
