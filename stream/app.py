@@ -20,10 +20,12 @@ Run with ``rfm-stream worker`` (or ``python -m stream worker``).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ class Services:
     started: bool = False
     redis_failing: bool = False
     outbox_error: str | None = None
+    last_batch: float = field(default_factory=time.monotonic)
 
     async def start(self) -> None:
         """Mark the agent started (idempotent)."""
@@ -85,6 +88,24 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     return Services(settings, store, processor, m)
 
 
+def broker_credentials(settings: Settings) -> Any:
+    """faust credentials for ``RFM_KAFKA_SECURITY_PROTOCOL`` (None for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    context = (ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+               if protocol.endswith("SSL") else None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    password = settings.kafka_sasl_password
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=password.get_secret_value() if password else None,
+        mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+
+
 def partition_for(customer_id: str, partitions: int) -> int:
     """Partition of a customer id under the default partitioner (murmur2, as the Java client
     and aiokafka; librdkafka's default ``consistent_random`` differs)."""
@@ -98,6 +119,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     app = faust.App(
         settings.app_id,
         broker=settings.kafka_url,
+        broker_credentials=broker_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         web_bind=settings.web_bind,
@@ -227,6 +249,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 os._exit(70)
             # the batch's state, changes and dead letters are committed in Redis: its offsets
             # may be committed to Kafka; the outbox publisher sends what it produced
+            services.last_batch = time.monotonic()
             await publish_outbox(set(by_partition))
 
     @app.timer(1.0)
@@ -279,8 +302,33 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
 
+    async def consumer_lag() -> dict[int, int]:
+        """Records behind the end of each partition (0 for partitions not owned)."""
+        parts = range(settings.partitions)
+        applied = await asyncio.wait_for(services.store.partition_meta(parts), 2)
+        owned = owned_partitions() if services.started else set()
+        lag = {}
+        for p in parts:
+            hw = app.consumer.highwater(TP(settings.purchases_topic, p)) if p in owned else None
+            lag[p] = max(0, hw - applied[p][0] - 1) if hw else 0
+        return lag
+
+    def authorized(request: Any) -> bool:
+        """Bearer token check (RFM_HTTP_TOKEN) for every endpoint but /health."""
+        token = settings.http_token
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode())
+
+    def denied(web: Any) -> Any:
+        return web.json({"error": "unauthorized: send Authorization: Bearer <RFM_HTTP_TOKEN>"},
+                        status=401)
+
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
+        if not authorized(request):
+            return denied(web)
         m = services.metrics
         try:  # gauges read from Redis; while it is unreachable the rest is still served
             parts = range(settings.partitions)
@@ -288,12 +336,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             for name in services.processor.table.segments:
                 m.customers.labels(name).set(counts.get(name, 0))
             m.outbox_depth.set(await asyncio.wait_for(services.store.outbox_depth(parts), 2))
-            applied = await asyncio.wait_for(services.store.partition_meta(parts), 2)
-            owned = owned_partitions() if services.started else set()
-            for p in parts:
-                hw = app.consumer.highwater(TP(settings.purchases_topic, p)) \
-                    if p in owned else None
-                m.consumer_lag.labels(str(p)).set(max(0, hw - applied[p][0] - 1) if hw else 0)
+            for p, n in (await consumer_lag()).items():
+                m.consumer_lag.labels(str(p)).set(n)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
         model = services.processor.model
@@ -309,6 +353,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/ready")
     async def ready_view(web: Any, request: Any) -> Any:
+        if not authorized(request):
+            return denied(web)
         problems = []
         if services.redis_failing:
             problems.append("redis unavailable (retrying)")
@@ -321,12 +367,23 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             problems.append(f"outbox not published (retrying): {services.outbox_error}")
         if not services.started:
             problems.append("agent not started")
+        else:
+            try:
+                waiting = sum((await consumer_lag()).values())
+            except (TimeoutError, RedisError, OSError):
+                waiting = 0  # Redis trouble is reported above
+            idle = time.monotonic() - services.last_batch
+            if waiting and idle > settings.ready_stall_s:
+                problems.append(f"{waiting} records wait but no batch was applied for "
+                                f"{idle:.0f} s (stuck?)")
         body = {"ready": not problems, "problems": problems,
                 "partitions": sorted(owned_partitions()) if services.started else []}
         return web.json(body, status=200 if not problems else 503)
 
     @app.page("/segments")
     async def segments_view(web: Any, request: Any) -> Any:
+        if not authorized(request):
+            return denied(web)
         counts = await services.store.segment_counts(range(settings.partitions))
         table = services.processor.table
         return web.json({"rules_version": table.version, "segments": [
@@ -335,6 +392,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/clusters")
     async def clusters_view(web: Any, request: Any) -> Any:
+        if not authorized(request):
+            return denied(web)
         text = await services.store.load_model()
         if text is None:
             return web.json({"model_version": None, "clusters": []})
@@ -345,6 +404,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.page("/customers/{customer_id:[^/]+}")
     async def customer_view(web: Any, request: Any, customer_id: str) -> Any:
+        if not authorized(request):
+            return denied(web)
         body, status = await customer_json(services, customer_id)
         return web.json(body, status=status)
 

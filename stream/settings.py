@@ -1,17 +1,24 @@
 """One frozen settings object, read from ``RFM_*`` environment variables.
 
-Every knob of the service lives here (README "Configuration" lists them). Nothing else reads
-``os.environ``.
+Every knob of the service lives here (README "Configuration" lists them): ``RFM_*``
+environment variables over an optional TOML file (``RFM_CONFIG_FILE``). Nothing else reads
+``os.environ`` for configuration.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from state.rfm import Limits, Window
 from stream.scoring import FixedThresholds, ScoringConfig
@@ -25,11 +32,31 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RFM_", frozen=True, extra="ignore")
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``RFM_*`` environment variables, then the optional TOML file named
+        by ``RFM_CONFIG_FILE`` (field names as keys, e.g. ``partitions = 8``)."""
+        path = os.environ.get("RFM_CONFIG_FILE")
+        file = (TomlConfigSettingsSource(settings_cls, toml_file=Path(path)),) if path else ()
+        return (init_settings, env_settings, *file)
+
     # --- connections
     kafka_url: str = Field("kafka://127.0.0.1:9092", description="faust broker URL(s), kafka://host:port;host2:port")
     redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"),
                                  description="Redis URL (redis:// or rediss://; may hold a password)")
     namespace: str = Field("live", description="State key namespace (rfm:<namespace>:...)")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol of the worker")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle for SSL/SASL_SSL "
+                                         "(default: the system's)")
 
     # --- topics
     app_id: str = Field("rfm-stream", description="faust app id = Kafka consumer group id")
@@ -48,6 +75,10 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s)")
     web_bind: str = Field("127.0.0.1", description="Address of the HTTP server (/metrics, ...)")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the HTTP server")
+    http_token: SecretStr | None = Field(None, description="When set, every endpoint but "
+                                         "/health requires 'Authorization: Bearer <token>'")
+    ready_stall_s: float = Field(60.0, gt=0, description="/ready fails when records wait and "
+                                 "no batch was applied for this long (s)")
     metrics_prefix: str = "rfm"
     data_dir: str = Field(str(Path(tempfile.gettempdir()) / "rfm-stream"),
                           description="faust's data directory (this service keeps no faust tables)")

@@ -73,3 +73,18 @@ def test_dashboard_and_rules_use_only_metrics_the_worker_exports():
     used = {n for e in exprs for n in re.findall(r"\brfm_[a-z_]+", e)}
     assert used and used <= known, used - known
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_kubernetes_manifests_are_consistent():
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "deploy/k8s").glob("*.yaml")}
+    assert {d["kind"] for d in docs.values()} == {"ConfigMap", "Secret", "Deployment", "Service",
+                                                  "PodMonitor"}
+    container = docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    from stream.settings import Settings
+
+    known = {f"RFM_{name.upper()}" for name in Settings.model_fields}
+    for name in ("configmap.yaml", "secret.example.yaml"):
+        data = docs[name].get("data") or docs[name].get("stringData")
+        assert set(data) <= known, set(data) - known
