@@ -46,6 +46,12 @@ def features(recency_days: float, frequency: float, monetary: float) -> dict[str
             "monetary": math.log1p(monetary)}
 
 
+def check_snapshot(snap: dict[str, Any]) -> None:
+    """Raise ValueError unless ``snap`` has this module's format and feature list."""
+    if snap.get("format") != SNAPSHOT_FORMAT or snap.get("features") != list(FEATURES):
+        raise ValueError(f"unsupported model snapshot format {snap.get('format')!r}")
+
+
 class CustomerClusterer:
     """``StandardScaler | KMeans`` over :func:`features`, with a cold start and JSON snapshots.
 
@@ -137,8 +143,7 @@ class CustomerClusterer:
         ValueError
             When the snapshot has another format or feature list.
         """
-        if snap.get("format") != SNAPSHOT_FORMAT or snap.get("features") != list(FEATURES):
-            raise ValueError(f"unsupported model snapshot format {snap.get('format')!r}")
+        check_snapshot(snap)
         m = cls(**snap["params"])
         m.n_learned, m.n_customers = int(snap["n_learned"]), int(snap["n_customers"])
         m.scaler.counts = collections.Counter(snap["scaler"]["counts"])
@@ -199,8 +204,7 @@ class ClusterModel:
         ValueError
             When the snapshot has another format or feature list.
         """
-        if snap.get("format") != SNAPSHOT_FORMAT or snap.get("features") != list(FEATURES):
-            raise ValueError(f"unsupported model snapshot format {snap.get('format')!r}")
+        check_snapshot(snap)
         means = tuple(float(snap["scaler"]["means"].get(f, 0.0)) for f in FEATURES)
         sds = tuple(math.sqrt(float(snap["scaler"]["vars"].get(f, 0.0))) for f in FEATURES)
         public = {int(k): int(v) for k, v in snap.get("ids", {}).items()}

@@ -24,7 +24,7 @@ import orjson
 from tqdm import tqdm
 
 from stream import cdnow, localstack
-from stream.export import ExportRow, load_customers, load_model, score_all, write_csv, write_jsonl
+from stream.export import ExportRow, scored_customers, write_csv, write_jsonl
 from stream.kafka_io import Message, bootstrap_of, create_topics, produce, read_all
 from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
 from stream.segments import SegmentTable
@@ -96,19 +96,7 @@ class DemoResult:
 
 async def export(settings: Settings, out_dir: Path) -> DemoResult:
     """Write customers.csv and segment_changes.jsonl; return what the report needs."""
-    store = store_for(settings)
-    try:
-        parts = range(settings.partitions)
-        as_of = await store.as_of(parts)
-        if as_of is None:
-            raise RuntimeError("no event was applied: nothing to export")
-        customers = await load_customers(store, parts)
-        model = await load_model(store)
-    finally:
-        await store.client.aclose()
-    rows = score_all(customers, as_of, SegmentTable.load(settings.segment_table),
-                     settings.fixed_thresholds(), settings.min_population, model,
-                     settings.currency_decimals, settings.time_policy().window)
+    rows, as_of, model = await scored_customers(settings)
     write_csv(rows, out_dir / "customers.csv")
     bootstrap = bootstrap_of(settings.kafka_url)
     changes = await read_all(bootstrap, settings.segment_changes_topic)

@@ -119,22 +119,18 @@ def write_jsonl(values: Iterable[bytes], path: Path) -> int:
     return n
 
 
-async def export_customers(settings: Settings, out: Path, as_of_ms: int | None = None
-                           ) -> tuple[int, int]:
-    """Score every customer at ``as_of_ms`` (default: the latest as-of time of the
-    partitions) and write them to ``out`` (``.csv`` or ``.parquet``); returns (rows, as-of).
+async def scored_customers(settings: Settings, as_of_ms: int | None = None
+                           ) -> tuple[list[ExportRow], int, dict[str, Any] | None]:
+    """Every stored customer scored at ``as_of_ms`` (default: the latest as-of time of the
+    partitions): ``(rows, as-of time, model snapshot or None)``.
 
     Raises
     ------
     RuntimeError
         When nothing was applied yet and no as-of time is given.
-    ValueError
-        For another file extension.
     """
     from stream.runner import store_for
 
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise ValueError(f"export to .csv or .parquet, not {out.suffix!r}")
     store = store_for(settings)
     try:
         parts = range(settings.partitions)
@@ -148,6 +144,24 @@ async def export_customers(settings: Settings, out: Path, as_of_ms: int | None =
     rows = score_all(customers, t, SegmentTable.load(settings.segment_table),
                      settings.fixed_thresholds(), settings.min_population, model,
                      settings.currency_decimals, settings.time_policy().window)
+    return rows, t, model
+
+
+async def export_customers(settings: Settings, out: Path, as_of_ms: int | None = None
+                           ) -> tuple[int, int]:
+    """Score every customer at ``as_of_ms`` (see :func:`scored_customers`) and write them to
+    ``out`` (``.csv`` or ``.parquet``); returns (rows, as-of).
+
+    Raises
+    ------
+    RuntimeError
+        When nothing was applied yet and no as-of time is given.
+    ValueError
+        For another file extension.
+    """
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"export to .csv or .parquet, not {out.suffix!r}")
+    rows, t, _ = await scored_customers(settings, as_of_ms)
     if out.suffix.lower() == ".csv":
         return write_csv(rows, out), t
     import pyarrow as pa
