@@ -5,9 +5,12 @@ published twice (two offsets) counts once; /metrics serves Prometheus text."""
 from __future__ import annotations
 
 import json
+import re
+import urllib.error
 import urllib.request
 
 import orjson
+from pydantic import SecretStr
 
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
@@ -39,19 +42,29 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
     boot = bootstrap_of(settings.kafka_url)
     targets = await produce(boot, settings.purchases_topic, msgs)
 
+    settings = settings.model_copy(update={"http_token": SecretStr("s3cret")})
     worker = start_worker(settings, tmp_path / "worker.log")
     store = store_for(settings)
+    base = f"http://127.0.0.1:{settings.web_port}"
+
+    def get(path: str, token: str | None = "s3cret") -> tuple[int, bytes]:
+        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
     try:
         await wait_applied(store, targets, [worker], timeout_s=120)
-        with urllib.request.urlopen(
-                f"http://127.0.0.1:{settings.web_port}/metrics", timeout=10) as resp:
-            metrics = resp.read().decode()
-        with urllib.request.urlopen(
-                f"http://127.0.0.1:{settings.web_port}/customers/c3", timeout=10) as resp:
-            c3 = json.loads(resp.read())
-        with urllib.request.urlopen(
-                f"http://127.0.0.1:{settings.web_port}/customers/ab%7Bc%7D%2Fd", timeout=10) as resp:
-            odd = json.loads(resp.read())
+        metrics = get("/metrics")[1].decode()
+        c3 = json.loads(get("/customers/c3")[1])
+        odd = json.loads(get("/customers/ab%7Bc%7D%2Fd")[1])
+        # the bearer token guards everything but /health
+        denied = [get(path, token)[0] for path in ("/metrics", "/customers/c3", "/segments",
+                                                   "/ready") for token in (None, "wrong")]
+        health = get("/health", None)[0]
     finally:
         exit_code = worker.stop()
         customers = {}
@@ -80,7 +93,8 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
     assert 'rfm_dead_lettered_total{reason="not_json"} 1.0' in metrics
     assert "rfm_events_consumed_total 46.0" in metrics
     assert 'rfm_duplicates_skipped_total{kind="event_id"} 10.0' in metrics
-    assert "customer" not in metrics.replace("rfm_customers", "")  # no customer id labels
+    assert not re.search(r'"(c\d|ab\{c\}/d)"', metrics)  # no customer id in any label
+    assert denied == [401] * 8 and health == 200
 
     changes = [json.loads(v) for *_, v in await read_all(boot, settings.segment_changes_topic)]
     assert {c["customer_id"] for c in changes} == {f"c{i}" for i in range(7)} | {"ab{c}/d"}
