@@ -350,7 +350,9 @@ class RedisStore:
     # --- the outbox -------------------------------------------------------------------------
     async def outbox_read(self, partition: int, count: int = 500
                           ) -> list[tuple[str, str, str]]:
-        """The oldest ``count`` outbox entries of a partition: ``(entry id, kind, JSON)``."""
+        """The oldest ``count`` outbox entries of a partition: ``(entry id, kind, value)``;
+        kind ``c`` segment change (JSON), ``d`` dead letter (JSON), ``t`` tombstone of an
+        erased customer (the customer id)."""
         rows = await self.client.xrange(self.keys(partition).outbox, "-", "+", count=count)
         return [(eid, fields.get("k", "c"), fields["v"]) for eid, fields in rows]
 
@@ -432,13 +434,16 @@ class RedisStore:
             if cursor == 0:
                 return
 
-    async def forget(self, partition: int, customer_id: str) -> bool:
-        """Erase a customer from a partition (state, population, due time, segment count);
-        True when it existed. Steps of the partition in flight re-read (compare-and-set)."""
+    async def forget(self, partition: int, customer_id: str) -> tuple[bool, int]:
+        """Erase a customer from a partition (state, population, due time, segment count, and
+        its unpublished outbox entries) and queue a tombstone for it in the outbox; returns
+        (whether it existed, outbox entries removed). Steps of the partition in flight
+        re-read (compare-and-set)."""
         k = self.keys(partition)
-        return bool(await self._forget(
-            keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id)],
-            args=[customer_id]))
+        existed, removed = await self._forget(
+            keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id),
+                  k.outbox], args=[customer_id])
+        return bool(existed), int(removed)
 
     async def load_model(self) -> str | None:
         """The latest clustering model snapshot (JSON text), or None."""

@@ -139,7 +139,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
               for name in (settings.dead_letter_topic, settings.segment_changes_topic,
                            settings.customer_segments_topic)}
 
-    async def send(topic: str, key: bytes, value: bytes) -> Any:
+    async def send(topic: str, key: bytes | None, value: bytes | None) -> Any:
         return await topics[topic].send(key=key, value=value)
 
     services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,

@@ -247,9 +247,11 @@ def export(out: Path, as_of: str | None) -> None:
 def forget(customer_id: str) -> None:
     """Erase one customer's state everywhere (a data-protection request).
 
-    Removes the state, population entries, due time and segment count in Redis, and writes a
-    tombstone for the customer on the compacted customer-segments topic. Past events on the
-    purchases and segment-changes topics are kept until their retention ends.
+    Removes the state, population entries, due time, segment count and unpublished outbox
+    entries in Redis, and queues a tombstone for the customer on the compacted
+    customer-segments topic (published by the worker that owns the partition, after anything
+    it has in flight). Past events on the purchases and segment-changes topics are kept until
+    their retention ends.
     """
     from stream.admin import forget_customer
 

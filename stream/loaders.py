@@ -21,10 +21,11 @@ Layouts (``--format``):
       naming its own invoice number (the data names no original invoice), so it reduces
       monetary and never frequency;
     - an invoice starting with ``A`` is a bad-debt adjustment: rejected (``adjustment``);
-    - no ``CustomerID``: rejected (``missing_customer_id``); a non-positive quantity on a
-      sale, a negative price, or an unreadable field: rejected with its reason;
-    - ``InvoiceDate`` has no time zone: read in ``--timezone`` (default UTC); amounts are in
-      ``--currency`` (default GBP);
+    - no ``CustomerID``: rejected (``missing_customer_id``); a non-positive or fractional
+      quantity (``invalid_quantity``), a negative price (``invalid_amount``), an unreadable
+      number (``invalid_field``) or date (``invalid_timestamp``): rejected with its reason;
+    - ``InvoiceDate`` is month/day/year (as in the UCI file) or ISO-8601, with no time zone:
+      read in ``--timezone`` (default UTC); amounts are in ``--currency`` (default GBP);
     - ``CustomerID`` is read as an integer id (``17850.0`` -> ``17850``).
 
 Event ids are a hash of the row's content (layout, columns, values), so loading the same file
@@ -94,10 +95,17 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt"):
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            yield from csv.DictReader(fh)
+        # a byte that is not UTF-8 rejects its row (not_utf8), not the file
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
+            for row in csv.DictReader(fh):
+                if any("\ufffd" in str(v) for v in row.values()) or None in row:
+                    yield {"__error__": "not_utf8" if any("\ufffd" in str(v)
+                                                          for v in row.values())
+                           else "invalid_field", "__detail__": "row is not valid UTF-8 CSV"}
+                else:
+                    yield row
     elif suffix in (".jsonl", ".ndjson", ".json"):
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.strip():
                     try:
@@ -122,16 +130,19 @@ def _hash_id(prefix: str, row: Mapping[str, Any], columns: Iterable[str]) -> str
 
 
 def _parse_time(text: str, zone: ZoneInfo) -> datetime:
+    """ISO-8601, or the UCI layout's month/day/year; a time without a zone is read in
+    ``zone``. Raises ValueError (never guesses day/month order)."""
     text = text.strip()
-    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S",
-                "%d/%m/%Y %H:%M"):
+    for fmt in ("%m/%d/%Y %H:%M", "%m/%d/%Y %H:%M:%S"):
         try:
             t = datetime.strptime(text, fmt)  # noqa: DTZ007 - the zone is set below
             break
         except ValueError:
             continue
     else:
-        t = datetime.fromisoformat(text)
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.year < 1970:
+        raise ValueError(f"{text!r} is before 1970")
     return t.replace(tzinfo=zone) if t.tzinfo is None else t
 
 
@@ -148,18 +159,26 @@ def retail_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
     if customer.endswith(".0"):
         customer = customer[:-2]
     try:
-        quantity = int(Decimal(str(row.get("Quantity"))))
-        price = Decimal(str(row.get("UnitPrice")).strip())
         when = _parse_time(str(row.get("InvoiceDate") or ""), ZoneInfo(opts.timezone))
-    except (InvalidOperation, ValueError, TypeError) as exc:
-        return Loaded(n, reason="invalid_field", detail=f"unreadable field: {exc}")
+    except (ValueError, TypeError, OverflowError) as exc:
+        return Loaded(n, reason="invalid_timestamp", detail=f"InvoiceDate: {exc}")
+    try:
+        qty = Decimal(str(row.get("Quantity")).strip())
+        price = Decimal(str(row.get("UnitPrice")).strip())
+        if not (qty.is_finite() and price.is_finite()):
+            raise InvalidOperation("not a finite number")
+        unit = Decimal(1).scaleb(-opts.currency_decimals)
+        amount = (abs(qty) * price).quantize(unit, rounding=ROUND_HALF_EVEN)
+    except (ArithmeticError, ValueError, TypeError) as exc:  # InvalidOperation, Overflow
+        return Loaded(n, reason="invalid_field", detail=f"Quantity/UnitPrice: {exc!r}")
     cancel = invoice.upper().startswith("C")
+    if qty != qty.to_integral_value():
+        return Loaded(n, reason="invalid_quantity", detail=f"fractional Quantity {qty}")
+    quantity = int(qty)
     if price < 0:
         return Loaded(n, reason="invalid_amount", detail=f"negative UnitPrice {price}")
     if not cancel and quantity <= 0:
         return Loaded(n, reason="invalid_quantity", detail=f"sale with Quantity {quantity}")
-    unit = Decimal(1).scaleb(-opts.currency_decimals)
-    amount = (abs(quantity) * price).quantize(unit, rounding=ROUND_HALF_EVEN)
     return Loaded(n, event={
         "event_id": _hash_id("retail", row, RETAIL_COLUMNS), "customer_id": customer,
         "order_id": invoice, "type": "refund" if cancel else "purchase", "amount": str(amount),
@@ -171,8 +190,6 @@ def retail_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
 def event_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
     """A row already in the event layout, or mapped to it (``opts.mapping``); the worker
     validates it fully. An ``event_id`` left out is the hash of the row."""
-    if "__error__" in row:
-        return Loaded(n, reason="not_json", detail=str(row["__error__"]))
     mapping = opts.mapping or {}
     event = {f: row.get(mapping.get(f, f)) for f in EVENT_FIELDS}
     event = {k: v for k, v in event.items() if v not in (None, "")}
@@ -183,13 +200,15 @@ def event_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
     missing = [f for f in EVENT_FIELDS if f not in event]
     if missing:
         return Loaded(n, reason="missing_field", detail=f"no {', '.join(missing)}")
+    odd = [k for k, v in event.items() if isinstance(v, dict | list | bool)]
+    if odd:
+        return Loaded(n, reason="invalid_field", detail=f"not a scalar: {', '.join(odd)}")
     event = {k: str(v) for k, v in event.items()}
-    if "T" not in event["occurred_at"] and "+" not in event["occurred_at"]:
-        try:
-            event["occurred_at"] = _parse_time(event["occurred_at"],
-                                               ZoneInfo(opts.timezone)).isoformat()
-        except ValueError as exc:
-            return Loaded(n, reason="invalid_timestamp", detail=str(exc))
+    try:
+        event["occurred_at"] = _parse_time(event["occurred_at"],
+                                           ZoneInfo(opts.timezone)).isoformat()
+    except (ValueError, OverflowError) as exc:
+        return Loaded(n, reason="invalid_timestamp", detail=str(exc))
     return Loaded(n, event=event)
 
 
@@ -203,6 +222,11 @@ def load_file(path: Path, opts: LoadOptions) -> Iterator[Loaded]:
     convert = retail_row if opts.format == "online-retail" else event_row
     seen: set[str] = set()
     for n, row in enumerate(read_records(path), 1):
+        if "__error__" in row:  # unreadable where it stands: the row alone is rejected
+            reason = row["__error__"] if row["__error__"] in ("not_utf8", "invalid_field") \
+                else "not_json"
+            yield Loaded(n, reason=reason, detail=str(row.get("__detail__", row["__error__"])))
+            continue
         loaded = convert(n, row, opts)
         if loaded.event is not None:
             if loaded.event["event_id"] in seen:

@@ -4,8 +4,9 @@ A batch's segment changes and dead letters are written to its partition's outbox
 stream) in the same atomic script as the state and offset they follow from. The publisher sends
 each change to ``segment-changes`` and to the compacted ``customer-segments`` (both keyed by
 customer, so a new subscriber can bootstrap the present segment of every customer), each dead
-letter to the dead-letter topic, waits for the broker's acknowledgements, and only then deletes
-the entries. A crash or a broker outage in between re-sends them later: consumers de-duplicate
+letter to the dead-letter topic, each tombstone of an erased customer (``rfm-stream forget``)
+as a null value to ``customer-segments``, waits for the broker's acknowledgements, and only
+then deletes the entries. A crash or a broker outage in between re-sends them later: consumers de-duplicate
 changes by the stable ``change_id``, dead letters by source partition and offset.
 """
 
@@ -22,7 +23,7 @@ from state.store import RedisStore
 log = logging.getLogger(__name__)
 
 # send(topic, key, value) -> an awaitable that completes when the broker acknowledged
-Send = Callable[[str, bytes | None, bytes], Awaitable[Awaitable[Any]]]
+Send = Callable[[str, bytes | None, bytes | None], Awaitable[Awaitable[Any]]]
 
 
 class OutboxPublisher:
@@ -64,6 +65,9 @@ class OutboxPublisher:
                         break
                     acks = []
                     for _, kind, value in entries:
+                        if kind == "t":  # an erased customer: null value on the compacted topic
+                            acks.append(await self.send(self.segments_topic, value.encode(), None))
+                            continue
                         body, data = json.loads(value), value.encode()
                         if kind == "d":
                             key = (body["key"].encode() if body.get("key") is not None

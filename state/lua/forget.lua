@@ -1,13 +1,32 @@
 -- forget.lua: erase one customer from its partition (a data-protection request), atomically:
--- the state hash, the population sorted sets, the due set and the per-segment count. The
--- partition's commit sequence moves on, so a step computed before the erasure cannot write
--- the customer back (its compare-and-set fails and it re-reads).
+-- the state hash, the population sorted sets, the due set, the per-segment count, and every
+-- outbox entry not yet published that is about the customer (segment changes, and dead
+-- letters whose record key is the customer id); then queue a tombstone for the compacted
+-- customer-segments topic in the same outbox, so it is published after anything about the
+-- customer that a publisher may have in flight. The partition's commit sequence moves on, so
+-- a step computed before the erasure cannot write the customer back.
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
--- KEYS[7] the customer's hash      ARGV[1] customer id
--- Returns 1 when the customer existed, else 0.
+-- KEYS[7] the customer's hash  KEYS[8] outbox      ARGV[1] customer id
+-- Returns {existed (0|1), outbox entries removed}.
+local id = ARGV[1]
 local seg = redis.call('HGET', KEYS[7], 'seg')
 local existed = redis.call('DEL', KEYS[7])
-for k = 2, 5 do redis.call('ZREM', KEYS[k], ARGV[1]) end
+for k = 2, 5 do redis.call('ZREM', KEYS[k], id) end
 if seg and seg ~= '' then redis.call('HINCRBY', KEYS[6], seg, -1) end
+local removed = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[8], '-', '+')) do
+  local fields = {}
+  for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
+  local ok, body = pcall(cjson.decode, fields['v'] or '')
+  if ok and type(body) == 'table' then
+    local about = (fields['k'] == 'c' and body['customer_id'] == id)
+      or (fields['k'] == 'd' and body['key'] == id and body['key_encoding'] == 'utf-8')
+    if about then
+      redis.call('XDEL', KEYS[8], entry[1])
+      removed = removed + 1
+    end
+  end
+end
+redis.call('XADD', KEYS[8], '*', 'k', 't', 'v', id)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
-return existed
+return {existed, removed}

@@ -155,11 +155,12 @@ async def test_no_cluster_only_change_for_a_customer_who_does_nothing(settings):
                            "type": "purchase", "amount": amount, "currency": "USD",
                            "occurred_at": "2024-05-01T12:00:00Z"}).encode()
 
+    warm = 120  # the model is trained at offset 100 (first step of block 1) from 100 customers
     records = [RawRecord("purchases", 0, i, f"c{i}".encode(), event(i, f"c{i}", f"{5 + i}.00"))
-               for i in range(60)]  # enough customers for the model to be ready
-    records.append(RawRecord("purchases", 0, 60, b"quiet", event(60, "quiet", "42.00")))
-    records += [RawRecord("purchases", 0, 61 + i, f"d{i}".encode(),
-                          event(61 + i, f"d{i}", f"{1 + i % 300}.00")) for i in range(1_000)]
+               for i in range(warm)]
+    records.append(RawRecord("purchases", 0, warm, b"quiet", event(warm, "quiet", "42.00")))
+    records += [RawRecord("purchases", 0, warm + 1 + i, f"d{i}".encode(),
+                          event(warm + 1 + i, f"d{i}", f"{1 + i % 300}.00")) for i in range(1_000)]
     try:
         changes = []
         for i in range(0, len(records), 50):

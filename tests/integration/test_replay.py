@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
 from stream import cdnow
@@ -19,6 +20,7 @@ from stream.cli import main
 from stream.demo import cdnow_messages, ensure_topics, run_to_completion
 from stream.kafka_io import bootstrap_of, produce, read_all
 from stream.loaders import LoadOptions, load_file
+from stream.outbox import OutboxPublisher
 from stream.replay import load, replay
 from stream.runner import resolve_namespace, store_for
 
@@ -147,8 +149,24 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     gone = await cli("forget", cid)
     assert gone.exit_code == 0 and "erased" in gone.output
     after, _, counts = await everything(new)
+    after_store = store_for(s.model_copy(update={"namespace": new}))
     assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
     assert (await cli("customer", cid)).exit_code == 1
+    # the tombstone waits in the outbox until the partition's owner publishes it
+    entries = [(kind, v) for _, kind, v in await after_store.outbox_read(0)]
+    assert entries == [("t", cid)]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_of(s.kafka_url), acks="all")
+    await producer.start()
+    try:
+        async def send(topic, key, value):
+            return await producer.send(topic, value, key=key)
+
+        published = await OutboxPublisher(after_store, send, "unused", s.customer_segments_topic,
+                                          "unused").drain([0])
+    finally:
+        await producer.stop()
+        await after_store.client.aclose()
+    assert published == 1
     tombstones = [v for _, _, k, v in await await_read(s.customer_segments_topic)
                   if k == cid.encode()]
     assert tombstones and tombstones[-1] is None

@@ -86,3 +86,34 @@ def test_parquet_gives_the_same_events_as_csv(tmp_path):
     assert [x[:2] for x in from_parquet] == [x[:2] for x in from_csv]
     assert [x[2]["amount"] for x in from_parquet if x[2]] == [x[2]["amount"] for x in from_csv
                                                               if x[2]]
+
+
+def test_a_bad_row_is_rejected_alone_never_the_file(tmp_path):
+    retail = tmp_path / "bad.csv"
+    retail.write_bytes(
+        b"InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+        b"1,a,x,Infinity,12/1/2010 8:26,2.55,1,UK\n"
+        b"2,a,x,1,12/1/2010 8:26,NaN,1,UK\n"
+        b"3,a,x,1,12/1/2010 8:26,1e400,1,UK\n"
+        b"4,a,x,1.9,12/1/2010 8:26,1.85,1,UK\n"
+        b"5,a,x,1,13/1/2010 8:26,1.85,1,UK\n"       # day/month never guessed
+        b"6,a,x,2,12/1/2010 8:26,1.85,1,UK\n"
+        b"7,a,\xff,2,12/1/2010 8:26,1.85,1,UK\n")
+    rows = list(load_file(retail, RETAIL))
+    assert [(r.row, r.reason) for r in rows] == [
+        (1, "invalid_field"), (2, "invalid_field"), (3, "invalid_field"),
+        (4, "invalid_quantity"), (5, "invalid_timestamp"), (6, None), (7, "not_utf8")]
+    assert rows[5].event["amount"] == "3.70"
+    events = tmp_path / "bad.jsonl"
+    events.write_text("\n".join(json.dumps(x) for x in [
+        {"event_id": "a", "customer_id": "c", "order_id": "o", "amount": "1",
+         "occurred_at": "2024-13-01T00:00:00Z"},
+        {"event_id": "b", "customer_id": {"a": 1}, "order_id": "o", "amount": "1",
+         "occurred_at": "2024-01-01T00:00:00Z"},
+        {"event_id": "c", "customer_id": "c", "order_id": "o", "amount": "1",
+         "occurred_at": "2024-01-01T10:00:00"},               # naive: read in --timezone
+    ]) + "\n")
+    rows = list(load_file(events, LoadOptions("event", "Europe/Paris", "EUR", 2)))
+    assert [(r.row, r.reason) for r in rows] == [(1, "invalid_timestamp"), (2, "invalid_field"),
+                                                 (3, None)]
+    assert rows[2].event["occurred_at"] == "2024-01-01T10:00:00+01:00"
