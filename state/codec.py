@@ -8,7 +8,7 @@ Fields (all strings; absent or empty = none):
 ``o``                  recent orders, JSON ``[[order_id, bought, refunded, first_ms], ...]``
 ``w``                  window buckets, JSON ``[[index, orders, purchases, refunds], ...]``
 ``seg`` ``cl``         the segment and cluster id last published
-``sc``                 the R, F, M scores last published, e.g. ``"541"``
+``sc``                 the R, F, M scores at the customer's last evaluation, e.g. ``"541"``
 ``chg``                as-of time (epoch ms) of the last published change
 ``hc``                 cause of a change the flapping guard holds back, until it is published
 """
@@ -29,7 +29,7 @@ FIELDS = ("f", "buy", "ref", "last", "first", "ev", "o", "w", "seg", "cl", "sc",
 class StoredCustomer:
     """A customer as stored: RFM state and what was last published for it.
 
-    ``scores``: (R, F, M) last published, or None; ``changed_ms``: as-of time of the last
+    ``scores``: (R, F, M) at the last evaluation (an event or a due time), or None; ``changed_ms``: as-of time of the last
     published change (the flapping guard's clock), or None; ``held_cause``: the cause of a
     change the flapping guard holds back, or None.
     """

@@ -162,7 +162,7 @@ class _Planner:
                             changed_ms=t, held_cause=None)
         elif c.held_cause is not None:
             c = replace(c, held_cause=None)  # back where it was published: nothing to tell
-        self.book[cid] = c
+        self.book[cid] = replace(c, scores=scores)  # scores as of this evaluation
         nxt = earliest(ctx.thresholds.next_recency_change_ms(s.last_purchase_ms, t),
                        window_expiry_ms(s, t, ctx.policy.window), deferred)
         self.due[cid] = nxt
