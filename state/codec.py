@@ -29,9 +29,9 @@ FIELDS = ("f", "buy", "ref", "last", "first", "ev", "o", "w", "seg", "cl", "sc",
 class StoredCustomer:
     """A customer as stored: RFM state and what was last published for it.
 
-    ``scores``: (R, F, M) at the last evaluation (an event or a due time), or None; ``changed_ms``: as-of time of the last
-    published change (the flapping guard's clock), or None; ``held_cause``: the cause of a
-    change the flapping guard holds back, or None.
+    ``scores``: (R, F, M) at the last evaluation (an event or a due time), or None;
+    ``changed_ms``: as-of time of the last published change (the flapping guard's clock), or
+    None; ``held_cause``: the cause of a change the flapping guard holds back, or None.
     """
 
     customer_id: str

@@ -24,18 +24,40 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def _settings() -> Any:
+def _settings(resolve: bool = True) -> Any:
+    """The settings (``RFM_*`` and ``RFM_CONFIG_FILE``); with ``resolve``, the namespace
+    follows a ``replay --switch`` alias (which needs Redis).
+
+    Raises
+    ------
+    click.ClickException
+        On invalid settings or an unreachable Redis, with the reason.
+    """
+    import tomllib
+
+    from pydantic import ValidationError
     from redis.exceptions import RedisError
 
     from stream.runner import resolve_namespace
     from stream.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, tomllib.TOMLDecodeError, OSError, ValueError) as exc:
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+    if not resolve:
+        return settings
     try:
         return resolve_namespace(settings)
     except RedisError as exc:
         raise click.ClickException(
             f"Redis unreachable at the configured RFM_REDIS_URL: {exc}") from exc
+
+
+def _kafka_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka.errors import KafkaError
+
+    return (KafkaError, OSError)
 
 
 def _epoch_ms(text: str | None) -> int | None:
@@ -69,7 +91,10 @@ def main() -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Run the stream worker (options after it go to faust's worker command)."""
-    settings = _settings()
+    asking = any(a in ("--help", "-h") for a in ctx.args)
+    if asking and "-h" in ctx.args:  # faust's -h is --web-host: give the help people expect
+        ctx.args[ctx.args.index("-h")] = "--help"
+    settings = _settings(resolve=not asking)
     os.environ["RFM_NAMESPACE"] = settings.namespace
     from stream.app import app
     from stream.app import settings as app_settings
@@ -126,8 +151,14 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
     from stream.loaders import LoadOptions, load_file
     from stream.replay import load as load_events
 
-    settings = _settings()
+    settings = _settings(resolve=False)  # loading touches Kafka only
     pairs = dict(m.split("=", 1) for m in mapping if "=" in m)
+    if fmt == "mapped" and not pairs:
+        raise click.BadParameter("--format mapped needs --map FIELD=COLUMN", param_hint="--map")
+    if currency and currency.upper() != settings.currency:
+        click.echo(f"warning: --currency {currency} differs from RFM_CURRENCY "
+                   f"{settings.currency}: the worker rejects these events "
+                   "(unsupported_currency); set RFM_CURRENCY to match", err=True)
     if len(pairs) != len(mapping):
         raise click.BadParameter("use FIELD=COLUMN", param_hint="--map")
     opts = LoadOptions(fmt, timezone, currency or settings.currency, settings.currency_decimals,
@@ -142,12 +173,12 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
         with tqdm(desc="produce", unit="ev", disable=dry_run) as bar:
             summary = _run(load_events(settings, load_file(file, opts), topic, dry_run,
                                        on_reject, bar.update))
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (*_kafka_errors(), ValueError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if out:
             out.close()
-    click.echo(f"{summary.rows:,} rows: {summary.events:,} events"
+    click.echo(f"{summary.rows:,} rows (numbered from 1 after the header): {summary.events:,} events"
                f"{' (dry run: none produced)' if dry_run else ''}, "
                f"{sum(summary.rejected.values()):,} rejected")
     for reason, n in sorted(summary.rejected.items()):
@@ -169,16 +200,21 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
 
     from stream.replay import replay as run_replay
 
-    settings = _settings()
+    configured, settings = _settings(resolve=False), _settings()
+    if namespace in (configured.namespace, settings.namespace):
+        raise click.BadParameter(f"{namespace!r} is the live namespace (or its alias): replay "
+                                 "into a new one", param_hint="--namespace")
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
                                 switch, bar.update))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (*_kafka_errors(), ValueError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
                f"--from, {s.dead_letters:,} dead letters; {s.changes:,} segment changes"
                f"{' published to ' + changes_topic if changes_topic else ' (not published)'}")
+    for reason, n in sorted(s.dead_letter_reasons.items()):
+        click.echo(f"  dead letters ({reason}): {n:,} (not re-sent to the dead-letter topic)")
     if switch:
         click.echo(f"{settings.namespace!r} now resolves to {namespace!r}: restart the workers")
 

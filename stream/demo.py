@@ -77,7 +77,7 @@ async def run_to_completion(settings: Settings, targets: dict[int, int], log_pat
                 if n and not bar.n and show:  # the worker is up: its web server listens
                     bar.write(f"worker pid {worker.pid}: http://{settings.web_bind}:"
                               f"{settings.web_port}/metrics (also /health /ready /segments "
-                              f"/customers/ID), log {log_path}")
+                              f"/clusters /customers/ID), log {log_path}")
                 bar.update(max(0, n - bar.n))
             await wait_applied(store, targets, [worker], timeout_s, progress)
     finally:

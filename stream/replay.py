@@ -14,6 +14,7 @@ time is earlier only advance the applied offset.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from stream.kafka_io import Message, bootstrap_of, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
 from stream.settings import Settings
+from stream.validation import Rejected, validate
 
 
 @dataclass
@@ -40,11 +42,19 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
                dry_run: bool = False, on_reject: Callable[[Loaded], None] | None = None,
                progress: Callable[[int], None] | None = None) -> LoadSummary:
     """Produce the events of ``rows`` to the purchases topic (key = customer id, record
-    timestamp = event time); count and report the rejected rows."""
+    timestamp = event time); count and report the rejected rows. Every event is first checked
+    with the worker's own validation (currency, amounts, times), so what the worker would
+    dead-letter is rejected here, with the same reason."""
     summary = LoadSummary()
     messages: list[Message] = []
+    rules, now = settings.input_rules(), int(time.time() * 1000)
     for r in rows:
         summary.rows += 1
+        if r.event is not None:  # the worker's own checks: rejected now, not dead-lettered later
+            key = str(r.event["customer_id"]).encode("utf-8")
+            verdict = validate(key, orjson.dumps(r.event), rules, now)
+            if isinstance(verdict, Rejected):
+                r = Loaded(r.row, reason=verdict.reason, detail=verdict.detail)
         if r.event is None:
             summary.rejected[r.reason or "?"] = summary.rejected.get(r.reason or "?", 0) + 1
             if on_reject:
@@ -68,6 +78,7 @@ class ReplaySummary:
     skipped_before_from: int = 0
     changes: int = 0
     dead_letters: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
 async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
@@ -84,7 +95,7 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     Raises
     ------
     ValueError
-        When ``namespace`` is the live namespace itself.
+        When ``namespace`` is the live namespace itself, or already holds state.
     """
     from stream.app import build_services
 
@@ -92,6 +103,10 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
         raise ValueError("replay into a new namespace, not the live one")
     target = settings.model_copy(update={"namespace": namespace})
     services = build_services(target, replay=True)
+    applied = await services.store.partition_meta(range(settings.partitions))
+    if any(offset >= 0 for offset, _ in applied.values()):
+        await services.store.client.aclose()
+        raise ValueError(f"namespace {namespace!r} already holds state: replay into a new one")
     bootstrap = bootstrap_of(settings.kafka_url)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 group_id=None, auto_offset_reset="earliest")
@@ -132,6 +147,9 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
                 summary.applied += result.applied
                 summary.changes += len(result.changes)
                 summary.dead_letters += len(result.dead_letters)
+                for d in result.dead_letters:
+                    summary.dead_letter_reasons[d.reason] = (
+                        summary.dead_letter_reasons.get(d.reason, 0) + 1)
                 await _drain(services.store, tp.partition, producer, changes_topic)
                 if progress:
                     progress(len(msgs))

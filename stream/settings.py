@@ -42,8 +42,17 @@ class Settings(BaseSettings):
         """Arguments, then ``RFM_*`` environment variables, then the optional TOML file named
         by ``RFM_CONFIG_FILE`` (field names as keys, e.g. ``partitions = 8``)."""
         path = os.environ.get("RFM_CONFIG_FILE")
-        file = (TomlConfigSettingsSource(settings_cls, toml_file=Path(path)),) if path else ()
-        return (init_settings, env_settings, *file)
+        if not path:
+            return (init_settings, env_settings)
+        import tomllib
+
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"RFM_CONFIG_FILE {path!r} does not exist")
+        unknown = set(tomllib.loads(file.read_text("utf-8"))) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=file))
 
     # --- connections
     kafka_url: str = Field("kafka://127.0.0.1:9092", description="faust broker URL(s), kafka://host:port;host2:port")
@@ -84,7 +93,7 @@ class Settings(BaseSettings):
                           description="faust's data directory (this service keeps no faust tables)")
 
     # --- input rules
-    currency: str = Field("USD", min_length=3, max_length=3, description="Reporting currency (ISO 4217)")
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="Reporting currency (ISO 4217)")
     currency_decimals: int = Field(2, ge=0, le=4, description="Minor-unit digits of the currency")
     max_message_bytes: int = Field(65536, ge=256, description="Larger records are dead letters")
     max_future_skew_s: float = Field(86400.0, ge=0,
