@@ -56,7 +56,7 @@ async def populate(store: RedisStore, n: int, changing: int, table: SegmentTable
 async def measure(redis_url: str, n: int, changing: int) -> tuple[float, int, int]:
     settings = Settings(scoring_mode="fixed", partitions=1, namespace=f"sweep{n}",
                         redis_url=redis_url, min_dwell_s=0)
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=600)
     store = RedisStore(client, settings.namespace)
     table = SegmentTable.load()
     processor = BatchProcessor(store, settings.input_rules(), table, settings.scoring(),
@@ -71,7 +71,7 @@ async def measure(redis_url: str, n: int, changing: int) -> tuple[float, int, in
         seconds = time.perf_counter() - started
         return seconds, len(result.changes), used
     finally:
-        await client.flushall()
+        await client.flushall(asynchronous=True)
         await client.aclose()
 
 
