@@ -41,4 +41,5 @@ def settings(stack: localstack.LocalStack, unique: str) -> Settings:
     """Settings of a worker on the local stack with its own topics, group and namespace."""
     return local_settings(
         stack, namespace=unique, app_id=f"rfm-{unique}", purchases_topic=f"{unique}-purchases",
-        dead_letter_topic=f"{unique}-dlq", segment_changes_topic=f"{unique}-changes")
+        dead_letter_topic=f"{unique}-dlq", segment_changes_topic=f"{unique}-changes",
+        customer_segments_topic=f"{unique}-segments")

@@ -29,9 +29,12 @@ ROWS = sorted(cdnow.read_rows(), key=lambda r: r.day)
 
 
 def crash_settings(stack: localstack.LocalStack, name: str, **kw) -> Settings:
+    """Settings of a crash test: fixed thresholds by default (these tests are about delivery;
+    the SIGKILL test runs the default quintile scoring, re-scores and clusters included)."""
     values = dict(namespace=name, app_id=f"rfm-{name}", purchases_topic=f"{name}-purchases",
                   dead_letter_topic=f"{name}-dlq", segment_changes_topic=f"{name}-changes",
-                  customer_segments_topic=f"{name}-segments", batch_max=250)
+                  customer_segments_topic=f"{name}-segments", batch_max=250,
+                  scoring_mode="fixed")
     values.update(kw)
     return local_settings(stack, **values)
 
@@ -103,7 +106,7 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
     the pandas oracle and the de-duplicated segment changes (cluster ids and model versions
     included: the trainer's snapshots are committed with partition 0's steps) equal an
     uninterrupted run's."""
-    common = dict(partitions=1)
+    common = dict(partitions=1, scoring_mode="quintiles")
     calm = crash_settings(stack, unique + "calm", **common)
     crash = crash_settings(stack, unique + "crash", **common)
     calm_targets, crash_targets = await load(calm), await load(crash)
