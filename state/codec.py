@@ -43,7 +43,8 @@ class StoredCustomer:
     held_cause: str | None = None
 
 
-def _int(value: str | None) -> int | None:
+def opt_int(value: str | None) -> int | None:
+    """An integer field, or None when absent or empty."""
     return None if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
@@ -86,13 +87,13 @@ def decode(customer_id: str, values: Sequence[str | None] | Mapping[str, str | N
         return None
     state = CustomerState(
         frequency=int(v.get("f") or 0), purchases_minor=int(v.get("buy") or 0),
-        refunds_minor=int(v.get("ref") or 0), last_purchase_ms=_int(v.get("last")),
-        first_purchase_ms=_int(v.get("first")),
+        refunds_minor=int(v.get("ref") or 0), last_purchase_ms=opt_int(v.get("last")),
+        first_purchase_ms=opt_int(v.get("first")),
         recent_event_ids=tuple(orjson.loads(v.get("ev") or "[]")),
         orders=tuple(Order(str(o[0]), int(o[1]), int(o[2]), int(o[3]))
                      for o in orjson.loads(v.get("o") or "[]")),
         buckets=tuple(Bucket(*map(int, b)) for b in orjson.loads(v.get("w") or "[]")))
     sc = v.get("sc") or ""
-    return StoredCustomer(customer_id, state, v.get("seg") or None, _int(v.get("cl")),
+    return StoredCustomer(customer_id, state, v.get("seg") or None, opt_int(v.get("cl")),
                           (int(sc[0]), int(sc[1]), int(sc[2])) if len(sc) == 3 else None,
-                          _int(v.get("chg")), v.get("hc") or None)
+                          opt_int(v.get("chg")), v.get("hc") or None)

@@ -24,7 +24,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from state.codec import FIELDS, StoredCustomer, decode, encode
+from state.codec import FIELDS, StoredCustomer, decode, encode, opt_int
 from state.keys import PartitionKeys, model_keys
 from state.rfm import MS_PER_DAY
 
@@ -121,10 +121,6 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _opt_int(value: str | None) -> int | None:
-    return None if value in (None, "") else int(value)  # type: ignore[arg-type]
-
-
 def _int(value: str | None, default: int) -> int:
     return default if value in (None, "") else int(value)  # type: ignore[arg-type]
 
@@ -181,11 +177,11 @@ class RedisStore:
         for (_, cid), f in zip(dues, reply[2 + len(ids):], strict=True):
             customers.setdefault(cid, decode(cid, f))
         return PartitionView(
-            partition, _int(seq, -1), _int(offset, -1), _opt_int(wm), _opt_int(asof), thr,
-            tuple(PartitionClock(p, _opt_int(c[0]), _opt_int(c[1]))
+            partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
+            tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
                   for p, c in zip(others, clocks, strict=True)),
-            customers, dues, max_due > 0 and len(dues) >= max_due, _opt_int(seen),
-            _opt_int(version))
+            customers, dues, max_due > 0 and len(dues) >= max_due, opt_int(seen),
+            opt_int(version))
 
     async def read_customers(self, partition: int, customer_ids: Iterable[str]
                              ) -> dict[str, StoredCustomer | None]:
@@ -377,7 +373,7 @@ class RedisStore:
         for p in parts:
             pipe.hmget(self.keys(p).meta, "offset", "wm")
         replies = await pipe.execute()
-        return {p: (_int(r[0], -1), _opt_int(r[1])) for p, r in zip(parts, replies, strict=True)}
+        return {p: (_int(r[0], -1), opt_int(r[1])) for p, r in zip(parts, replies, strict=True)}
 
     async def clocks(self, partitions: Iterable[int]) -> list[PartitionClock]:
         """Each partition's highest event time and wall clock of its last applied event."""
@@ -385,7 +381,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for p in parts:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
-        return [PartitionClock(p, _opt_int(r[0]), _opt_int(r[1]))
+        return [PartitionClock(p, opt_int(r[0]), opt_int(r[1]))
                 for p, r in zip(parts, await pipe.execute(), strict=True)]
 
     async def as_of(self, partitions: Iterable[int]) -> int | None:

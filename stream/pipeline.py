@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 
 from state.rfm import MS_PER_DAY, Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
@@ -29,7 +28,7 @@ from stream.metrics import Metrics
 from stream.planning import Plan, PlanContext, plan_step
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
-from stream.timeline import TimePolicy
+from stream.timeline import TimePolicy, utc
 from stream.trainer import TRAINER_PARTITION, TrainerConfig, dumps, sample_ranks, train
 from stream.validation import Accepted, InputRules, Rejected, validate
 
@@ -70,10 +69,6 @@ class GapError(RuntimeError):
         super().__init__(f"partition {partition}: Redis applied up to offset {expected - 1}, "
                          f"but records start at {got}")
         self.partition, self.expected, self.got = partition, expected, got
-
-
-def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _blocks(records: list[Record], size: int) -> list[list[Record]]:
@@ -231,7 +226,7 @@ class BatchProcessor:
             model = ClusterModel.from_snapshot(json.loads(trained[1])) if trained else self.model
             ctx = PlanContext(self.table, thresholds, model, self.limits,
                               self.rules.currency, self.decimals, now, self.policy, self.replay)
-            own_active = bool(remaining) or self._active(view, now)
+            own_active = bool(remaining) or self.policy.active(view.seen_ms, now)
             plan = plan_step(view, remaining, ctx, rescore, own_active)
             consumed = remaining[:plan.consumed]
             # a redelivered record was dead-lettered when it was first applied
@@ -321,11 +316,6 @@ class BatchProcessor:
         for d in letters:
             self.metrics.dead_lettered.labels(d.reason).inc()
 
-    def _active(self, view: PartitionView, now: int) -> bool:
-        """Whether the partition's own watermark still holds its as-of time back."""
-        idle = self.policy.idle_partition_ms
-        return idle == 0 or view.seen_ms is None or now - view.seen_ms <= idle
-
     async def _sweep_as_of(self, partition: int, now: int) -> int | None:
         """The as-of time a sweep of ``partition`` can reach now (None: nothing moved)."""
         if self.policy.mode == "wall_clock":
@@ -333,9 +323,8 @@ class BatchProcessor:
         clocks = await self.store.clocks(self.partitions)
         own = next(c for c in clocks if c.partition == partition)
         others = [c for c in clocks if c.partition != partition]
-        idle = self.policy.idle_partition_ms
-        active = idle == 0 or own.seen_ms is None or now - own.seen_ms <= idle
-        return self.policy.watermark(own.watermark, others, now, own_active=active)
+        return self.policy.watermark(own.watermark, others, now,
+                                     own_active=self.policy.active(own.seen_ms, now))
 
     async def _thresholds_for(self, view: PartitionView, first_offset: int, now: int
                               ) -> tuple[Thresholds, str | None, list[str]]:
@@ -399,7 +388,7 @@ class BatchProcessor:
         stats = await self.store.order_statistics(self.partitions, t, quintile_ranks(n))
         return Thresholds.from_order_statistics(
             n, stats.recency_kth_largest, stats.frequency_kth_smallest,
-            stats.monetary_kth_smallest, version=f"q{n}@{_utc(t).isoformat()}", anchor_ms=t)
+            stats.monetary_kth_smallest, version=f"q{n}@{utc(t).isoformat()}", anchor_ms=t)
 
     async def current_thresholds(self, partition: int) -> Thresholds:
         """The thresholds a partition scores with now (for views and exports)."""
@@ -427,7 +416,7 @@ class BatchProcessor:
                 source_topic=raw.topic, source_partition=raw.partition,
                 source_offset=raw.offset, key=parts["key"][0], key_encoding=parts["key"][1],
                 value=parts["value"][0], value_encoding=parts["value"][1],
-                value_truncated=bool(notes), dead_lettered_at=_utc(now))
+                value_truncated=bool(notes), dead_lettered_at=utc(now))
             if len(letter.model_dump_json()) <= MAX_DEAD_LETTER_BYTES or limit <= 64:
                 return letter
             limit //= 4

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from decimal import Decimal
 
 from state.rfm import (
@@ -33,7 +32,7 @@ from stream.clustering import ClusterModel, features
 from stream.events import Assignment, SegmentChanged
 from stream.scoring import Thresholds
 from stream.segments import SegmentTable
-from stream.timeline import TimePolicy, earliest
+from stream.timeline import TimePolicy, earliest, utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +69,6 @@ class Plan:
     watermark: int | None = None
     as_of: int | None = None
     applied_any: bool = False
-
-
-def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 class _Planner:
@@ -195,8 +190,8 @@ class _Planner:
             r_score=scores[0], f_score=scores[1], m_score=scores[2], strategy=strategy,
             cause=cause,  # type: ignore[arg-type]
             cause_event_id=None if event is None else event.event_id,
-            occurred_at=_utc(event.occurred_ms if event is not None else due_ms or t),
-            as_of=_utc(t), emitted_at=_utc(ctx.now_ms), rules_version=ctx.table.version,
+            occurred_at=utc(event.occurred_ms if event is not None else due_ms or t),
+            as_of=utc(t), emitted_at=utc(ctx.now_ms), rules_version=ctx.table.version,
             thresholds_version=ctx.thresholds.version,
             model_version=ctx.model.version if new.cluster is not None and ctx.model else None,
             replay=ctx.replay)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from state.rfm import Window
@@ -47,6 +48,16 @@ class TimePolicy:
     rescore_spacing_ms: int = 10
     window: Window | None = None
 
+    def active(self, seen_ms: int | None, now_ms: int) -> bool:
+        """Whether a partition whose last event was applied at wall clock ``seen_ms`` still
+        holds the watermark back (not idle).
+
+        >>> TimePolicy(idle_partition_ms=10).active(0, 10), TimePolicy(idle_partition_ms=10).active(0, 11)
+        (True, False)
+        """
+        return (self.idle_partition_ms == 0 or seen_ms is None
+                or now_ms - seen_ms <= self.idle_partition_ms)
+
     def watermark(self, own: int | None, others: Sequence[PartitionClock], now_ms: int,
                   own_active: bool = True) -> int | None:
         """The global event-time watermark (epoch ms) seen from one partition.
@@ -64,11 +75,8 @@ class TimePolicy:
         >>> p.watermark(100, others, now_ms=99_000)  # everyone else idle
         100
         """
-        def active(c: PartitionClock) -> bool:
-            return (self.idle_partition_ms == 0 or c.seen_ms is None
-                    or now_ms - c.seen_ms <= self.idle_partition_ms)
-
-        live = [c.watermark for c in others if c.watermark is not None and active(c)]
+        live = [c.watermark for c in others
+                if c.watermark is not None and self.active(c.seen_ms, now_ms)]
         if own is not None and own_active:
             live.append(own)
         if not live:
@@ -100,6 +108,15 @@ class TimePolicy:
         if changed_ms is None or self.min_dwell_ms <= 0:
             return None
         return changed_ms + self.min_dwell_ms
+
+
+def utc(ms: int) -> datetime:
+    """An epoch-ms time as an aware UTC datetime.
+
+    >>> utc(0).isoformat()
+    '1970-01-01T00:00:00+00:00'
+    """
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def earliest(*times: int | None) -> int | None:
