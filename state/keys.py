@@ -11,7 +11,7 @@ Kinds
                   ``asof`` (the partition's as-of time, epoch ms, never moving back), ``seen``
                   (wall clock of the last applied event, for idleness), ``thr`` (the
                   partition's current scoring thresholds, JSON), ``seq`` (commit sequence)
-``c:<id>``        hash: the customer's RFM state and what was last published for it
+``c:<id>``        string: the customer's RFM state and what was last published for it
                   (fields in ``state/codec.py``)
 ``due``           sorted set: customer -> event time (epoch ms) at which it must be re-scored
                   without an event (recency bound, window expiry, flapping guard, rescore)
@@ -95,7 +95,7 @@ class PartitionKeys:
 
     @property
     def customer_pattern(self) -> str:
-        """SCAN pattern of this partition's customer hashes (braces escaped for glob)."""
+        """SCAN pattern of this partition's customers (braces escaped for glob)."""
         return f"rfm:{self.namespace}:\\{{p{self.partition}\\}}:c:*"
 
 

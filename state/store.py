@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from state.codec import FIELDS, StoredCustomer, decode, encode, opt_int
+from state.codec import StoredCustomer, decode, encode, opt_int
 from state.keys import PartitionKeys, model_keys
 from state.rfm import MS_PER_DAY
 
@@ -94,13 +96,15 @@ class CustomerWrite:
     ``customer`` is the full new stored form (None: only ``due_ms`` is written, keeping an
     earlier due if there is one). ``population``: its (last purchase ms, frequency, monetary
     minor) for the population sorted sets, or None when it is not scored. ``due_ms``: when
-    it must be re-scored without an event (None: never).
+    it must be re-scored without an event (None: never). ``previous_segment``: the segment
+    stored before this write, as the step read it (the per-segment counts move from it).
     """
 
     customer_id: str
     due_ms: int | None
     customer: StoredCustomer | None = None
     population: tuple[int, int, int] | None = None
+    previous_segment: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,15 @@ class OrderStatistics:
 
 def _opt(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _bound(x: float) -> str:
+    """A sorted-set score bound as Redis reads it (integers exactly, infinities as +-inf)."""
+    if x == float("inf"):
+        return "+inf"
+    if x == float("-inf"):
+        return "-inf"
+    return str(int(x))
 
 
 def _int(value: str | None, default: int) -> int:
@@ -143,6 +156,8 @@ class RedisStore:
         self._commit = client.register_script(_script_text("commit.lua"))
         self._read = client.register_script(_script_text("read.lua"))
         self._forget = client.register_script(_script_text("forget.lua"))
+        self._sample = client.register_script(_script_text("sample.lua"))
+        self._between = client.register_script(_script_text("between.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
@@ -163,19 +178,19 @@ class RedisStore:
         others = [p for p in partitions if p != partition]
         pipe = self.client.pipeline(transaction=False)
         await self._read(keys=[k.meta, k.due, *(k.customer(c) for c in ids)],
-                         args=["" if hint_ms is None else hint_ms, max_due, k.customer(""),
-                               *FIELDS], client=pipe)
+                         args=["" if hint_ms is None else hint_ms, max_due, k.customer("")],
+                         client=pipe)
         for p in others:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
         pipe.get(model_keys(self.namespace)[1])
         reply, *clocks, version = await pipe.execute()
-        (offset, wm, asof, thr, seq, seen), due_flat = reply[0], reply[1]
+        (offset, wm, asof, thr, seq, seen), due_flat, named, due_values = reply
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
-        customers = {cid: decode(cid, f) for cid, f in zip(ids, reply[2:2 + len(ids)],
-                                                             strict=True)}
-        for (_, cid), f in zip(dues, reply[2 + len(ids):], strict=True):
-            customers.setdefault(cid, decode(cid, f))
+        customers = {cid: decode(cid, v) for cid, v in zip(ids, named, strict=True)}
+        for (_, cid), v in zip(dues, due_values, strict=True):
+            if cid not in customers:
+                customers[cid] = decode(cid, v)
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
             tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
@@ -189,25 +204,10 @@ class RedisStore:
         ids = list(dict.fromkeys(customer_ids))
         k = self.keys(partition)
         pipe = self.client.pipeline(transaction=False)
-        for cid in ids:
-            pipe.hgetall(k.customer(cid))
-        return {cid: decode(cid, f) for cid, f in zip(ids, await pipe.execute(), strict=True)}
-
-    async def population_values(self, partition: int, customer_ids: Iterable[str]
-                                ) -> dict[str, tuple[int, int, int]]:
-        """``{customer: (last purchase ms, frequency, monetary minor)}`` from the population
-        sorted sets, for the customers that are scored."""
-        ids = list(dict.fromkeys(customer_ids))
-        if not ids:
-            return {}
-        k = self.keys(partition)
-        pipe = self.client.pipeline(transaction=False)
-        for key in (k.z_last, k.z_freq, k.z_mon):
-            pipe.zmscore(key, ids)
-        last, freq, mon = await pipe.execute()
-        return {cid: (int(a), int(b), int(c)) for cid, a, b, c in zip(ids, last, freq, mon,
-                                                                      strict=True)
-                if a is not None and b is not None and c is not None}
+        for i in range(0, len(ids), 1000):  # every key is in the partition's slot
+            pipe.mget([k.customer(c) for c in ids[i:i + 1000]])
+        values = [v for reply in await pipe.execute() for v in reply]
+        return {cid: decode(cid, v) for cid, v in zip(ids, values, strict=True)}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
                      writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]],
@@ -233,12 +233,13 @@ class RedisStore:
             if w.customer is None:
                 writes_json.append([w.customer_id, _opt(w.due_ms), None, None])
                 continue
-            fields = encode(w.customer)
+            pop = w.population
             writes_json.append([w.customer_id, _opt(w.due_ms),
-                                False if w.population is None else [str(x) for x in w.population],
-                                [fields[f] for f in FIELDS]])
+                                False if pop is None else [str(pop[0]), str(pop[1]), str(pop[2])],
+                                encode(w.customer), w.previous_segment or "",
+                                w.customer.segment or ""])
         payload = orjson.dumps({"meta": {f: str(v) for f, v in meta.items()},
-                                "fields": FIELDS, "writes": writes_json,
+                                "writes": writes_json,
                                 "outbox": [list(e) for e in outbox],
                                 "model": [str(model[0]), model[1]] if model else None})
         args = [expected_seq, payload]
@@ -252,16 +253,20 @@ class RedisStore:
                 raise ConflictError(partition, expected_seq, int(text.split()[1])) from exc
             raise
 
-    async def members_between(self, partition: int,
-                              ranges: Sequence[tuple[str, float, float]]) -> set[str]:
+    async def population_between(self, partition: int,
+                                 ranges: Sequence[tuple[str, float, float]]
+                                 ) -> tuple[list[str], npt.NDArray[np.int64]]:
         """Customers of a partition whose population value lies in any of the closed ranges
-        ``(kind, low, high)``, kind ``last`` (epoch ms), ``freq`` or ``mon`` (minor units)."""
+        ``(kind, low, high)``, kind ``last`` (epoch ms), ``freq`` or ``mon`` (minor units), in
+        one call: their ids and an int64 array of shape (N, 3) of (last purchase ms,
+        frequency, monetary minor)."""
         k = self.keys(partition)
-        zkey = {"last": k.z_last, "freq": k.z_freq, "mon": k.z_mon}
-        pipe = self.client.pipeline(transaction=False)
+        kinds = {"last": 1, "freq": 2, "mon": 3}
+        args: list[str | int] = []
         for kind, lo, hi in ranges:
-            pipe.zrangebyscore(zkey[kind], lo, hi)
-        return {m for reply in await pipe.execute() for m in reply}
+            args += [kinds[kind], _bound(lo), _bound(hi)]
+        ids, flat = await self._between(keys=[k.z_last, k.z_freq, k.z_mon], args=args)
+        return list(ids), np.asarray(flat, dtype=np.int64).reshape(-1, 3)
 
     # --- population statistics ------------------------------------------------------------
     async def population(self, partitions: Iterable[int]) -> int:
@@ -421,11 +426,9 @@ class RedisStore:
         while True:
             cursor, names = await self.client.scan(cursor, match=k.customer_pattern, count=count)
             if names:
-                pipe = self.client.pipeline(transaction=False)
-                for name in names:
-                    pipe.hmget(name, *FIELDS)
-                page = [decode(name[prefix_len:], f)
-                        for name, f in zip(names, await pipe.execute(), strict=True)]
+                values = await self.client.mget(names)
+                page = [decode(name[prefix_len:], v)
+                        for name, v in zip(names, values, strict=True)]
                 yield [c for c in page if c is not None]
             if cursor == 0:
                 return
@@ -459,23 +462,19 @@ class RedisStore:
         for n in await pipe.execute():
             starts.append(total)
             total += int(n)
-        pipe = self.client.pipeline(transaction=False)
-        asked = []
+        local: dict[int, list[int]] = {}  # partition index -> ranks within it, in order
         for r in ranks:
-            if not 0 <= r < total:
-                continue
-            i = max(j for j, s0 in enumerate(starts) if s0 <= r)
-            k = self.keys(parts[i])
-            pipe.zrange(k.z_last, r - starts[i], r - starts[i], withscores=True)
-            asked.append(k)
-        rows = await pipe.execute()
+            if 0 <= r < total:
+                i = max(j for j, s0 in enumerate(starts) if s0 <= r)
+                local.setdefault(i, []).append(r - starts[i])
         pipe = self.client.pipeline(transaction=False)
-        lasts = []
-        for k, row in zip(asked, rows, strict=True):
-            member, last = row[0]
-            pipe.zscore(k.z_freq, member)
-            pipe.zscore(k.z_mon, member)
-            lasts.append(int(last))
-        values = await pipe.execute()
-        return [(last, int(values[2 * j]), int(values[2 * j + 1]))
-                for j, last in enumerate(lasts)]
+        for i, rs in local.items():
+            k = self.keys(parts[i])
+            await self._sample(keys=[k.z_last, k.z_freq, k.z_mon], args=rs, client=pipe)
+        found = {i: iter(reply) for i, reply in zip(local, await pipe.execute(), strict=True)}
+        out = []
+        for r in ranks:
+            if 0 <= r < total:
+                it = found[max(j for j, s0 in enumerate(starts) if s0 <= r)]
+                out.append((int(float(next(it))), int(float(next(it))), int(float(next(it)))))
+        return out

@@ -222,16 +222,31 @@ class ClusterModel:
 
     def predict(self, x: dict[str, float]) -> int | None:
         """Public cluster id of one feature dict (:func:`features`), or None when not ready."""
+        return self._nearest(x["recency"], x["frequency"], x["monetary"])
+
+    def predict_rfm(self, recency_days: float, frequency: float, monetary: float) -> int | None:
+        """:meth:`predict` of ``features(recency_days, frequency, monetary)`` (the planner's
+        hot path: no dict)."""
+        return self._nearest(math.log1p(recency_days), math.log1p(frequency),
+                             math.log1p(monetary))
+
+    def _nearest(self, *x: float) -> int | None:
         if not self.ready:
             return None
+        (m0, m1, m2), (s0, s1, s2) = self.means, self.sds
+        z0 = (x[0] - m0) / s0 if s0 > 0 else 0.0
+        z1 = (x[1] - m1) / s1 if s1 > 0 else 0.0
+        z2 = (x[2] - m2) / s2 if s2 > 0 else 0.0
         best, best_d = 0, math.inf
-        z = [(x[f] - m) / s if s > 0 else 0.0 for f, m, s in zip(FEATURES, self.means,
-                                                                  self.sds, strict=True)]
-        for i, row in enumerate(self.centroids.tolist()):
-            d = (z[0] - row[0]) ** 2 + (z[1] - row[1]) ** 2 + (z[2] - row[2]) ** 2
+        for i, (c0, c1, c2) in enumerate(self._rows):
+            d = (z0 - c0) ** 2 + (z1 - c1) ** 2 + (z2 - c2) ** 2
             if d < best_d:
                 best, best_d = i, d
         return self.ids[best]
+
+    @functools.cached_property
+    def _rows(self) -> list[tuple[float, float, float]]:
+        return [tuple(row) for row in self.centroids.tolist()]
 
     def predict_many(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Public cluster ids of many customers; shape (N, 3) log-scaled features in

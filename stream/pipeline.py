@@ -367,15 +367,14 @@ class BatchProcessor:
                                ("mon", old.m_above, new.m_above)):
                 ranges += [(kind, min(x, y), max(x, y) + 1)
                            for x, y in zip(a, b, strict=True) if x != y]
-        near = await self.store.members_between(partition, ranges)
-        if old is None or old.anchor_ms is None:
-            return sorted(near)
-
-        def segment(t: Thresholds, last: int, f: int, m: int) -> str:
-            return self.table.lookup(*t.score(t.scoring_days(last, 0), f, m)).name
-
-        values = await self.store.population_values(partition, near)
-        return sorted(c for c, v in values.items() if segment(old, *v) != segment(new, *v))
+        ids, values = await self.store.population_between(partition, ranges)
+        if old is None or old.anchor_ms is None or not ids:
+            return sorted(ids)
+        last, f, m = values[:, 0], values[:, 1], values[:, 2]
+        before = self.table.lookup_many(old.score_many(last, 0, f, m))
+        after = self.table.lookup_many(new.score_many(last, 0, f, m))
+        return sorted(c for c, moved in zip(ids, (before != after).tolist(), strict=True)
+                      if moved)
 
     async def refresh_thresholds(self, view: PartitionView, now: int) -> Thresholds:
         """Thresholds from the current population of all partitions, anchored at the

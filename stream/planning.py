@@ -27,8 +27,8 @@ from state.rfm import (
     window_expiry_ms,
 )
 from state.store import CustomerWrite, PartitionView, StoredCustomer
-from stream.changes import change_id, is_change
-from stream.clustering import ClusterModel, features
+from stream.changes import change_id, changes
+from stream.clustering import ClusterModel
 from stream.events import Assignment, SegmentChanged
 from stream.scoring import Thresholds
 from stream.segments import SegmentTable
@@ -69,6 +69,10 @@ class Plan:
     watermark: int | None = None
     as_of: int | None = None
     applied_any: bool = False
+
+
+def _segment(c: StoredCustomer | None) -> str | None:
+    return None if c is None else c.segment
 
 
 class _Planner:
@@ -135,29 +139,29 @@ class _Planner:
         f, m = frequency_monetary(s, t, ctx.policy.window)
         scores = ctx.thresholds.score(ctx.thresholds.scoring_days(s.last_purchase_ms, t), f, m)
         segment = ctx.table.lookup(*scores)
-        x = features(days, f, m / 10 ** ctx.currency_decimals)
-        previous = None if c.segment is None else Assignment(segment=c.segment,
-                                                             cluster=c.cluster)
-        if event is None and previous is not None and previous.segment == segment.name:
+        if event is None and c.segment == segment.name:
             cluster = c.cluster  # no cluster-only change without the customer's own event
+        elif ctx.model is not None:
+            cluster = ctx.model.predict_rfm(days, f, m / 10 ** ctx.currency_decimals)
         else:
-            cluster = ctx.model.predict(x) if ctx.model is not None else None
-        new = Assignment(segment=segment.name, cluster=cluster)
+            cluster = None
         cause = self._cause(event, c, scores)
         hold = None if cause == "purchase" else ctx.policy.dwell_until(c.changed_ms)
         deferred = None
-        if is_change(previous, new, features_changed=event is not None):
-            if previous is not None and hold is not None and t < hold:
-                deferred = hold  # the flapping guard: decided again when it ends
-                c = replace(c, held_cause=cause)
+        published, changed_ms, held = (c.segment, c.cluster), c.changed_ms, c.held_cause
+        if changes(c.segment, c.cluster, segment.name, cluster, event is not None):
+            if c.segment is not None and hold is not None and t < hold:
+                deferred, held = hold, cause  # the flapping guard: decided again when it ends
             else:
-                p.changes.append(self._change(cid, c, previous, new, scores, segment.strategy,
-                                              days, f, m, cause, event, due_ms))
-                c = replace(c, segment=new.segment, cluster=new.cluster, scores=scores,
-                            changed_ms=t, held_cause=None)
-        elif c.held_cause is not None:
-            c = replace(c, held_cause=None)  # back where it was published: nothing to tell
-        self.book[cid] = replace(c, scores=scores)  # scores as of this evaluation
+                p.changes.append(self._change(cid, c, segment.name, cluster, scores,
+                                              segment.strategy, days, f, m, cause, event,
+                                              due_ms))
+                published, changed_ms, held = (segment.name, cluster), t, None
+        else:
+            held = None  # back where it was published (if held): nothing to tell
+        # scores as of this evaluation
+        self.book[cid] = StoredCustomer(cid, s, published[0], published[1], scores, changed_ms,
+                                        held)
         nxt = earliest(ctx.thresholds.next_recency_change_ms(s.last_purchase_ms, t),
                        window_expiry_ms(s, t, ctx.policy.window), deferred)
         self.due[cid] = nxt
@@ -176,12 +180,14 @@ class _Planner:
         return "rescore" if any(a > b for a, b in zip(scores, c.scores, strict=True)) \
             else "inactivity"
 
-    def _change(self, cid: str, c: StoredCustomer, previous: Assignment | None,
-                new: Assignment, scores: tuple[int, int, int], strategy: str, days: int,
-                f: int, m: int, cause: str, event: StateEvent | None,
-                due_ms: int | None) -> SegmentChanged:
+    def _change(self, cid: str, c: StoredCustomer, segment: str, cluster: int | None,
+                scores: tuple[int, int, int], strategy: str, days: int, f: int, m: int,
+                cause: str, event: StateEvent | None, due_ms: int | None) -> SegmentChanged:
         ctx, t = self.ctx, self.plan.as_of
         assert t is not None
+        previous = (None if c.segment is None
+                    else Assignment(segment=c.segment, cluster=c.cluster))
+        new = Assignment(segment=segment, cluster=cluster)
         ref = event.event_id if event is not None else f"{cause}@{due_ms}"
         return SegmentChanged(
             change_id=change_id(cid, ref, previous, new), customer_id=cid, previous=previous,
@@ -233,7 +239,9 @@ class _Planner:
                                                         ctx.now_ms, own_active))
         p.more = stopped
         p.outcome = BatchOutcome(applied, dup_off, dup_ev)
-        p.writes = [CustomerWrite(cid, self.due.get(cid), self.book[cid], pop)
+        read = view.customers
+        p.writes = [CustomerWrite(cid, self.due.get(cid), self.book[cid], pop,
+                                  _segment(read.get(cid)))
                     for cid, pop in self.touched.items()]
         p.writes += [CustomerWrite(cid, self.due.get(cid)) for cid in sorted(self.due_only)]
         return p

@@ -170,6 +170,22 @@ class Thresholds:
                 1 + (monetary_minor > m[0]) + (monetary_minor > m[1]) + (monetary_minor > m[2])
                 + (monetary_minor > m[3]))
 
+    def score_many(self, last_purchase_ms: npt.ArrayLike, as_of_ms: int,
+                   frequency: npt.ArrayLike, monetary_minor: npt.ArrayLike
+                   ) -> npt.NDArray[np.int64]:
+        """:meth:`score` of N customers at once: arrays of shape (N,) in (last purchase ms,
+        frequency, monetary minor); returns an int64 array of shape (N, 3) of (R, F, M)."""
+        at = as_of_ms if self.anchor_ms is None else self.anchor_ms
+        days = np.maximum(0, (at - np.asarray(last_purchase_ms, dtype=np.int64)) // MS_PER_DAY)
+        f = np.asarray(frequency, dtype=np.int64)
+        m = np.asarray(monetary_minor, dtype=np.int64)
+        out = np.ones((days.shape[0], 3), dtype=np.int64)
+        for j in range(4):
+            out[:, 0] += days < self.r_below[j]
+            out[:, 1] += f > self.f_above[j]
+            out[:, 2] += m > self.m_above[j]
+        return out
+
     @classmethod
     def fixed(cls, t: FixedThresholds) -> Thresholds:
         """The fixed business thresholds in this form."""

@@ -7,12 +7,16 @@ the per-group strategy customer-portfolio management asks for.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 
 class SegmentTableError(ValueError):
@@ -55,6 +59,20 @@ class SegmentTable:
             When a score is outside 1-5.
         """
         return self.segments[self._cells[(r, f, m)]]
+
+    def lookup_many(self, scores: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """:meth:`lookup` of N score triples at once: ``scores`` of shape (N, 3), each 1-5;
+        returns shape (N,) positions of the segments in ``list(self.segments)``."""
+        s = np.asarray(scores, dtype=np.int64).reshape(-1, 3)
+        return self._grid[s[:, 0], s[:, 1], s[:, 2]]
+
+    @functools.cached_property
+    def _grid(self) -> npt.NDArray[np.int64]:
+        names = list(self.segments)
+        grid = np.full((6, 6, 6), -1, dtype=np.int64)
+        for (r, f, m), name in self._cells.items():
+            grid[r, f, m] = names.index(name)
+        return grid
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmentTable:

@@ -1,20 +1,22 @@
 -- commit.lua: write one planned step of one partition atomically, compare-and-set on the
--- partition's commit sequence (meta field seq, +1 per commit): the customers' new states,
--- published segments (with the per-segment counts), population sorted sets and due times,
--- the partition's meta fields, and the outbox entries of the changes and dead letters.
+-- partition's commit sequence (meta field seq, +1 per commit): the customers' new stored
+-- values, published segments (with the per-segment counts), population sorted sets and due
+-- times, the partition's meta fields, and the outbox entries of the changes and dead letters.
 -- The caller computed all of it from what it read at sequence ARGV[1]; if another writer
 -- committed since, nothing is written.
 --
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
 -- KEYS[7] outbox  KEYS[8] model  KEYS[9] model:version
--- KEYS[10 ..] one hash per written customer, in the order of "writes"
+-- KEYS[10 ..] one string per written customer, in the order of "writes"
 -- ARGV[1] expected seq (-1 when none)
--- ARGV[2] JSON {"meta": {field: value}, "fields": [hash field names],
---               "writes": [[id, due, null | [last, freq, mon] | false, [values] | null]],
+-- ARGV[2] JSON {"meta": {field: value},
+--               "writes": [[id, due, null | [last, freq, mon] | false, value | null,
+--                           old segment, new segment]],
 --               "outbox": [[kind, text]], "model": null | [version, snapshot JSON]}
---   a write with values null writes the due time only, keeping the earlier of two;
+--   a write with value null writes the due time only, keeping the earlier of two;
 --   due "" = none (removed); population false = not scored (removed from the sorted sets);
---   a value "" deletes the hash field. Numbers travel as strings (exact in any width).
+--   segments "" = none (the old one is what the caller read at the expected seq).
+--   Numbers travel as strings (exact in any width).
 --   outbox kind: "c" segment change | "d" dead letter.
 -- Returns the new seq.  Errors "CONFLICT <stored seq>" when the stored seq is not ARGV[1].
 
@@ -24,12 +26,9 @@ if stored ~= tonumber(ARGV[1]) then
 end
 local p = cjson.decode(ARGV[2])
 for field, value in pairs(p.meta) do redis.call('HSET', KEYS[1], field, value) end
-local fields = p.fields
-local seg_field = nil
-for i, f in ipairs(fields) do if f == 'seg' then seg_field = i end end
 for ci, w in ipairs(p.writes) do
-  local key, id, due, pop, values = KEYS[9 + ci], w[1], w[2], w[3], w[4]
-  if values == cjson.null then
+  local id, due, pop, value = w[1], w[2], w[3], w[4]
+  if value == cjson.null then
     if due == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], 'LT', due, id) end
   else
     if due == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], due, id) end
@@ -39,19 +38,12 @@ for ci, w in ipairs(p.writes) do
       redis.call('ZADD', KEYS[2], pop[1], id); redis.call('ZADD', KEYS[3], pop[2], id)
       redis.call('ZADD', KEYS[4], pop[3], id)
     end
-    local old = redis.call('HGET', key, 'seg') or ''
-    local new = values[seg_field]
+    local old, new = w[5], w[6]
     if old ~= new then
       if old ~= '' then redis.call('HINCRBY', KEYS[6], old, -1) end
       if new ~= '' then redis.call('HINCRBY', KEYS[6], new, 1) end
     end
-    local set, del = {}, {}
-    for i, f in ipairs(fields) do
-      local v = values[i]
-      if v == '' then del[#del + 1] = f else set[#set + 1] = f; set[#set + 1] = v end
-    end
-    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
-    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+    redis.call('SET', KEYS[9 + ci], value)
   end
 end
 for _, entry in ipairs(p.outbox) do

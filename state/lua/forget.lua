@@ -1,15 +1,20 @@
 -- forget.lua: erase one customer from its partition (a data-protection request), atomically:
--- the state hash, the population sorted sets, the due set, the per-segment count, and every
+-- the stored value, the population sorted sets, the due set, the per-segment count, and every
 -- outbox entry not yet published that is about the customer (segment changes, and dead
 -- letters whose record key is the customer id); then queue a tombstone for the compacted
 -- customer-segments topic in the same outbox, so it is published after anything about the
 -- customer that a publisher may have in flight. The partition's commit sequence moves on, so
 -- a step computed before the erasure cannot write the customer back.
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
--- KEYS[7] the customer's hash  KEYS[8] outbox      ARGV[1] customer id
+-- KEYS[7] the customer's value  KEYS[8] outbox      ARGV[1] customer id
 -- Returns {existed (0|1), outbox entries removed}.
 local id = ARGV[1]
-local seg = redis.call('HGET', KEYS[7], 'seg')
+local value = redis.call('GET', KEYS[7])
+local seg = nil
+if value then  -- the stored value is [format, segment, ...] (state/codec.py)
+  local ok, stored = pcall(cjson.decode, value)
+  if ok and type(stored) == 'table' and type(stored[2]) == 'string' then seg = stored[2] end
+end
 local existed = redis.call('DEL', KEYS[7])
 for k = 2, 5 do redis.call('ZREM', KEYS[k], id) end
 if seg and seg ~= '' then redis.call('HINCRBY', KEYS[6], seg, -1) end

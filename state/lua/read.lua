@@ -1,19 +1,17 @@
 -- read.lua: what a step of one partition starts from, in one call (read only; every key is in
--- the partition's slot: the due customers' hashes are the prefix ARGV[3] plus their id).
+-- the partition's slot: the due customers' keys are the prefix ARGV[3] plus their id).
 --
 -- KEYS[1]      meta hash of the partition     KEYS[2] due sorted set (customer -> due ms)
--- KEYS[3 ..]   the hashes of the customers the batch names
+-- KEYS[3 ..]   the customers the batch names (their stored values)
 -- ARGV[1]      hint: an event time (epoch ms) the step may reach, or ''
 -- ARGV[2]      at most this many due customers    ARGV[3] customer key prefix
--- ARGV[4 ..]   the customer hash fields to return, in order
 --
 -- Due customers are those whose due time is <= max(asof, wm, hint): the furthest the step's
 -- as-of time can go. They come in (due, id) order, at most ARGV[2] of them.
 -- Returns {{offset, wm, asof, thr, seq, seen}, {id1, due1, id2, due2, ...},
---          fields of each KEYS[3..] customer, fields of each due customer}
+--          {value of each KEYS[3..] customer}, {value of each due customer}}
+-- (a customer with no stored value is false)
 
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 local meta = redis.call('HMGET', KEYS[1], 'offset', 'wm', 'asof', 'thr', 'seq', 'seen')
 local upper = nil
 for _, v in ipairs({meta[2], meta[3], ARGV[1]}) do
@@ -25,11 +23,15 @@ if upper ~= nil then
   due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', upper),
                    'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 end
-local out = {meta, due}
-for k = 3, #KEYS do
-  out[#out + 1] = redis.call('HMGET', KEYS[k], unpack(fields))
+-- MGET in chunks (unpack has a limit on how many values it returns)
+local function mget(keys, first)
+  local out = {}
+  for i = first, #keys, 1000 do
+    local part = redis.call('MGET', unpack(keys, i, math.min(i + 999, #keys)))
+    for _, v in ipairs(part) do out[#out + 1] = v end
+  end
+  return out
 end
-for i = 1, #due, 2 do
-  out[#out + 1] = redis.call('HMGET', ARGV[3] .. due[i], unpack(fields))
-end
-return out
+local due_keys = {}
+for i = 1, #due, 2 do due_keys[#due_keys + 1] = ARGV[3] .. due[i] end
+return {meta, due, mget(KEYS, 3), mget(due_keys, 1)}

@@ -84,7 +84,9 @@ def test_committed_steps_read_back_exactly(redis_url, steps):
                     s = c.state
                     pop = None if s.last_purchase_ms is None else (
                         s.last_purchase_ms, s.frequency, s.monetary_minor)
-                    writes.append(CustomerWrite(c.customer_id, due, c, pop))
+                    before = expected.get(c.customer_id)
+                    writes.append(CustomerWrite(c.customer_id, due, c, pop,
+                                                before[0].segment if before else None))
                     expected[c.customer_id] = (c, due)
                 seq = await store.commit(0, seq, {"asof": 5}, writes, [])
             back = await store.read_customers(0, list(expected))
@@ -175,7 +177,8 @@ async def test_order_statistics_match_brute_force_across_partitions(stack):
     assert stats.monetary_kth_smallest == tuple(mon[k - 1] for k in ranks)
     with pytest.raises(ValueError):
         await store.order_statistics(range(3), as_of, (42,))
-    between = await store.members_between(0, [("freq", 2, 3), ("mon", 0, 0)])
-    assert between == {cid for cid, (p, _, f, m) in people.items()
-                       if p == 0 and (2 <= f <= 3 or m == 0)}
+    ids, values = await store.population_between(0, [("freq", 2, 3), ("mon", 0, 0)])
+    assert sorted(ids) == sorted(cid for cid, (p, _, f, m) in people.items()
+                                 if p == 0 and (2 <= f <= 3 or m == 0))
+    assert [tuple(v) for v in values.tolist()] == [people[c][1:] for c in ids]
     await store.client.aclose()
