@@ -185,11 +185,13 @@ class _Planner:
                 cause: str, event: StateEvent | None, due_ms: int | None) -> SegmentChanged:
         ctx, t = self.ctx, self.plan.as_of
         assert t is not None
+        # built by this code from checked values: model_construct skips re-validation (the
+        # planner tests check the changes against the model's schema)
         previous = (None if c.segment is None
-                    else Assignment(segment=c.segment, cluster=c.cluster))
-        new = Assignment(segment=segment, cluster=cluster)
+                    else Assignment.model_construct(segment=c.segment, cluster=c.cluster))
+        new = Assignment.model_construct(segment=segment, cluster=cluster)
         ref = event.event_id if event is not None else f"{cause}@{due_ms}"
-        return SegmentChanged(
+        return SegmentChanged.model_construct(
             change_id=change_id(cid, ref, previous, new), customer_id=cid, previous=previous,
             current=new, recency_days=days, frequency=f,
             monetary=Decimal(m).scaleb(-ctx.currency_decimals), currency=ctx.currency,

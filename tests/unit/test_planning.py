@@ -69,3 +69,25 @@ def test_due_customers_fire_in_order_before_the_event_that_passes_them():
     assert capped.more and capped.consumed == 1 and capped.as_of == 31 * DAY
     assert [(c.customer_id, c.cause) for c in capped.changes] == [
         ("a", "purchase"), ("w", "inactivity")]
+
+
+def test_planned_changes_are_valid_segment_changed_events():
+    """The planner builds changes without re-validation (model_construct): each must survive
+    a round trip through the published JSON and the schema's validation unchanged."""
+    from stream.clustering import CustomerClusterer, ClusterModel, features
+    from stream.events import SegmentChanged
+
+    model = CustomerClusterer(min_customers=1)
+    for d, f, m in [(1, 1, 10.0), (300, 1, 5.0), (2, 9, 900.0)]:
+        model.learn_one(features(d, f, m), new_customer=True)
+    c = PlanContext(SegmentTable.load(), FIXED, ClusterModel.from_snapshot(model.to_snapshot()),
+                    Limits(), "USD", 2, now_ms=5 * DAY, policy=TimePolicy(min_dwell_ms=0))
+    recs = [buy(0, "x", 0, amount=1234), buy(1, "x", H, "o2"), buy(2, "x", 2 * H, "o2",
+            kind="refund", amount=1), buy(3, "y", 40 * DAY)]
+    plan = plan_step(view(), recs, c)
+    assert len(plan.changes) >= 3
+    assert any(ch.current.cluster is not None for ch in plan.changes)
+    for change in plan.changes:
+        again = SegmentChanged.model_validate_json(change.model_dump_json())
+        assert again == change
+        assert again.model_dump() == change.model_dump()

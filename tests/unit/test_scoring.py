@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.scoring import FixedThresholds, population_scores, quintile_score
+from stream.scoring import FixedThresholds, Thresholds, population_scores, quintile_score
 
 
 def test_hand_worked_quintiles_with_ties():
@@ -68,3 +68,14 @@ def test_population_thresholds_score_like_the_quintile_rule(customers):
     want = list(zip(population_scores(rec, False).tolist(), population_scores(freq, True).tolist(),
                     population_scores(mon, True).tolist(), strict=True))
     assert got == want
+
+
+@given(st.lists(st.tuples(st.integers(0, 2 * 10**12), st.integers(0, 50),
+                          st.integers(0, 10**7)), min_size=1, max_size=50),
+       st.integers(0, 2 * 10**12), st.booleans())
+def test_score_many_equals_score_one_by_one(rows, as_of, anchored):
+    t = Thresholds("q", (3, 30, 90, 365), (1, 2, 4, 8), (100, 1000, 5000, 20000), 10,
+                   as_of if anchored else None)
+    last, f, m = (np.array([r[i] for r in rows]) for i in range(3))
+    got = t.score_many(last, as_of, f, m).tolist()
+    assert got == [list(t.score(t.scoring_days(a, as_of), b, c)) for a, b, c in rows]

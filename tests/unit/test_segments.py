@@ -19,6 +19,14 @@ def test_default_table_matches_the_hand_written_grid_for_all_125_triples():
     assert "loyalty" in t.lookup(5, 5, 5).strategy.lower()
 
 
+def test_lookup_many_matches_the_hand_written_grid():
+    t = SegmentTable.load()
+    triples = [(r, f, m) for r in range(1, 6) for f in range(1, 6) for m in range(1, 6)]
+    names = list(t.segments)
+    got = t.lookup_many(triples).tolist()
+    assert [names[i] for i in got] == [GRID[r][f - 1] for r, f, _ in triples]
+
+
 def _table(rules_a, rules_b):
     return {"version": "x", "segment": [
         {"name": "A", "strategy": "a", "rules": rules_a},
