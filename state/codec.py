@@ -59,8 +59,7 @@ def encode(c: StoredCustomer) -> str:
     return orjson.dumps([
         FORMAT, c.segment, c.cluster, s.frequency, s.purchases_minor, s.refunds_minor,
         s.last_purchase_ms, s.first_purchase_ms, s.recent_event_ids,
-        [(o.order_id, o.bought_minor, o.refunded_minor, o.first_ms) for o in s.orders],
-        [(b.index, b.orders, b.purchases_minor, b.refunds_minor) for b in s.buckets],
+        list(map(tuple, s.orders)), list(map(tuple, s.buckets)),
         None if sc is None else sc[0] * 100 + sc[1] * 10 + sc[2],
         c.changed_ms, c.held_cause]).decode("utf-8")
 
@@ -82,8 +81,7 @@ def decode(customer_id: str, value: str | bytes | None) -> StoredCustomer | None
         raise ValueError(f"customer {customer_id!r}: malformed stored value ({exc})") from exc
     if fmt != FORMAT:
         raise ValueError(f"customer {customer_id!r}: stored format {fmt!r}, expected {FORMAT}")
-    state = CustomerState(f, buy, ref, last, first, tuple(ev),
-                          tuple([Order(*o) for o in orders]),
-                          tuple([Bucket(*b) for b in buckets]))
+    state = CustomerState(f, buy, ref, last, first, tuple(ev), tuple(map(Order._make, orders)),
+                          tuple(map(Bucket._make, buckets)))
     return StoredCustomer(customer_id, state, seg, cl,
                           None if sc is None else (sc // 100, sc // 10 % 10, sc % 10), chg, hc)

@@ -10,7 +10,9 @@ Kinds
 ``meta``          hash: ``offset`` (last applied Kafka offset), ``wm`` (max event time, epoch ms),
                   ``asof`` (the partition's as-of time, epoch ms, never moving back), ``seen``
                   (wall clock of the last applied event, for idleness), ``thr`` (the
-                  partition's current scoring thresholds, JSON), ``seq`` (commit sequence)
+                  partition's current scoring thresholds, JSON), ``seq`` (commit sequence),
+                  ``tok`` (random token of the last commit: a writer's customer cache is
+                  valid while it is the token that writer committed)
 ``c:<id>``        string: the customer's RFM state and what was last published for it
                   (fields in ``state/codec.py``)
 ``due``           sorted set: customer -> event time (epoch ms) at which it must be re-scored

@@ -28,8 +28,8 @@ Rules (README "RFM definitions"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 MS_PER_DAY = 86_400_000
 
@@ -115,8 +115,7 @@ class StateEvent:
     occurred_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Order:
+class Order(NamedTuple):
     """A remembered purchase order: amounts bought and refunded (minor units) and the event
     time of its first line (epoch ms), which places it in a window bucket."""
 
@@ -131,8 +130,7 @@ class Order:
         return 0 < self.bought_minor <= self.refunded_minor
 
 
-@dataclass(frozen=True, slots=True)
-class Bucket:
+class Bucket(NamedTuple):
     """One window bucket: orders, purchases and refunds (minor units) whose time falls in it."""
 
     index: int
@@ -234,35 +232,31 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
         buckets = _add_to_bucket(current.buckets, window, t, refunds=amount)
         frequency, orders = current.frequency, current.orders
         if known is not None:
-            updated = replace(known, refunded_minor=known.refunded_minor + amount)
+            updated = known._replace(refunded_minor=known.refunded_minor + amount)
             orders = tuple(updated if o is known else o for o in orders)
             if updated.returned and not known.returned:
                 frequency -= 1
                 buckets = _add_to_bucket(buckets, window, known.first_ms, orders=-1)
-        return replace(current, frequency=frequency, orders=orders, buckets=buckets,
-                       refunds_minor=current.refunds_minor + amount,
-                       recent_event_ids=event_ids), True
+        return CustomerState(frequency, current.purchases_minor,
+                             current.refunds_minor + amount, current.last_purchase_ms,
+                             current.first_purchase_ms, event_ids, orders, buckets), True
     if known is None:
         order = Order(event.order_id, amount, 0, t)
         orders = ((order,) + current.orders)[:limits.order_ids]
         counted = 1
         buckets = _add_to_bucket(current.buckets, window, t, orders=1, purchases=amount)
     else:
-        order = replace(known, bought_minor=known.bought_minor + amount)
+        order = known._replace(bought_minor=known.bought_minor + amount)
         orders = tuple(order if o is known else o for o in current.orders)
         counted = int(known.returned) - int(order.returned)
         buckets = _add_to_bucket(current.buckets, window, t, purchases=amount)
         if counted:
             buckets = _add_to_bucket(buckets, window, known.first_ms, orders=counted)
     last, first = current.last_purchase_ms, current.first_purchase_ms
-    return replace(
-        current,
-        frequency=current.frequency + counted,
-        purchases_minor=current.purchases_minor + amount,
-        last_purchase_ms=t if last is None else max(last, t),
-        first_purchase_ms=t if first is None else min(first, t),
-        recent_event_ids=event_ids, orders=orders, buckets=buckets,
-    ), True
+    return CustomerState(current.frequency + counted, current.purchases_minor + amount,
+                         current.refunds_minor, t if last is None else max(last, t),
+                         t if first is None else min(first, t), event_ids, orders,
+                         buckets), True
 
 
 def recency_days(last_purchase_ms: int, as_of_ms: int) -> int:

@@ -15,10 +15,11 @@ published segments, due times, outbox entries) is there.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -107,6 +108,17 @@ class CustomerWrite:
     previous_segment: str | None = None
 
 
+class OutboxEntry(NamedTuple):
+    """One outbox entry: its stream id, kind (``c`` segment change, ``d`` dead letter, ``t``
+    tombstone of an erased customer), value (JSON; for ``t`` the customer id) and the Kafka
+    record key to publish it with (None: no key)."""
+
+    entry_id: str
+    kind: str
+    value: str
+    key: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class OrderStatistics:
     """Order statistics of the population (all partitions) at given ranks ``k`` (1-based).
@@ -138,6 +150,15 @@ def _int(value: str | None, default: int) -> int:
     return default if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
+@dataclass
+class _PartitionCache:
+    """The customers a writer committed to one partition, valid while the partition's commit
+    token is ``token``."""
+
+    token: str
+    customers: dict[str, StoredCustomer] = field(default_factory=dict)
+
+
 class RedisStore:
     """Customer state in Redis for one namespace.
 
@@ -147,11 +168,20 @@ class RedisStore:
         A ``redis.asyncio.Redis`` created with ``decode_responses=True``.
     namespace
         Key namespace (``rfm:<namespace>:...``); a replay can rebuild into a fresh one.
+    cache_customers
+        A writer's cache of the customers it committed, per partition (0: none). Each commit
+        stores a random token in the partition's meta; a step's read returns it, and the
+        cached customers are used only while it is the token of this store's own last commit
+        (another writer, a ``forget``, or a Redis that lost writes changes or drops it: the
+        cache of that partition is dropped). Saves reading and decoding hot customers; bounded
+        (a partition's cache is emptied when the total would exceed the bound).
     """
 
-    def __init__(self, client: aioredis.Redis, namespace: str):
+    def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0):
         self.client = client
         self.namespace = namespace
+        self.cache_customers = cache_customers
+        self._cache: dict[int, _PartitionCache] = {}
         PartitionKeys(namespace, 0)  # validates the namespace
         self._commit = client.register_script(_script_text("commit.lua"))
         self._read = client.register_script(_script_text("read.lua"))
@@ -175,22 +205,32 @@ class RedisStore:
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
+        cache = self._cache.get(partition)
+        cached = cache.customers if cache is not None else {}
+        ask = [c for c in ids if c not in cached]
         others = [p for p in partitions if p != partition]
         pipe = self.client.pipeline(transaction=False)
-        await self._read(keys=[k.meta, k.due, *(k.customer(c) for c in ids)],
+        await self._read(keys=[k.meta, k.due, *(k.customer(c) for c in ask)],
                          args=["" if hint_ms is None else hint_ms, max_due, k.customer("")],
                          client=pipe)
         for p in others:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
         pipe.get(model_keys(self.namespace)[1])
         reply, *clocks, version = await pipe.execute()
-        (offset, wm, asof, thr, seq, seen), due_flat, named, due_values = reply
+        (offset, wm, asof, thr, seq, seen, token), due_flat, named, due_values = reply
+        if cache is not None and token != cache.token:  # someone else wrote: read it all
+            del self._cache[partition]
+            return await self.read_partition(partition, ids, partitions, hint_ms, max_due)
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
-        customers = {cid: decode(cid, v) for cid, v in zip(ids, named, strict=True)}
+        customers: dict[str, StoredCustomer | None] = {
+            cid: decode(cid, v) for cid, v in zip(ask, named, strict=True)}
+        for cid in ids:
+            if cid not in customers:
+                customers[cid] = cached[cid]
         for (_, cid), v in zip(dues, due_values, strict=True):
             if cid not in customers:
-                customers[cid] = decode(cid, v)
+                customers[cid] = cached.get(cid) or decode(cid, v)
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
             tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
@@ -203,22 +243,35 @@ class RedisStore:
         """Several customers of one partition (None where unknown)."""
         ids = list(dict.fromkeys(customer_ids))
         k = self.keys(partition)
+        cache = self._cache.get(partition)
+        cached = cache.customers if cache is not None else {}
+        ask = [c for c in ids if c not in cached]
         pipe = self.client.pipeline(transaction=False)
-        for i in range(0, len(ids), 1000):  # every key is in the partition's slot
-            pipe.mget([k.customer(c) for c in ids[i:i + 1000]])
-        values = [v for reply in await pipe.execute() for v in reply]
-        return {cid: decode(cid, v) for cid, v in zip(ids, values, strict=True)}
+        if cache is not None:
+            pipe.hget(k.meta, "tok")
+        for i in range(0, len(ask), 1000):  # every key is in the partition's slot
+            pipe.mget([k.customer(c) for c in ask[i:i + 1000]])
+        replies = await pipe.execute()
+        if cache is not None:
+            if replies[0] != cache.token:
+                del self._cache[partition]
+                return await self.read_customers(partition, ids)
+            replies = replies[1:]
+        values = [v for reply in replies for v in reply]
+        out = {cid: decode(cid, v) for cid, v in zip(ask, values, strict=True)}
+        return {cid: out[cid] if cid in out else cached[cid] for cid in ids}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
-                     writes: Sequence[CustomerWrite], outbox: Sequence[tuple[str, str]],
+                     writes: Sequence[CustomerWrite],
+                     outbox: Sequence[tuple[str, str, str | None]],
                      model: tuple[int, str] | None = None) -> int:
         """Write a planned step atomically if the partition's commit sequence is still
         ``expected_seq``; returns the new sequence.
 
         ``meta``: partition meta fields to set (``offset``, ``wm``, ``asof``, ``seen``,
-        ``thr``); ``outbox``: ``(kind, JSON)`` entries, kind ``c`` (segment change) or ``d``
-        (dead letter); ``model``: ``(version, snapshot JSON)`` a training step published (the
-        trainer partition only).
+        ``thr``); ``outbox``: ``(kind, JSON, record key or None)`` entries, kind ``c``
+        (segment change) or ``d`` (dead letter); ``model``: ``(version, snapshot JSON)`` a
+        training step published (the trainer partition only).
 
         Raises
         ------
@@ -238,20 +291,32 @@ class RedisStore:
                                 False if pop is None else [str(pop[0]), str(pop[1]), str(pop[2])],
                                 encode(w.customer), w.previous_segment or "",
                                 w.customer.segment or ""])
-        payload = orjson.dumps({"meta": {f: str(v) for f, v in meta.items()},
+        token = secrets.token_hex(8)
+        payload = orjson.dumps({"meta": {**{f: str(v) for f, v in meta.items()}, "tok": token},
                                 "writes": writes_json,
-                                "outbox": [list(e) for e in outbox],
+                                "outbox": [[kind, text, key] for kind, text, key in outbox],
                                 "model": [str(model[0]), model[1]] if model else None})
         args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version, *(k.customer(w.customer_id) for w in writes)]
+        cache = self._cache.pop(partition, None)  # unknown until the commit's reply
         try:
-            return int(await self._commit(keys=keys, args=args))
+            seq = int(await self._commit(keys=keys, args=args))
         except ResponseError as exc:
             text = str(exc)
             if text.startswith("CONFLICT"):
                 raise ConflictError(partition, expected_seq, int(text.split()[1])) from exc
             raise
+        if self.cache_customers:
+            customers = cache.customers if cache is not None else {}
+            if sum(len(c.customers) for c in self._cache.values()) + len(customers) \
+                    + len(writes) > self.cache_customers:
+                customers = {}
+            for w in writes:
+                if w.customer is not None:
+                    customers[w.customer_id] = w.customer
+            self._cache[partition] = _PartitionCache(token, customers)
+        return seq
 
     async def population_between(self, partition: int,
                                  ranges: Sequence[tuple[str, float, float]]
@@ -349,13 +414,14 @@ class RedisStore:
         return OrderStatistics(n, tuple(lo[:r]), tuple(lo[r:2 * r]), tuple(lo[2 * r:]))
 
     # --- the outbox -------------------------------------------------------------------------
-    async def outbox_read(self, partition: int, count: int = 500
-                          ) -> list[tuple[str, str, str]]:
-        """The oldest ``count`` outbox entries of a partition: ``(entry id, kind, value)``;
-        kind ``c`` segment change (JSON), ``d`` dead letter (JSON), ``t`` tombstone of an
-        erased customer (the customer id)."""
+    async def outbox_read(self, partition: int, count: int = 500) -> list[OutboxEntry]:
+        """The oldest ``count`` outbox entries of a partition."""
         rows = await self.client.xrange(self.keys(partition).outbox, "-", "+", count=count)
-        return [(eid, fields.get("k", "c"), fields["v"]) for eid, fields in rows]
+        out = []
+        for eid, fields in rows:
+            kind, value = fields.get("k", "c"), fields["v"]
+            out.append(OutboxEntry(eid, kind, value, value if kind == "t" else fields.get("key")))
+        return out
 
     async def outbox_ack(self, partition: int, entry_ids: Sequence[str]) -> int:
         """Delete entries the broker acknowledged; returns how many were deleted."""

@@ -64,6 +64,7 @@ class Services:
     redis_failing: bool = False
     outbox_error: str | None = None
     last_batch: float = field(default_factory=time.monotonic)
+    last_step: dict[int, float] = field(default_factory=dict)  # partition -> monotonic time
 
     async def start(self) -> None:
         """Mark the agent started (idempotent)."""
@@ -76,7 +77,7 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     as a replay's)."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(client, settings.namespace)
+    store = RedisStore(client, settings.namespace, settings.cache_customers)
     table = SegmentTable.load(settings.segment_table)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix, segments=table.segments,
                                   reasons=REASONS, partitions=settings.partitions,
@@ -135,12 +136,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     )
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)
-    topics = {name: app.topic(name, key_type=bytes, value_type=bytes)
-              for name in (settings.dead_letter_topic, settings.segment_changes_topic,
-                           settings.customer_segments_topic)}
-
     async def send(topic: str, key: bytes | None, value: bytes | None) -> Any:
-        return await topics[topic].send(key=key, value=value)
+        # the app's producer itself: no Topic/Channel/FutureMessage layers per record
+        return await app.producer.send(topic, key, value, None, None, None)
 
     services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
                                          settings.customer_segments_topic,
@@ -231,6 +229,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     @app.agent(purchases, concurrency=1)
     async def process_purchases(stream: Any) -> None:
         await services.start()
+        publishing: asyncio.Future[None] | None = None
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             by_partition: dict[int, dict[int, RawRecord]] = {}
             for ev in events:
@@ -248,9 +247,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 log.critical("unrecoverable error, exiting without committing: %r", exc)
                 os._exit(70)
             # the batch's state, changes and dead letters are committed in Redis: its offsets
-            # may be committed to Kafka; the outbox publisher sends what it produced
+            # may be committed to Kafka; the outbox publisher sends what it produced while the
+            # next batch is processed (at most one publication in flight: back-pressure)
             services.last_batch = time.monotonic()
-            await publish_outbox(set(by_partition))
+            for partition in by_partition:
+                services.last_step[partition] = services.last_batch
+            if publishing is not None:
+                await publishing
+            publishing = asyncio.ensure_future(publish_outbox(set(by_partition)))
 
     @app.timer(1.0)
     async def outbox_timer() -> None:
@@ -264,7 +268,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         if not services.started:
             return
         mine = owned_partitions()
-        for partition in sorted(mine):
+        # a partition whose own batches keep coming fires its dues in those steps
+        busy = {p for p, t in services.last_step.items()
+                if time.monotonic() - t < settings.sweep_interval_s}
+        for partition in sorted(mine - busy):
             try:
                 await services.processor.sweep(partition)
             except (RedisError, OSError) as exc:

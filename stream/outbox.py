@@ -13,7 +13,6 @@ changes by the stable ``change_id``, dead letters by source partition and offset
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -64,17 +63,15 @@ class OutboxPublisher:
                     if not entries:
                         break
                     acks = []
-                    for _, kind, value in entries:
+                    for _, kind, value, text_key in entries:
+                        key = None if text_key is None else text_key.encode()
                         if kind == "t":  # an erased customer: null value on the compacted topic
-                            acks.append(await self.send(self.segments_topic, value.encode(), None))
+                            acks.append(await self.send(self.segments_topic, key, None))
                             continue
-                        body, data = json.loads(value), value.encode()
+                        data = value.encode()
                         if kind == "d":
-                            key = (body["key"].encode() if body.get("key") is not None
-                                   and body.get("key_encoding") == "utf-8" else None)
                             acks.append(await self.send(self.dead_letter_topic, key, data))
                             continue
-                        key = str(body["customer_id"]).encode()
                         acks.append(await self.send(self.changes_topic, key, data))
                         acks.append(await self.send(self.segments_topic, key, data))
                     await asyncio.gather(*acks)

@@ -246,8 +246,9 @@ class BatchProcessor:
                 meta["seen"] = now
             if text is not None:
                 meta["thr"] = text
-            outbox = ([("c", c.model_dump_json()) for c in plan.changes]
-                      + [("d", d.model_dump_json()) for d in letters])
+            outbox = ([("c", c.model_dump_json(), c.customer_id) for c in plan.changes]
+                      + [("d", d.model_dump_json(),
+                          d.key if d.key_encoding == "utf-8" else None) for d in letters])
             try:
                 with self.metrics.redis_seconds.labels("commit").time():
                     await self.store.commit(partition, view.seq, meta, plan.writes, outbox,

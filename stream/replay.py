@@ -214,8 +214,7 @@ async def _drain(store, partition: int, producer: AIOKafkaProducer | None,  # ty
         if not entries:
             return
         if producer and topic:
-            sends = [await producer.send(topic, value.encode("utf-8"),
-                                         key=orjson.loads(value)["customer_id"].encode("utf-8"))
-                     for _, kind, value in entries if kind == "c"]
+            sends = [await producer.send(topic, e.value.encode("utf-8"), key=e.key.encode("utf-8"))
+                     for e in entries if e.kind == "c" and e.key is not None]
             await asyncio.gather(*sends)
-        await store.outbox_ack(partition, [eid for eid, _, _ in entries])
+        await store.outbox_ack(partition, [e.entry_id for e in entries])

@@ -104,7 +104,8 @@ def store_for(settings: Settings) -> RedisStore:
 async def wait_applied(store: RedisStore, targets: Mapping[int, int],
                        workers: list[WorkerProcess], timeout_s: float = 300.0,
                        progress: Callable[[int], None] | None = None) -> None:
-    """Wait until Redis's last applied offset of each partition reaches ``targets``.
+    """Wait until Redis's last applied offset of each partition reaches ``targets`` and their
+    outboxes are empty (every segment change and dead letter published).
 
     ``progress`` receives the number of records applied so far (sum over partitions).
 
@@ -118,7 +119,8 @@ async def wait_applied(store: RedisStore, targets: Mapping[int, int],
         meta = await store.partition_meta(targets)
         if progress:
             progress(sum(off + 1 for off, _ in meta.values()))
-        if all(meta[p][0] >= t for p, t in targets.items()):
+        if all(meta[p][0] >= t for p, t in targets.items()) \
+                and await store.outbox_depth(targets) == 0:
             return
         if workers and not any(w.alive() for w in workers):
             raise WorkerError("every worker exited:\n" + workers[-1].log_tail())

@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     window_bucket_days: int = Field(30, ge=1, description="Window bucket width (days)")
     sweep_interval_s: float = Field(1.0, gt=0, description="How often owned partitions are "
                                     "swept for customers due without an event (s)")
+    cache_customers: int = Field(100_000, ge=0, description="Customers a worker keeps decoded "
+                                 "in memory after committing them (0: none; see README)")
     max_due_per_step: int = Field(10_000, ge=1, description="Due customers read per step")
 
     # --- clustering

@@ -12,7 +12,8 @@
 -- ARGV[2] JSON {"meta": {field: value},
 --               "writes": [[id, due, null | [last, freq, mon] | false, value | null,
 --                           old segment, new segment]],
---               "outbox": [[kind, text]], "model": null | [version, snapshot JSON]}
+--               "outbox": [[kind, text, record key | null]],
+--               "model": null | [version, snapshot JSON]}
 --   a write with value null writes the due time only, keeping the earlier of two;
 --   due "" = none (removed); population false = not scored (removed from the sorted sets);
 --   segments "" = none (the old one is what the caller read at the expected seq).
@@ -47,7 +48,11 @@ for ci, w in ipairs(p.writes) do
   end
 end
 for _, entry in ipairs(p.outbox) do
-  redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2])
+  if entry[3] == nil or entry[3] == cjson.null then
+    redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2])
+  else
+    redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2], 'key', entry[3])
+  end
 end
 if p.model ~= cjson.null and p.model ~= nil then
   redis.call('SET', KEYS[8], p.model[2])

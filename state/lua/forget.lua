@@ -22,16 +22,13 @@ local removed = 0
 for _, entry in ipairs(redis.call('XRANGE', KEYS[8], '-', '+')) do
   local fields = {}
   for i = 1, #entry[2], 2 do fields[entry[2][i]] = entry[2][i + 1] end
-  local ok, body = pcall(cjson.decode, fields['v'] or '')
-  if ok and type(body) == 'table' then
-    local about = (fields['k'] == 'c' and body['customer_id'] == id)
-      or (fields['k'] == 'd' and body['key'] == id and body['key_encoding'] == 'utf-8')
-    if about then
-      redis.call('XDEL', KEYS[8], entry[1])
-      removed = removed + 1
-    end
+  -- a change's record key is its customer id; a dead letter's, its record's key
+  if (fields['k'] == 'c' or fields['k'] == 'd') and fields['key'] == id then
+    redis.call('XDEL', KEYS[8], entry[1])
+    removed = removed + 1
   end
 end
 redis.call('XADD', KEYS[8], '*', 'k', 't', 'v', id)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HDEL', KEYS[1], 'tok')  -- the writer's cached customers are stale now
 return {existed, removed}

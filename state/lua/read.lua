@@ -8,11 +8,11 @@
 --
 -- Due customers are those whose due time is <= max(asof, wm, hint): the furthest the step's
 -- as-of time can go. They come in (due, id) order, at most ARGV[2] of them.
--- Returns {{offset, wm, asof, thr, seq, seen}, {id1, due1, id2, due2, ...},
+-- Returns {{offset, wm, asof, thr, seq, seen, tok}, {id1, due1, id2, due2, ...},
 --          {value of each KEYS[3..] customer}, {value of each due customer}}
 -- (a customer with no stored value is false)
 
-local meta = redis.call('HMGET', KEYS[1], 'offset', 'wm', 'asof', 'thr', 'seq', 'seen')
+local meta = redis.call('HMGET', KEYS[1], 'offset', 'wm', 'asof', 'thr', 'seq', 'seen', 'tok')
 local upper = nil
 for _, v in ipairs({meta[2], meta[3], ARGV[1]}) do
   local x = tonumber(v or '')

@@ -153,7 +153,7 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
     assert (await cli("customer", cid)).exit_code == 1
     # the tombstone waits in the outbox until the partition's owner publishes it
-    entries = [(kind, v) for _, kind, v in await after_store.outbox_read(0)]
+    entries = [(e.kind, e.value) for e in await after_store.outbox_read(0)]
     assert entries == [("t", cid)]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_of(s.kafka_url), acks="all")
     await producer.start()

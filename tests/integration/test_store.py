@@ -110,7 +110,7 @@ def test_committed_steps_read_back_exactly(redis_url, steps):
 async def test_a_stale_writer_changes_nothing(stack):
     store = new_store(stack.redis_url)
     seq = await store.commit(3, -1, {"offset": 12, "wm": 7 * DAY}, [bought("c1", 5 * DAY)],
-                             [("c", "{}"), ("d", '{"x": 1}')])
+                             [("c", "{}", "c1"), ("d", '{"x": 1}', None)])
     pattern = f"rfm:{store.namespace}:*"
 
     async def dump():
@@ -118,14 +118,14 @@ async def test_a_stale_writer_changes_nothing(stack):
 
     before = await dump()
     with pytest.raises(ConflictError) as exc:  # a writer that read before the first commit
-        await store.commit(3, -1, {"offset": 13}, [bought("c1", 9 * DAY)], [("c", "{}")])
+        await store.commit(3, -1, {"offset": 13}, [bought("c1", 9 * DAY)], [("c", "{}", "c1")])
     assert exc.value.stored == seq == 0
     assert await dump() == before
     view = await store.read_partition(3, ["c1", "nobody"], range(4))
     assert view.customers["nobody"] is None and view.customers["c1"] is not None
     assert (view.seq, view.last_offset, view.watermark) == (0, 12, 7 * DAY)
     entries = await store.outbox_read(3)
-    assert [(k, v) for _, k, v in entries] == [("c", "{}"), ("d", '{"x": 1}')]
+    assert [e[1:] for e in entries] == [("c", "{}", "c1"), ("d", '{"x": 1}', None)]
     assert await store.outbox_ack(3, [entries[0][0]]) == 1
     assert await store.outbox_depth(range(4)) == 1
     await store.client.aclose()

@@ -74,7 +74,7 @@ def test_due_customers_fire_in_order_before_the_event_that_passes_them():
 def test_planned_changes_are_valid_segment_changed_events():
     """The planner builds changes without re-validation (model_construct): each must survive
     a round trip through the published JSON and the schema's validation unchanged."""
-    from stream.clustering import CustomerClusterer, ClusterModel, features
+    from stream.clustering import ClusterModel, CustomerClusterer, features
     from stream.events import SegmentChanged
 
     model = CustomerClusterer(min_customers=1)
