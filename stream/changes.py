@@ -8,8 +8,71 @@ customer's own features changed (not because centroids drifted while the custome
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
 
-from stream.events import Assignment
+import orjson
+
+from stream.events import OUT_SCHEMA_VERSION, Assignment, SegmentChanged
+
+
+class Assigned(NamedTuple):
+    """A segment and cluster id (the fields of :class:`stream.events.Assignment`)."""
+
+    segment: str
+    cluster: int | None
+
+
+class Change(NamedTuple):
+    """A segment change as the planner makes it: the fields of
+    :class:`stream.events.SegmentChanged` (its schema and documentation), built and
+    serialised without pydantic on the hot path. :meth:`to_json` gives the bytes pydantic
+    would (a unit test checks it); :meth:`model` the pydantic event."""
+
+    change_id: str
+    customer_id: str
+    previous: Assigned | None
+    current: Assigned
+    recency_days: int
+    frequency: int
+    monetary: Decimal
+    currency: str
+    r_score: int
+    f_score: int
+    m_score: int
+    strategy: str
+    cause: str
+    cause_event_id: str | None
+    occurred_at: datetime
+    as_of: datetime
+    emitted_at: datetime
+    rules_version: str
+    thresholds_version: str
+    model_version: int | None
+    replay: bool = False
+    schema_version: int = OUT_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the change, in the schema's field order (datetimes as such)."""
+        d = self._asdict()
+        prev = self.previous
+        d["previous"] = None if prev is None else {"segment": prev.segment,
+                                                    "cluster": prev.cluster}
+        d["current"] = {"segment": self.current.segment, "cluster": self.current.cluster}
+        d["monetary"] = str(self.monetary)
+        return {name: d[name] for name in _FIELDS}
+
+    def to_json(self) -> str:
+        """The published JSON of the change (what ``SegmentChanged.model_dump_json`` gives)."""
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_UTC_Z).decode("utf-8")
+
+    def model(self) -> SegmentChanged:
+        """The change as the validated pydantic event."""
+        return SegmentChanged.model_validate_json(self.to_json())
+
+
+_FIELDS = tuple(SegmentChanged.model_fields)
 
 
 def is_change(previous: Assignment | None, current: Assignment, features_changed: bool) -> bool:
@@ -48,8 +111,8 @@ def changes(segment: str | None, cluster: int | None, new_segment: str,
     return cluster != new_cluster and features_changed
 
 
-def change_id(customer_id: str, cause_ref: str, previous: Assignment | None,
-              current: Assignment) -> str:
+def change_id(customer_id: str, cause_ref: str, previous: Assignment | Assigned | None,
+              current: Assignment | Assigned) -> str:
     """Stable id of a change: the same customer, cause and transition give the same id.
 
     ``cause_ref`` names what caused it (the causing ``event_id``). 32 hex characters of a
@@ -59,7 +122,7 @@ def change_id(customer_id: str, cause_ref: str, previous: Assignment | None,
     >>> change_id("c1", "e9", a, b) == change_id("c1", "e9", a, b) != change_id("c1", "e9", None, b)
     True
     """
-    def part(x: Assignment | None) -> str:
+    def part(x: Assignment | Assigned | None) -> str:
         return "-" if x is None else f"{x.segment}\x1f{'' if x.cluster is None else x.cluster}"
 
     text = "\x1e".join((customer_id, cause_ref, part(previous), part(current)))

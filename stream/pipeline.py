@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 
 from state.rfm import MS_PER_DAY, Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
+from stream.changes import Change
 from stream.clustering import ClusterModel
-from stream.events import DeadLetter, SegmentChanged, encode_raw
+from stream.events import DeadLetter, encode_raw
 from stream.metrics import Metrics
 from stream.planning import Plan, PlanContext, plan_step
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
@@ -52,7 +53,7 @@ class RawRecord:
 class BatchResult:
     """What a batch produced: the changes committed to the outbox, and dead letters."""
 
-    changes: list[SegmentChanged] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
@@ -246,7 +247,7 @@ class BatchProcessor:
                 meta["seen"] = now
             if text is not None:
                 meta["thr"] = text
-            outbox = ([("c", c.model_dump_json(), c.customer_id) for c in plan.changes]
+            outbox = ([("c", c.to_json(), c.customer_id) for c in plan.changes]
                       + [("d", d.model_dump_json(),
                           d.key if d.key_encoding == "utf-8" else None) for d in letters])
             try:

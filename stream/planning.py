@@ -27,9 +27,8 @@ from state.rfm import (
     window_expiry_ms,
 )
 from state.store import CustomerWrite, PartitionView, StoredCustomer
-from stream.changes import change_id, changes
+from stream.changes import Assigned, Change, change_id, changes
 from stream.clustering import ClusterModel
-from stream.events import Assignment, SegmentChanged
 from stream.scoring import Thresholds
 from stream.segments import SegmentTable
 from stream.timeline import TimePolicy, earliest, utc
@@ -63,7 +62,7 @@ class Plan:
     consumed: int = 0
     more: bool = False
     writes: list[CustomerWrite] = field(default_factory=list)
-    changes: list[SegmentChanged] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
     outcome: BatchOutcome = BatchOutcome()
     last_offset: int = -1
     watermark: int | None = None
@@ -182,21 +181,18 @@ class _Planner:
 
     def _change(self, cid: str, c: StoredCustomer, segment: str, cluster: int | None,
                 scores: tuple[int, int, int], strategy: str, days: int, f: int, m: int,
-                cause: str, event: StateEvent | None, due_ms: int | None) -> SegmentChanged:
+                cause: str, event: StateEvent | None, due_ms: int | None) -> Change:
         ctx, t = self.ctx, self.plan.as_of
         assert t is not None
-        # built by this code from checked values: model_construct skips re-validation (the
-        # planner tests check the changes against the model's schema)
-        previous = (None if c.segment is None
-                    else Assignment.model_construct(segment=c.segment, cluster=c.cluster))
-        new = Assignment.model_construct(segment=segment, cluster=cluster)
         ref = event.event_id if event is not None else f"{cause}@{due_ms}"
-        return SegmentChanged.model_construct(
+        previous = None if c.segment is None else Assigned(c.segment, c.cluster)
+        new = Assigned(segment, cluster)
+        return Change(
             change_id=change_id(cid, ref, previous, new), customer_id=cid, previous=previous,
             current=new, recency_days=days, frequency=f,
             monetary=Decimal(m).scaleb(-ctx.currency_decimals), currency=ctx.currency,
             r_score=scores[0], f_score=scores[1], m_score=scores[2], strategy=strategy,
-            cause=cause,  # type: ignore[arg-type]
+            cause=cause,
             cause_event_id=None if event is None else event.event_id,
             occurred_at=utc(event.occurred_ms if event is not None else due_ms or t),
             as_of=utc(t), emitted_at=utc(ctx.now_ms), rules_version=ctx.table.version,

@@ -87,7 +87,7 @@ async def test_a_restarted_trainer_resumes_exactly_where_it_stopped(settings):
                 for i in range(a, b, 700):
                     out = await services.processor.process(0, records[i:min(b, i + 700)],
                                                            now_ms=NOW)
-                    changes += [c.model_dump(mode="json", exclude={"emitted_at"})
+                    changes += [c.model().model_dump(mode="json", exclude={"emitted_at"})
                                 for c in out.changes]
                 text = await services.store.load_model()
             finally:

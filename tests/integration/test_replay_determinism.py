@@ -31,7 +31,7 @@ async def replay(settings, namespace: str, batch: int) -> list[dict]:
     try:
         for i in range(0, len(records), batch):
             out = await services.processor.process(0, records[i:i + batch], now_ms=NOW)
-            changes += [c.model_dump(mode="json", exclude={"emitted_at"}) for c in out.changes]
+            changes += [c.model().model_dump(mode="json", exclude={"emitted_at"}) for c in out.changes]
     finally:
         await services.store.client.aclose()
     return changes
