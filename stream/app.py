@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from state.rfm import frequency_monetary, recency_days
 from state.store import RedisStore
+from stream.fastpath import BatchTransport
 from stream.kafka_io import bootstrap_of, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
@@ -130,7 +131,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,
         topic_partitions=settings.partitions,
+        broker_max_poll_records=settings.batch_max,
         producer_linger=0.005,
+        producer_max_batch_size=1_048_576,
         producer_acks=-1,
         datadir=str(Path(settings.data_dir) / settings.app_id),
     )
@@ -226,35 +229,42 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             services.outbox_error = repr(exc)[:300]
             log.warning("outbox not published yet (%r); will retry", exc)
 
-    @app.agent(purchases, concurrency=1)
-    async def process_purchases(stream: Any) -> None:
+    publishing: list[asyncio.Future[None]] = []  # at most one publication in flight
+
+    async def process_batch(messages: list[Any]) -> None:
+        """One fetched batch of the purchases topic (see :mod:`stream.fastpath`): each
+        partition's records, concurrently (one plans while another waits for Redis); then the
+        batch's outbox is published while the next batch is processed. The records are
+        acknowledged to faust (whose commit timer commits their offsets) only after this
+        returns, that is after their state, changes and dead letters are committed in Redis."""
+        by_partition: dict[int, dict[int, RawRecord]] = {}
+        for msg in messages:
+            # a rebalance can re-deliver an offset inside one batch: keep the first copy
+            by_partition.setdefault(msg.partition, {}).setdefault(
+                msg.offset, RawRecord(msg.topic, msg.partition, msg.offset, msg.key, msg.value))
+        try:
+            await asyncio.gather(*(process(partition, sorted(recs.values(),
+                                                             key=lambda r: r.offset))
+                                   for partition, recs in by_partition.items()))
+        except Exception as exc:
+            # never let faust commit offsets of records that were not applied: Redis holds
+            # what was applied; a restarted worker seeks there
+            log.critical("unrecoverable error, exiting without committing: %r", exc)
+            os._exit(70)
+        services.last_batch = time.monotonic()
+        for partition in by_partition:
+            services.last_step[partition] = services.last_batch
+        if publishing:
+            await publishing.pop()
+        publishing.append(asyncio.ensure_future(publish_outbox(set(by_partition))))
+
+    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    app.transport.batch_handlers[settings.purchases_topic] = process_batch
+    app.topics.add(purchases)
+
+    @app.task
+    async def _started() -> None:
         await services.start()
-        publishing: asyncio.Future[None] | None = None
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            by_partition: dict[int, dict[int, RawRecord]] = {}
-            for ev in events:
-                msg = ev.message
-                # a rebalance can re-deliver an offset inside one buffer: keep the first copy
-                by_partition.setdefault(msg.partition, {}).setdefault(
-                    msg.offset, RawRecord(msg.topic, msg.partition, msg.offset, msg.key, msg.value))
-            try:
-                for partition, recs in by_partition.items():
-                    await process(partition, sorted(recs.values(), key=lambda r: r.offset))
-            except Exception as exc:
-                # faust acknowledges a take_events buffer even when the agent raises: never
-                # let that commit offsets of records that were not applied. Redis holds what
-                # was applied; a restarted worker seeks there.
-                log.critical("unrecoverable error, exiting without committing: %r", exc)
-                os._exit(70)
-            # the batch's state, changes and dead letters are committed in Redis: its offsets
-            # may be committed to Kafka; the outbox publisher sends what it produced while the
-            # next batch is processed (at most one publication in flight: back-pressure)
-            services.last_batch = time.monotonic()
-            for partition in by_partition:
-                services.last_step[partition] = services.last_batch
-            if publishing is not None:
-                await publishing
-            publishing = asyncio.ensure_future(publish_outbox(set(by_partition)))
 
     @app.timer(1.0)
     async def outbox_timer() -> None:

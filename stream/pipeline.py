@@ -124,7 +124,9 @@ class BatchProcessor:
         self.decimals, self.limits, self.policy = currency_decimals, limits, policy
         self.max_due, self.trainer, self.replay = max_due, trainer, replay
         self._fixed = Thresholds.fixed(scoring.fixed)
-        self._lock = asyncio.Lock()  # one step at a time: the agent's and the sweep timer's
+        # one step of a partition at a time (the agent's and the sweep timer's); steps of
+        # different partitions may interleave: one plans while another waits for Redis
+        self._locks: dict[int, asyncio.Lock] = {}
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
@@ -166,7 +168,7 @@ class BatchProcessor:
                 state_records.append(Record(raw.offset, None, None))
                 dead[raw.offset] = self.dead_letter(raw, verdict.reason, verdict.detail, now)
         self.metrics.events_consumed.inc(len(records))
-        async with self._lock:
+        async with self._locks.setdefault(partition, asyncio.Lock()):
             previous_last: int | None = None
             for block in _blocks(state_records, self.scoring.refresh_every):
                 await self._run(partition, block, dead, now, result, check_gap, previous_last)
@@ -180,7 +182,7 @@ class BatchProcessor:
         event of its own: the watermark moved on other partitions, or the wall clock moved)."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         result = BatchResult()
-        async with self._lock:
+        async with self._locks.setdefault(partition, asyncio.Lock()):
             await self._run(partition, [], {}, now, result, False, None)
         return result
 

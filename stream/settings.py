@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="Partitions of the purchases topic")
 
     # --- worker
-    batch_max: int = Field(1000, ge=1, description="Max records per processing batch")
-    batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch (seconds)")
+    batch_max: int = Field(2000, ge=1, description="Max records per processing batch (one "
+                           "fetch from the broker)")
     session_timeout_s: float = Field(30.0, gt=0, description="Kafka consumer session timeout (s)")
     heartbeat_interval_s: float = Field(3.0, gt=0, description="Kafka heartbeat interval (s)")
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s)")
