@@ -175,6 +175,10 @@ def _add_to_bucket(buckets: tuple[Bucket, ...], window: Window | None, at_ms: in
     if window is None:
         return buckets
     i = at_ms // window.bucket_ms
+    if buckets and buckets[-1].index == i:  # the newest bucket: the usual case
+        b = buckets[-1]
+        return buckets[:-1] + (Bucket(i, b.orders + orders, b.purchases_minor + purchases,
+                                      b.refunds_minor + refunds),)
     newest = max([i, *(b.index for b in buckets)])
     if i <= newest - window.buckets:
         return buckets
@@ -227,7 +231,11 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
         return current, False
     event_ids = ((event.event_id,) + current.recent_event_ids)[:limits.event_ids]
     t, amount = event.occurred_ms, event.amount_minor
-    known = next((o for o in current.orders if o.order_id == event.order_id), None)
+    known = None
+    for o in current.orders:
+        if o.order_id == event.order_id:
+            known = o
+            break
     if event.kind == "refund":
         buckets = _add_to_bucket(current.buckets, window, t, refunds=amount)
         frequency, orders = current.frequency, current.orders

@@ -203,6 +203,13 @@ class _Planner:
     # --- the step ------------------------------------------------------------------------------
     def run(self, records: list[Record], own_active: bool) -> Plan:
         ctx, view, p = self.ctx, self.view, self.plan
+        # the as-of time a record brings (advance() never moves it back): TimePolicy.as_of
+        # with the other partitions' clocks fixed for the step
+        if ctx.policy.mode == "wall_clock":
+            def clock(own: int | None, own_active: bool) -> int | None:
+                return ctx.now_ms
+        else:
+            clock = ctx.policy.clock(view.others, ctx.now_ms)
         applied = dup_off = dup_ev = 0
         stopped = False
         for i, rec in enumerate(records):
@@ -214,7 +221,7 @@ class _Planner:
             if rec.event is not None:
                 t = rec.event.occurred_ms
                 wm = t if wm is None else max(wm, t)
-            if not self.advance(ctx.policy.as_of(p.as_of, wm, view.others, ctx.now_ms)):
+            if not self.advance(clock(wm, True)):
                 stopped = True
                 break
             p.consumed, p.last_offset = i + 1, rec.offset
@@ -233,8 +240,7 @@ class _Planner:
                               else StoredCustomer(cid, state))
             self.evaluate(cid, event)
         if not stopped:
-            stopped = not self.advance(ctx.policy.as_of(p.as_of, p.watermark, view.others,
-                                                        ctx.now_ms, own_active))
+            stopped = not self.advance(clock(p.watermark, own_active))
         p.more = stopped
         p.outcome = BatchOutcome(applied, dup_off, dup_ev)
         read = view.customers

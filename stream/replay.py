@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -130,31 +131,35 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         done = {tp for tp in tps if ends[tp] == 0}
+
+        async def one(tp: TopicPartition, msgs: list[Any]) -> None:
+            msgs = [m for m in msgs if m.offset < ends[tp]]
+            if not msgs:
+                return
+            # the processor checks that offsets follow on from the namespace's (GapError)
+            raws = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in msgs]
+            skip = ({m.offset for m in msgs if _event_ms(m.value) < from_ms}
+                    if from_ms is not None else None)
+            result = await services.processor.process(tp.partition, raws, skip=skip)
+            summary.records += len(msgs)
+            summary.skipped_before_from += len(skip or ())
+            summary.applied += result.applied
+            summary.changes += len(result.changes)
+            summary.dead_letters += len(result.dead_letters)
+            for d in result.dead_letters:
+                summary.dead_letter_reasons[d.reason] = (
+                    summary.dead_letter_reasons.get(d.reason, 0) + 1)
+            await _drain(services.store, tp.partition, producer, changes_topic)
+            if progress:
+                progress(len(msgs))
+            if msgs[-1].offset + 1 >= ends[tp]:
+                done.add(tp)
+
         while len(done) < len(tps):
             fetched = await consumer.getmany(*[tp for tp in tps if tp not in done],
                                              timeout_ms=1000, max_records=batch)
-            for tp, msgs in fetched.items():
-                msgs = [m for m in msgs if m.offset < ends[tp]]
-                if not msgs:
-                    continue
-                # the processor checks that offsets follow on from the namespace's (GapError)
-                raws = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in msgs]
-                skip = ({m.offset for m in msgs if _event_ms(m.value) < from_ms}
-                        if from_ms is not None else None)
-                result = await services.processor.process(tp.partition, raws, skip=skip)
-                summary.records += len(msgs)
-                summary.skipped_before_from += len(skip or ())
-                summary.applied += result.applied
-                summary.changes += len(result.changes)
-                summary.dead_letters += len(result.dead_letters)
-                for d in result.dead_letters:
-                    summary.dead_letter_reasons[d.reason] = (
-                        summary.dead_letter_reasons.get(d.reason, 0) + 1)
-                await _drain(services.store, tp.partition, producer, changes_topic)
-                if progress:
-                    progress(len(msgs))
-                if msgs[-1].offset + 1 >= ends[tp]:
-                    done.add(tp)
+            # partitions concurrently: one plans while another waits for Redis
+            await asyncio.gather(*(one(tp, msgs) for tp, msgs in fetched.items()))
             for tp in tps:
                 if tp not in done and await consumer.position(tp) >= ends[tp]:
                     done.add(tp)

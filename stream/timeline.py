@@ -12,7 +12,7 @@ The clock enters only as an argument (``now_ms``); nothing here reads it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -75,13 +75,27 @@ class TimePolicy:
         >>> p.watermark(100, others, now_ms=99_000)  # everyone else idle
         100
         """
+        return self.clock(others, now_ms)(own, own_active)
+
+    def clock(self, others: Sequence[PartitionClock], now_ms: int
+              ) -> Callable[[int | None, bool], int | None]:
+        """:meth:`watermark` with the other partitions' clocks and the wall clock fixed:
+        ``f(own, own_active)``, for the per-record path of a step."""
         live = [c.watermark for c in others
                 if c.watermark is not None and self.active(c.seen_ms, now_ms)]
-        if own is not None and own_active:
-            live.append(own)
-        if not live:
-            live = [w for w in [own, *(c.watermark for c in others)] if w is not None]
-        return min(live) if live else None
+        live_min = min(live) if live else None
+        every = [c.watermark for c in others if c.watermark is not None]
+        every_min = min(every) if every else None
+
+        def watermark(own: int | None, own_active: bool = True) -> int | None:
+            if own is not None and own_active:
+                return own if live_min is None or own < live_min else live_min
+            if live_min is not None:
+                return live_min
+            candidates = [w for w in (own, every_min) if w is not None]
+            return min(candidates) if candidates else None
+
+        return watermark
 
     def as_of(self, previous: int | None, own: int | None, others: Sequence[PartitionClock],
               now_ms: int, own_active: bool = True) -> int | None:
