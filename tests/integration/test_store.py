@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -181,4 +182,27 @@ async def test_order_statistics_match_brute_force_across_partitions(stack):
     assert sorted(ids) == sorted(cid for cid, (p, _, f, m) in people.items()
                                  if p == 0 and (2 <= f <= 3 or m == 0))
     assert [tuple(v) for v in values.tolist()] == [people[c][1:] for c in ids]
+    await store.client.aclose()
+
+
+async def test_order_statistics_match_brute_force_on_wide_random_values(stack):
+    """Thousands of customers with values spread over many orders of magnitude (the search
+    takes several rounds), over three partitions, at quintile and edge ranks."""
+    store = new_store(stack.redis_url)
+    rng = np.random.default_rng(7)
+    n, as_of = 3_000, 3_000 * DAY
+    last = rng.integers(0, as_of + 5 * DAY, n)  # a few after the as-of time (recency 0)
+    freq = rng.geometric(0.05, n)
+    mon = (10 ** rng.uniform(0, 8, n)).astype(np.int64)
+    for p in range(3):
+        writes = [CustomerWrite(f"c{i}", None, StoredCustomer(f"c{i}", CustomerState(1)),
+                                (int(last[i]), int(freq[i]), int(mon[i])))
+                  for i in range(p, n, 3)]
+        await store.commit(p, -1, {}, writes, [])
+    ranks = (1, 2, 600, 1_200, 1_800, 2_400, 2_999, 3_000)
+    stats = await store.order_statistics(range(3), as_of, ranks)
+    rec = np.sort(np.maximum(0, (as_of - last) // DAY))[::-1]
+    assert stats.recency_kth_largest == tuple(int(rec[k - 1]) for k in ranks)
+    assert stats.frequency_kth_smallest == tuple(int(np.sort(freq)[k - 1]) for k in ranks)
+    assert stats.monetary_kth_smallest == tuple(int(np.sort(mon)[k - 1]) for k in ranks)
     await store.client.aclose()
