@@ -32,7 +32,6 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -41,7 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from state.rfm import frequency_monetary, recency_days
 from state.store import RedisStore
 from stream.fastpath import BatchTransport
-from stream.kafka_io import bootstrap_of, read_range
+from stream.kafka_io import BatchSender, bootstrap_of, key_partition, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
@@ -109,9 +108,8 @@ def broker_credentials(settings: Settings) -> Any:
 
 
 def partition_for(customer_id: str, partitions: int) -> int:
-    """Partition of a customer id under the default partitioner (murmur2, as the Java client
-    and aiokafka; librdkafka's default ``consistent_random`` differs)."""
-    return (murmur2(customer_id.encode("utf-8")) & 0x7FFFFFFF) % partitions
+    """Partition of a customer id under the default partitioner (murmur2)."""
+    return key_partition(customer_id.encode("utf-8"), partitions)
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Services]:
@@ -139,9 +137,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     )
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)
-    async def send(topic: str, key: bytes | None, value: bytes | None) -> Any:
-        # the app's producer itself: no Topic/Channel/FutureMessage layers per record
-        return await app.producer.send(topic, key, value, None, None, None)
+    sender: list[BatchSender] = []
+
+    async def send(topic: str, records: list[tuple[bytes | None, bytes | None]]) -> Any:
+        # the aiokafka client of the app's producer (its settings and credentials), with
+        # aiokafka's batch API: no faust Topic/Channel/FutureMessage layers, one future per
+        # record batch (faust's Producer has no public accessor for it)
+        if not sender:
+            sender.append(BatchSender(app.producer._ensure_producer()))
+        return await sender[0].send(topic, records)
 
     services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
                                          settings.customer_segments_topic,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 
 def bootstrap_of(kafka_url: str) -> str:
@@ -45,6 +47,53 @@ class Message:
     key: bytes | None
     value: bytes
     timestamp_ms: int | None = None
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """Partition of a record key under the default partitioner (murmur2, as the Java client
+    and aiokafka; librdkafka's default ``consistent_random`` differs)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class BatchSender:
+    """Produces many records to one topic with aiokafka's batch API: records go to the
+    partition the default partitioner would choose for their key (murmur2, as the Java client
+    and aiokafka; keyless records to partition 0), in order, one future per record batch
+    instead of one per record.
+
+    Parameters
+    ----------
+    producer
+        A started ``AIOKafkaProducer`` (its acks, linger and credentials apply).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer):
+        self.producer = producer
+        self._partitions: dict[str, int] = {}
+
+    async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
+                   ) -> Awaitable[Any]:
+        """Queue ``(key, value)`` records; returns an awaitable that completes when the
+        broker acknowledged all of them (and raises the first error)."""
+        n = self._partitions.get(topic)
+        if n is None:
+            n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        for key, value in records:
+            p = 0 if key is None else key_partition(key, n)
+            by_partition.setdefault(p, []).append((key, value))
+        futures = []
+        for p, recs in by_partition.items():
+            batch = self.producer.create_batch()
+            for key, value in recs:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                    batch.close()
+                    futures.append(await self.producer.send_batch(batch, topic, partition=p))
+                    batch = self.producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            batch.close()
+            futures.append(await self.producer.send_batch(batch, topic, partition=p))
+        return asyncio.gather(*futures)
 
 
 async def produce(bootstrap: str, topic: str, messages: Iterable[Message],

@@ -21,8 +21,9 @@ from state.store import RedisStore
 
 log = logging.getLogger(__name__)
 
-# send(topic, key, value) -> an awaitable that completes when the broker acknowledged
-Send = Callable[[str, bytes | None, bytes | None], Awaitable[Awaitable[Any]]]
+# send(topic, [(key, value), ...]) -> an awaitable that completes when the broker acknowledged
+# them all (stream.kafka_io.BatchSender.send)
+Send = Callable[[str, list[tuple[bytes | None, bytes | None]]], Awaitable[Awaitable[Any]]]
 
 
 class OutboxPublisher:
@@ -33,7 +34,8 @@ class OutboxPublisher:
     store
         The Redis store.
     send
-        Produces one record and returns an awaitable of its acknowledgement.
+        Produces records to a topic, in order, and returns an awaitable of their
+        acknowledgement.
     changes_topic, segments_topic, dead_letter_topic
         ``segment-changes``, the compacted ``customer-segments`` and ``purchases-dlq``.
     batch
@@ -41,7 +43,7 @@ class OutboxPublisher:
     """
 
     def __init__(self, store: RedisStore, send: Send, changes_topic: str, segments_topic: str,
-                 dead_letter_topic: str, batch: int = 1000):
+                 dead_letter_topic: str, batch: int = 2000):
         self.store, self.send = store, send
         self.changes_topic, self.segments_topic = changes_topic, segments_topic
         self.dead_letter_topic = dead_letter_topic
@@ -62,18 +64,21 @@ class OutboxPublisher:
                     entries = await self.store.outbox_read(p, self.batch)
                     if not entries:
                         break
-                    acks = []
+                    records: dict[str, list[tuple[bytes | None, bytes | None]]] = {
+                        self.changes_topic: [], self.segments_topic: [],
+                        self.dead_letter_topic: []}
                     for _, kind, value, text_key in entries:
                         key = None if text_key is None else text_key.encode()
                         if kind == "t":  # an erased customer: null value on the compacted topic
-                            acks.append(await self.send(self.segments_topic, key, None))
-                            continue
-                        data = value.encode()
-                        if kind == "d":
-                            acks.append(await self.send(self.dead_letter_topic, key, data))
-                            continue
-                        acks.append(await self.send(self.changes_topic, key, data))
-                        acks.append(await self.send(self.segments_topic, key, data))
+                            records[self.segments_topic].append((key, None))
+                        elif kind == "d":
+                            records[self.dead_letter_topic].append((key, value.encode()))
+                        else:
+                            data = value.encode()
+                            records[self.changes_topic].append((key, data))
+                            records[self.segments_topic].append((key, data))
+                    acks = [await self.send(topic, recs) for topic, recs in records.items()
+                            if recs]
                     await asyncio.gather(*acks)
                     await self.store.outbox_ack(p, [e[0] for e in entries])
                     total += len(entries)

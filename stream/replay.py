@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from state.keys import alias_key
-from stream.kafka_io import Message, bootstrap_of, create_topics, produce
+from stream.kafka_io import BatchSender, Message, bootstrap_of, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
 from stream.settings import Settings
@@ -219,7 +219,7 @@ async def _drain(store, partition: int, producer: AIOKafkaProducer | None,  # ty
         if not entries:
             return
         if producer and topic:
-            sends = [await producer.send(topic, e.value.encode("utf-8"), key=e.key.encode("utf-8"))
-                     for e in entries if e.kind == "c" and e.key is not None]
-            await asyncio.gather(*sends)
+            await (await BatchSender(producer).send(topic, [
+                (e.key.encode("utf-8"), e.value.encode("utf-8"))
+                for e in entries if e.kind == "c" and e.key is not None]))
         await store.outbox_ack(partition, [e.entry_id for e in entries])

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from stream import cdnow
 from stream.cli import main
 from stream.demo import cdnow_messages, ensure_topics, run_to_completion
-from stream.kafka_io import bootstrap_of, produce, read_all
+from stream.kafka_io import BatchSender, bootstrap_of, produce, read_all
 from stream.loaders import LoadOptions, load_file
 from stream.outbox import OutboxPublisher
 from stream.replay import load, replay
@@ -158,11 +158,8 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_of(s.kafka_url), acks="all")
     await producer.start()
     try:
-        async def send(topic, key, value):
-            return await producer.send(topic, value, key=key)
-
-        published = await OutboxPublisher(after_store, send, "unused", s.customer_segments_topic,
-                                          "unused").drain([0])
+        published = await OutboxPublisher(after_store, BatchSender(producer).send, "unused",
+                                          s.customer_segments_topic, "unused").drain([0])
     finally:
         await producer.stop()
         await after_store.client.aclose()
