@@ -1,17 +1,17 @@
-"""The faust app: the composition root (settings -> clients -> processor -> agent and views).
+"""The faust app: the composition root (settings -> clients -> processor -> consumer and views).
 
-The agent is thin: it takes batches of raw records, groups them by partition, hands each group
-to :class:`stream.pipeline.BatchProcessor` (which commits state, offset, assignments and outbox
-entries atomically to Redis), publishes dead letters, and drains the outbox to Kafka. The
-batch's offsets are committed to Kafka only after all of that: faust acknowledges the events of
-a ``take_events`` buffer when the agent asks for the next one. Agent concurrency is 1 per
-partition (faust-streaming issue #606: concurrency > 1 can commit past a slow event); speed
-comes from batching.
+faust owns the consumer group, the fetching and the offset commits; the purchases topic is
+delivered one fetched batch at a time (:mod:`stream.fastpath`, not an agent: faust's
+per-event path costs more than the service's own work per event). The batch handler groups
+records by partition and hands each group to :class:`stream.pipeline.BatchProcessor` (which
+commits state, offset, assignments and outbox entries atomically to Redis), the partitions of
+a batch concurrently; then the outbox publisher sends what the batch produced while the next
+batch is processed. faust commits a batch's offsets only after the handler returned.
 
 Delivery (README "Guarantees"): Redis, not the broker's committed offset, is the source of truth.
 On assignment the worker seeks to Redis's last applied offset + 1; when the records delivered
 start beyond it (Redis lost writes, or the group committed past it), the missing range is
-re-read from the topic before going on. While Redis is unreachable the agent retries with
+re-read from the topic before going on. While Redis is unreachable the worker retries with
 backoff and commits nothing; ``/ready`` says so.
 
 Run with ``rfm-stream worker`` (or ``python -m stream worker``).
@@ -53,7 +53,7 @@ log = logging.getLogger("rfm_stream")
 
 @dataclass
 class Services:
-    """Everything the agent and the views use, built once from the settings."""
+    """Everything the batch handler, timers and views use, built once from the settings."""
 
     settings: Settings
     store: RedisStore
@@ -67,7 +67,7 @@ class Services:
     last_step: dict[int, float] = field(default_factory=dict)  # partition -> monotonic time
 
     async def start(self) -> None:
-        """Mark the agent started (idempotent)."""
+        """Mark the worker started (idempotent)."""
         self.started = True
 
 
@@ -113,7 +113,7 @@ def partition_for(customer_id: str, partitions: int) -> int:
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Services]:
-    """Create the faust app with its agent, outbox timer and web views."""
+    """Create the faust app with its batch handler, timers and web views."""
     services = build_services(settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -291,7 +291,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             except (RedisError, OSError) as exc:
                 log.warning("sweep of partition %d failed (%r); will retry", partition, exc)
                 return
-            except Exception:  # the next tick retries; the agent keeps going
+            except Exception:  # the next tick retries; consuming goes on
                 log.exception("sweep of partition %d failed", partition)
                 return
         await publish_outbox(mine)
@@ -387,7 +387,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         if services.outbox_error:
             problems.append(f"outbox not published (retrying): {services.outbox_error}")
         if not services.started:
-            problems.append("agent not started")
+            problems.append("consumer not started")
         else:
             try:
                 waiting = sum((await consumer_lag()).values())

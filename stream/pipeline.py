@@ -1,9 +1,9 @@
 """One partition batch through the whole path: validate -> read state -> plan (RFM update,
 score, segment, cluster, change) -> one atomic commit (state, offset, assignments, outbox).
 
-The faust agent (``stream/app.py``) only groups records by partition, calls
-:meth:`BatchProcessor.process` and publishes dead letters; segment changes leave through the
-outbox (:mod:`stream.outbox`). Everything here is testable without Kafka: Redis is the only I/O.
+The worker's batch handler (``stream/app.py``) only groups records by partition and calls
+:meth:`BatchProcessor.process`; segment changes and dead letters leave through the outbox
+(:mod:`stream.outbox`). Everything here is testable without Kafka: Redis is the only I/O.
 
 Scoring thresholds are refreshed at deterministic points: when a partition's offsets enter a
 new block of ``refresh_every`` offsets, from the population as it stands after the previous
