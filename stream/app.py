@@ -262,7 +262,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             await publishing.pop()
         publishing.append(asyncio.ensure_future(publish_outbox(set(by_partition))))
 
-    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    app.transport = BatchTransport(app.conf.broker_consumer, app,
+                                   fetch_max_wait_ms=settings.fetch_max_wait_ms)
     app.transport.batch_handlers[settings.purchases_topic] = process_batch
     app.topics.add(purchases)
 

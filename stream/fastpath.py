@@ -30,8 +30,23 @@ from faust.types import Message
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's consumer thread, with the fetch wait of the transport's settings: faust
+    hard-codes ``fetch_max_wait_ms=1500``, and a broker that answers an empty fetch only when
+    that wait ends (the local one does) delays records that arrive meanwhile by up to 1.5 s."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # read by AIOKafkaConsumer.start() when it creates its fetcher
+        consumer._fetch_max_wait_ms = cast(BatchTransport, transport).fetch_max_wait_ms
+        return consumer
+
+
 class BatchConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer, with batch delivery for the transport's batch topics."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
         handlers: dict[str, BatchHandler] = cast(BatchTransport, self.transport).batch_handlers
@@ -87,11 +102,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
 class BatchTransport(faust_aiokafka.Transport):
     """faust's aiokafka transport with :class:`BatchConsumer`; ``batch_handlers`` maps a topic
-    name to the coroutine function that takes each fetched batch of its records."""
+    name to the coroutine function that takes each fetched batch of its records;
+    ``fetch_max_wait_ms``: how long the broker may hold a fetch that found nothing (ms)."""
 
     Consumer: ClassVar[type] = BatchConsumer
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, fetch_max_wait_ms: int = 100, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.batch_handlers: dict[str, BatchHandler] = {}
+        self.fetch_max_wait_ms = fetch_max_wait_ms
 
