@@ -33,13 +33,18 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/rfm-stream schemas docs/schemas
 
-## make bench: worker throughput on the CDNOW load (prints figures; not a test)
+## make bench: worker throughput on the CDNOW load against an empty faust agent and a raw
+## aiokafka consumer measured in the same run, as ratios (prints figures; not a test)
 bench: $(STAMP)
 	$(BIN)/python bench/worker_throughput.py
 
-## make bench-all: every benchmark (worker, replay, sweep over 1M customers, clustering)
+## make bench-all: every benchmark (bench/README.md): throughput, latency, replay, Redis memory
+## over 1M customers, worker RSS soak, sweep over 1M customers, clustering
 bench-all: bench
+	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/replay_throughput.py
+	$(BIN)/python bench/redis_memory.py
+	$(BIN)/python bench/rss_soak.py
 	$(BIN)/python bench/sweep_cost.py
 	$(BIN)/python bench/clustering_cost.py
 

@@ -1,37 +1,52 @@
-"""Worker throughput on the CDNOW load: events/second from topic to Redis state (and segment
-changes), one worker process, on the embedded local stack. Prints figures; asserts nothing.
+"""Worker throughput against its ceilings, in one run on one local stack: the CDNOW events
+(69,659) in a topic of 4 partitions, read by
 
-    make bench            # or: .venv/bin/python bench/worker_throughput.py [--runs 3]
+(a) a raw aiokafka consumer (``getmany``, no group, from the beginning to the high watermark;
+    median of 3 timed passes after an untimed one),
+(b) an empty faust agent (``bench/empty_agent.py``: the worker's faust settings, raw
+    serializers, ``take_events(batch_max, within=0.05)``, concurrency 1, a consumer group of
+    its own), a separate process stopped by its PID: the issue's ceiling,
+(c) the same app with the worker's own batch delivery (``stream.fastpath``) and an empty
+    handler: the ceiling of the worker's consuming path,
+(d) the real worker (``rfm-stream worker``) into a fresh namespace and consumer group,
 
-The clock starts when the worker applies its first batch (group join excluded) and stops when
-Redis's last applied offset of every partition reaches the end of the load.
+and prints events/s of each and the ratios against the target (worker >= 0.8x the empty
+agent; stretch 15,000 events/s). Prints figures; asserts nothing.
+
+    make bench            # or: .venv/bin/python bench/worker_throughput.py [--runs 3] [--loop uvloop]
+
+Timing of (b), (c), (d): from the first batch applied (the group join and that batch
+excluded) to the last; (d) stops when Redis's last applied offset of every partition reaches
+the end of the load. ``--loop uvloop`` runs all of them on uvloop, if it is installed. About
+40-50 s per run with the worker at ~2,000-3,000 events/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import benchkit
+
 from stream import cdnow, localstack
 from stream.demo import ensure_topics, load_cdnow, local_settings
-from stream.runner import start_worker, store_for
+from stream.kafka_io import bootstrap_of
+from stream.runner import store_for
+from stream.settings import Settings
+
+TARGET_RATIO = 0.8
+STRETCH = 15_000
 
 
-async def one_run(stack: localstack.LocalStack, run: int, rows: list, log_dir: Path) -> float:
-    settings = local_settings(stack, namespace=f"bench{run}", app_id=f"rfm-bench{run}",
-                              purchases_topic=f"bench{run}-purchases",
-                              dead_letter_topic=f"bench{run}-dlq",
-                              segment_changes_topic=f"bench{run}-changes")
-    await ensure_topics(settings)
-    targets = await load_cdnow(settings, rows, show=False)
+async def worker_rate(settings: Settings, targets: dict[int, int], total: int, log_path: Path,
+                      loop: str) -> float:
+    """Events/s of the real worker from its first applied batch to the last event."""
     store = store_for(settings)
-    worker = start_worker(settings, log_dir / f"worker{run}.log")
+    worker = benchkit.start_worker(settings, log_path, loop)
     try:
         started = None
         while True:
@@ -48,25 +63,79 @@ async def one_run(stack: localstack.LocalStack, run: int, rows: list, log_dir: P
     finally:
         worker.stop()
         await store.client.aclose()
-    return (len(rows) - first_applied) / elapsed
+    return (total - first_applied) / elapsed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
+async def one_run(stack: localstack.LocalStack, run: int, topic: str, targets: dict[int, int],
+                  total: int, log_dir: Path, loop: str) -> dict[str, float]:
+    settings = local_settings(stack, namespace=f"bench{run}", app_id=f"rfm-bench{run}",
+                              purchases_topic=topic, dead_letter_topic=f"bench{run}-dlq",
+                              segment_changes_topic=f"bench{run}-changes",
+                              customer_segments_topic=f"bench{run}-segments")
+    await ensure_topics(settings)
+    raw = benchkit.median(await benchkit.raw_consume_rates(bootstrap_of(settings.kafka_url), topic))
+    empty_settings = settings.model_copy(update={"app_id": f"bench-empty{run}",
+                                                 "web_port": localstack.free_port()})
+    empty = await benchkit.empty_agent_rate(empty_settings, total, log_dir / f"empty{run}.log",
+                                            log_dir / f"empty{run}.progress", loop)
+    batch_settings = settings.model_copy(update={"app_id": f"bench-batch{run}",
+                                                 "web_port": localstack.free_port()})
+    batch = await benchkit.empty_agent_rate(batch_settings, total, log_dir / f"batch{run}.log",
+                                            log_dir / f"batch{run}.progress", loop, "batch")
+    worker = await worker_rate(settings, targets, total, log_dir / f"worker{run}.log", loop)
+    return {"raw": raw, "empty": empty, "batch": batch, "worker": worker}
+
+
+async def main(runs: int, loop: str, logs: str | None) -> None:
     rows = sorted(cdnow.read_rows(), key=lambda r: r.day)
+    results = []
     with tempfile.TemporaryDirectory() as tmp, localstack.running(Path(tmp)) as stack:
-        rates = [asyncio.run(one_run(stack, i, rows, Path(tmp))) for i in range(args.runs)]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
-    print(f"worker throughput, CDNOW {len(rows):,} events, 4 partitions, 1 worker process:")
-    for i, r in enumerate(rates):
-        print(f"  run {i + 1}: {r:,.0f} events/s")
-    print(f"  median: {statistics.median(rates):,.0f} events/s "
-          "(ceiling for reference, DESIGN.md: empty faust agent ~12,000 events/s)")
+        log_dir = Path(logs or tmp)
+        first = local_settings(stack, purchases_topic="bench-purchases")
+        await ensure_topics(first)
+        targets = await load_cdnow(first, rows, show=False)
+        for run in range(runs):
+            results.append(await one_run(stack, run, first.purchases_topic, targets, len(rows),
+                                         log_dir, loop))
+            print(f"  run {run + 1}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in results[-1].items()),
+                  flush=True)
+        problems = [benchkit.log_problems(log_dir / f"worker{r}.log") for r in range(runs)]
+        loops = {benchkit.loop_of(log_dir / f"{who}{r}.log") for who in ("worker", "empty", "batch")
+                 for r in range(runs)}
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+    def ratio(a: str, b: str) -> float:  # median of the per-run ratios (same run, same load)
+        return statistics.median(r[a] / r[b] for r in results)
+
+    print(benchkit.machine())
+    print(f"throughput, CDNOW {len(rows):,} events, {first.partitions} partitions, one process "
+          f"each, event loop {'/'.join(sorted(loops))} (faust banners), batch_max "
+          f"{first.batch_max}; {runs} run(s), medians:")
+    print(f"  raw aiokafka getmany      {med['raw']:>10,.0f} events/s")
+    print(f"  empty faust agent         {med['empty']:>10,.0f} events/s")
+    print(f"  empty batch handler       {med['batch']:>10,.0f} events/s  (the worker's "
+          "stream.fastpath, doing nothing)")
+    print(f"  rfm-stream worker         {med['worker']:>10,.0f} events/s")
+    print("ratios (median of per-run ratios):")
+    w_e = ratio("worker", "empty")
+    print(f"  worker / empty faust agent   {w_e:6.3f}   target >= {TARGET_RATIO} "
+          f"({'met' if w_e >= TARGET_RATIO else 'not met'})")
+    print(f"  worker / empty batch handler {ratio('worker', 'batch'):6.3f}")
+    print(f"  worker / raw aiokafka        {ratio('worker', 'raw'):6.3f}")
+    print(f"  empty agent / raw aiokafka   {ratio('empty', 'raw'):6.3f}")
+    print(f"  empty batch / raw aiokafka   {ratio('batch', 'raw'):6.3f}")
+    print(f"  worker / stretch {STRETCH:,}/s    {med['worker'] / STRETCH:6.3f}")
+    print("worker logs: " + ("; ".join(p for p in problems if "no ERROR" not in p)
+                             or "no ERROR/CRITICAL/Traceback lines"))
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs; figures are medians")
+    ap.add_argument("--loop", choices=benchkit.LOOPS, default="aio",
+                    help="event loop of the empty agent, the worker and the raw consumer")
+    ap.add_argument("--logs", help="keep the worker and agent logs in this directory")
+    args = ap.parse_args()
+    benchkit.check_loop(args.loop)
+    benchkit.run(main(args.runs, args.loop, args.logs), args.loop)

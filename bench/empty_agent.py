@@ -1,0 +1,89 @@
+"""An empty faust consumer: the ceilings the worker's throughput is measured against.
+
+The faust app is built as ``stream/app.py`` ``create_app`` builds the worker's (same ``RFM_*``
+settings: broker, raw key/value serializers, session/heartbeat/commit intervals, partitions,
+``broker_max_poll_records = batch_max``, producer linger, batch size and acks; keep the two in
+step), and consumes the purchases topic doing nothing with it, in one of two ways
+(``BENCH_MODE``):
+
+``agent`` (default)
+    the issue's ceiling: an empty faust agent, concurrency 1, taking
+    ``stream.take_events(batch_max, within=BENCH_WITHIN_S)`` batches (0.05 s, the worker's
+    former ``batch_within_s``) through faust's per-event path;
+``batch``
+    the worker's own delivery path (``stream.fastpath.BatchTransport``: one call per fetched
+    batch) with a handler that does nothing.
+
+After each batch it appends ``<events counted> <events of the first batch> <wall time of the
+first batch> <wall time now>`` to the file named by ``BENCH_PROGRESS``. Started by the
+benchmarks (``benchkit.start_empty_agent``), which stop it by its PID; by hand::
+
+    BENCH_PROGRESS=/tmp/p RFM_KAFKA_URL=kafka://127.0.0.1:9092 RFM_APP_ID=empty \\
+        .venv/bin/python bench/empty_agent.py worker --web-bind 127.0.0.1 --web-port 6067
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sized
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from stream.settings import Settings
+
+settings = Settings()
+MODE = os.environ.get("BENCH_MODE", "agent")
+WITHIN_S = float(os.environ.get("BENCH_WITHIN_S", "0.05"))
+app = faust.App(
+    settings.app_id,
+    broker=settings.kafka_url,
+    key_serializer="raw",
+    value_serializer="raw",
+    web_bind=settings.web_bind,
+    web_host=settings.web_bind,
+    web_port=settings.web_port,
+    broker_session_timeout=settings.session_timeout_s,
+    broker_heartbeat_interval=settings.heartbeat_interval_s,
+    broker_commit_interval=settings.commit_interval_s,
+    topic_partitions=settings.partitions,
+    broker_max_poll_records=settings.batch_max,
+    producer_linger=0.005,
+    producer_max_batch_size=1_048_576,
+    producer_acks=-1,
+    datadir=str(Path(settings.data_dir) / settings.app_id),
+)
+purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
+                      key_type=bytes, value_type=bytes)
+progress = open(os.environ["BENCH_PROGRESS"], "a", buffering=1)  # noqa: SIM115 - line by line
+counted = {"n": 0, "first_n": 0, "first_t": 0.0}
+
+
+def count(batch: Sized) -> None:
+    now = time.time()
+    if not counted["n"]:
+        counted["first_n"], counted["first_t"] = len(batch), now
+    counted["n"] += len(batch)
+    progress.write(f"{counted['n']} {counted['first_n']} {counted['first_t']} {now}\n")
+
+
+if MODE == "batch":
+    from stream.fastpath import BatchTransport
+
+    async def nothing_batch(messages: list[Any]) -> None:
+        count(messages)
+
+    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    app.transport.batch_handlers[settings.purchases_topic] = nothing_batch
+    app.topics.add(purchases)
+else:
+    @app.agent(purchases, concurrency=1)
+    async def nothing(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max, within=WITHIN_S):
+            count(events)
+
+
+if __name__ == "__main__":
+    app.main()
