@@ -139,8 +139,9 @@ class Settings(BaseSettings):
     window_bucket_days: int = Field(30, ge=1, description="Window bucket width (days)")
     sweep_interval_s: float = Field(1.0, gt=0, description="How often owned partitions are "
                                     "swept for customers due without an event (s)")
-    cache_customers: int = Field(100_000, ge=0, description="Customers a worker keeps decoded "
-                                 "in memory after committing them (0: none; see README)")
+    cache_customers: int = Field(20_000, ge=0, description="Customers a worker keeps decoded "
+                                 "in memory after committing them (0: none; about 2-3 KB "
+                                 "each; see README)")
     max_due_per_step: int = Field(10_000, ge=1, description="Due customers read per step")
 
     # --- clustering
