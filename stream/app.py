@@ -130,6 +130,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         broker_commit_interval=settings.commit_interval_s,
         topic_partitions=settings.partitions,
         broker_max_poll_records=settings.batch_max,
+        stream_processing_timeout=settings.stream_processing_timeout_s,
         producer_linger=0.005,
         producer_max_batch_size=1_048_576,
         producer_acks=-1,

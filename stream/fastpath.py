@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from time import monotonic
 from typing import Any, ClassVar, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -56,6 +57,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
+        inbound = self.app.monitor.stream_inbound_time
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -77,6 +79,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         set_read_offset(tp, message.offset)
                     self.diag.unset_flag(CONSUMER_FETCHING)
                 for topic, messages in batches.items():
+                    # what a stream tells faust's monitor per event: the partitions are being
+                    # processed (else faust's consumer thread logs them as stalled)
+                    now = monotonic()
+                    for message in messages:
+                        inbound[message.tp] = now
                     await handlers[topic](messages)
                     for message in messages:
                         self.ack(message)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="Partitions of the purchases topic")
 
     # --- worker
+    stream_processing_timeout_s: float = Field(300.0, gt=0, description="faust logs a "
+                                               "partition whose records wait unprocessed this "
+                                               "long (seconds)")
     fetch_max_wait_ms: int = Field(20, ge=0, le=10_000, description="How long the broker may "
                                    "hold a fetch that found nothing (ms): the worst delay of a "
                                    "record arriving at an idle worker")
