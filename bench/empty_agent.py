@@ -12,7 +12,7 @@ step), and consumes the purchases topic doing nothing with it, in one of two way
     former ``batch_within_s``) through faust's per-event path;
 ``batch``
     the worker's own delivery path (``stream.fastpath.BatchTransport``: one call per fetched
-    batch) with a handler that does nothing.
+    batch, the worker's ``fetch_max_wait_ms``) with a handler that does nothing.
 
 After each batch it appends ``<events counted> <events of the first batch> <wall time of the
 first batch> <wall time now>`` to the file named by ``BENCH_PROGRESS``. Started by the
@@ -75,7 +75,8 @@ if MODE == "batch":
     async def nothing_batch(messages: list[Any]) -> None:
         count(messages)
 
-    app.transport = BatchTransport(app.conf.broker_consumer, app)
+    app.transport = BatchTransport(app.conf.broker_consumer, app,
+                                   fetch_max_wait_ms=settings.fetch_max_wait_ms)
     app.transport.batch_handlers[settings.purchases_topic] = nothing_batch
     app.topics.add(purchases)
 else:
