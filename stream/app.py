@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from state.rfm import frequency_monetary, recency_days
-from state.store import RedisStore
+from state.store import ConflictError, RedisStore
 from stream.fastpath import BatchTransport
 from stream.kafka_io import BatchSender, bootstrap_of, key_partition, read_range
 from stream.metrics import Metrics
@@ -49,6 +49,10 @@ from stream.settings import Settings
 from stream.validation import REASONS
 
 log = logging.getLogger("rfm_stream")
+
+# retried as they are, never dead-lettered: the record is fine, its step could not commit
+# (Redis or Kafka unreachable, or another writer of the partition during a rebalance)
+RETRYABLE = (RedisError, OSError, KafkaError, ConflictError)
 
 
 @dataclass
@@ -162,12 +166,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         record whose processing fails (it becomes a ``processing_error`` dead letter)."""
         async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.1, max=5),
-                retry=retry_if_exception_type((RedisError, OSError, KafkaError)),
+                retry=retry_if_exception_type(RETRYABLE),
                 before_sleep=lambda rs: _redis_down(rs.outcome.exception() if rs.outcome else None)):
             with attempt:
                 try:
                     result = await process_filling_gaps(partition, records)
-                except (RedisError, OSError, KafkaError):
+                except RETRYABLE:
                     raise
                 except Exception as exc:
                     log.exception("batch of partition %d failed; processing its records one by "
@@ -206,7 +210,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         for rec in records:
             try:
                 r = await process_filling_gaps(partition, [rec])
-            except (RedisError, OSError, KafkaError):
+            except RETRYABLE:
                 raise
             except Exception as exc:
                 log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
@@ -219,6 +223,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         return total
 
     def _redis_down(exc: BaseException | None) -> None:
+        if isinstance(exc, ConflictError):
+            log.warning("%s: another writer keeps committing to the partition (a rebalance); "
+                        "re-reading", exc)
+            return
         if isinstance(exc, KafkaError):
             log.warning("re-reading from Kafka failed (%r); retrying", exc)
             return
