@@ -27,34 +27,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sized
-from pathlib import Path
 from typing import Any
 
 import faust
 
+from stream.faustconf import faust_options
 from stream.settings import Settings
 
 settings = Settings()
 MODE = os.environ.get("BENCH_MODE", "agent")
 WITHIN_S = float(os.environ.get("BENCH_WITHIN_S", "0.05"))
-app = faust.App(
-    settings.app_id,
-    broker=settings.kafka_url,
-    key_serializer="raw",
-    value_serializer="raw",
-    web_bind=settings.web_bind,
-    web_host=settings.web_bind,
-    web_port=settings.web_port,
-    broker_session_timeout=settings.session_timeout_s,
-    broker_heartbeat_interval=settings.heartbeat_interval_s,
-    broker_commit_interval=settings.commit_interval_s,
-    topic_partitions=settings.partitions,
-    broker_max_poll_records=settings.batch_max,
-    producer_linger=0.005,
-    producer_max_batch_size=1_048_576,
-    producer_acks=-1,
-    datadir=str(Path(settings.data_dir) / settings.app_id),
-)
+app = faust.App(settings.app_id, **faust_options(settings))  # the worker's own settings
 purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
 progress = open(os.environ["BENCH_PROGRESS"], "a", buffering=1)  # noqa: SIM115 - line by line

@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from state.rfm import frequency_monetary, recency_days
 from state.store import ConflictError, RedisStore
 from stream.fastpath import BatchTransport
+from stream.faustconf import faust_options
 from stream.kafka_io import BatchSender, bootstrap_of, key_partition, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
@@ -93,24 +94,6 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     return Services(settings, store, processor, m)
 
 
-def broker_credentials(settings: Settings) -> Any:
-    """faust credentials for ``RFM_KAFKA_SECURITY_PROTOCOL`` (None for PLAINTEXT)."""
-    protocol = settings.kafka_security_protocol
-    if protocol == "PLAINTEXT":
-        return None
-    import ssl
-
-    context = (ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
-               if protocol.endswith("SSL") else None)
-    if protocol == "SSL":
-        return faust.SSLCredentials(context)
-    password = settings.kafka_sasl_password
-    return faust.SASLCredentials(
-        username=settings.kafka_sasl_username,
-        password=password.get_secret_value() if password else None,
-        mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
-
-
 def partition_for(customer_id: str, partitions: int) -> int:
     """Partition of a customer id under the default partitioner (murmur2)."""
     return key_partition(customer_id.encode("utf-8"), partitions)
@@ -120,26 +103,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     """Create the faust app with its batch handler, timers and web views."""
     services = build_services(settings)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        settings.app_id,
-        broker=settings.kafka_url,
-        broker_credentials=broker_credentials(settings),
-        key_serializer="raw",
-        value_serializer="raw",
-        web_bind=settings.web_bind,
-        web_host=settings.web_bind,
-        web_port=settings.web_port,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        broker_commit_interval=settings.commit_interval_s,
-        topic_partitions=settings.partitions,
-        broker_max_poll_records=settings.batch_max,
-        stream_processing_timeout=settings.stream_processing_timeout_s,
-        producer_linger=0.005,
-        producer_max_batch_size=1_048_576,
-        producer_acks=-1,
-        datadir=str(Path(settings.data_dir) / settings.app_id),
-    )
+    app = faust.App(settings.app_id, **faust_options(settings))
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)
     sender: list[BatchSender] = []
