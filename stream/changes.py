@@ -75,36 +75,21 @@ class Change(NamedTuple):
 _FIELDS = tuple(SegmentChanged.model_fields)
 
 
-def is_change(previous: Assignment | None, current: Assignment, features_changed: bool) -> bool:
-    """Whether moving from ``previous`` to ``current`` is a segment change to publish.
-
-    Examples
-    --------
-    >>> a = Assignment(segment="Champions", cluster=1)
-    >>> is_change(None, a, False)
-    True
-    >>> is_change(a, Assignment(segment="At Risk", cluster=1), False)
-    True
-    >>> is_change(a, Assignment(segment="Champions", cluster=2), False)
-    False
-    >>> is_change(a, Assignment(segment="Champions", cluster=2), True)
-    True
-    >>> is_change(a, a, True)
-    False
-    """
-    if previous is None:
-        return True
-    return changes(previous.segment, previous.cluster, current.segment, current.cluster,
-                   features_changed)
-
-
 def changes(segment: str | None, cluster: int | None, new_segment: str,
             new_cluster: int | None, features_changed: bool) -> bool:
-    """:func:`is_change` on plain values (the published segment and cluster, None when none
-    was published, and the new ones): the planner's hot path.
+    """Whether moving from the published ``segment``/``cluster`` (None: nothing published
+    yet) to the new ones is a segment change to publish.
 
-    >>> changes(None, None, "A", None, False), changes("A", 1, "A", 2, False)
-    (True, False)
+    >>> changes(None, None, "Champions", 1, False)  # first assignment
+    True
+    >>> changes("Champions", 1, "At Risk", 1, False)
+    True
+    >>> changes("Champions", 1, "Champions", 2, False)  # centroids drifted, customer idle
+    False
+    >>> changes("Champions", 1, "Champions", 2, True)   # the customer's own event
+    True
+    >>> changes("Champions", 1, "Champions", 1, True)
+    False
     """
     if segment is None or segment != new_segment:
         return True
