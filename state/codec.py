@@ -21,7 +21,7 @@ string costs less memory and CPU (one parse, no per-field encoding) than a hash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -30,8 +30,7 @@ from state.rfm import Bucket, CustomerState, Order
 FORMAT = 1
 
 
-@dataclass(frozen=True, slots=True)
-class StoredCustomer:
+class StoredCustomer(NamedTuple):
     """A customer as stored: RFM state and what was last published for it.
 
     ``scores``: (R, F, M) at the last evaluation (an event or a due time), or None;

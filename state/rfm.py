@@ -90,8 +90,7 @@ class Window:
         return as_of_ms // self.bucket_ms - self.buckets + 1
 
 
-@dataclass(frozen=True, slots=True)
-class StateEvent:
+class StateEvent(NamedTuple):
     """A validated purchase or refund, reduced to what the RFM state needs.
 
     Parameters
@@ -139,8 +138,7 @@ class Bucket(NamedTuple):
     refunds_minor: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerState:
+class CustomerState(NamedTuple):
     """One customer's RFM state.
 
     ``recent_event_ids`` and ``orders`` are newest first and bounded by :class:`Limits`;
@@ -317,8 +315,7 @@ def window_expiry_ms(state: CustomerState, as_of_ms: int, window: Window | None)
     return (min(live) + window.buckets) * window.bucket_ms if live else None
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One Kafka record of a batch.
 
     ``customer_id``/``event`` are None for a record that was dead-lettered: it still
@@ -330,8 +327,7 @@ class Record:
     event: StateEvent | None
 
 
-@dataclass(frozen=True, slots=True)
-class BatchOutcome:
+class BatchOutcome(NamedTuple):
     """Counts of one batch's events: applied, skipped by offset, skipped by ``event_id``.
 
     Dead-letter records (no event) are not counted.

@@ -90,8 +90,7 @@ class PartitionView:
     model_version: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerWrite:
+class CustomerWrite(NamedTuple):
     """One customer's part of a commit.
 
     ``customer`` is the full new stored form (None: only ``due_ms`` is written, keeping an
@@ -214,9 +213,9 @@ class RedisStore:
         ask = [c for c in ids if c not in cached]
         others = [p for p in partitions if p != partition]
         pipe = self.client.pipeline(transaction=False)
-        await self._read(keys=[k.meta, k.due, *(k.customer(c) for c in ask)],
-                         args=["" if hint_ms is None else hint_ms, max_due, k.customer("")],
-                         client=pipe)
+        await self._read(keys=[k.meta, k.due],
+                         args=["" if hint_ms is None else hint_ms, max_due, k.customer(""),
+                               orjson.dumps(ask)], client=pipe)
         for p in others:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
         pipe.get(model_keys(self.namespace)[1])
@@ -300,9 +299,9 @@ class RedisStore:
                                 "writes": writes_json,
                                 "outbox": [[kind, text, key] for kind, text, key in outbox],
                                 "model": [str(model[0]), model[1]] if model else None})
-        args = [expected_seq, payload]
+        args = [expected_seq, payload, k.customer("")]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
-                k.model_version, *(k.customer(w.customer_id) for w in writes)]
+                k.model_version]
         cache = self._cache.pop(partition, None)  # unknown until the commit's reply
         try:
             seq = int(await self._commit(keys=keys, args=args))

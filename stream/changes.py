@@ -54,14 +54,23 @@ class Change(NamedTuple):
     schema_version: int = OUT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of the change, in the schema's field order (datetimes as such)."""
-        d = self._asdict()
-        prev = self.previous
-        d["previous"] = None if prev is None else {"segment": prev.segment,
-                                                    "cluster": prev.cluster}
-        d["current"] = {"segment": self.current.segment, "cluster": self.current.cluster}
-        d["monetary"] = str(self.monetary)
-        return {name: d[name] for name in _FIELDS}
+        """The JSON object of the change, in the schema's field order (datetimes as such; a
+        unit test checks it against pydantic's output, so a schema change cannot drift)."""
+        prev, cur = self.previous, self.current
+        return {
+            "change_id": self.change_id, "customer_id": self.customer_id,
+            "previous": None if prev is None else {"segment": prev.segment,
+                                                   "cluster": prev.cluster},
+            "current": {"segment": cur.segment, "cluster": cur.cluster},
+            "recency_days": self.recency_days, "frequency": self.frequency,
+            "monetary": str(self.monetary), "currency": self.currency,
+            "r_score": self.r_score, "f_score": self.f_score, "m_score": self.m_score,
+            "strategy": self.strategy, "cause": self.cause,
+            "cause_event_id": self.cause_event_id, "occurred_at": self.occurred_at,
+            "as_of": self.as_of, "emitted_at": self.emitted_at,
+            "schema_version": self.schema_version, "rules_version": self.rules_version,
+            "thresholds_version": self.thresholds_version,
+            "model_version": self.model_version, "replay": self.replay}
 
     def to_json(self) -> str:
         """The published JSON of the change (what ``SegmentChanged.model_dump_json`` gives)."""
@@ -72,7 +81,6 @@ class Change(NamedTuple):
         return SegmentChanged.model_validate_json(self.to_json())
 
 
-_FIELDS = tuple(SegmentChanged.model_fields)
 
 
 def changes(segment: str | None, cluster: int | None, new_segment: str,

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from state.rfm import MS_PER_DAY, Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
@@ -38,8 +40,7 @@ log = logging.getLogger(__name__)
 MAX_DEAD_LETTER_BYTES = 512 * 1024  # well under Kafka's default 1 MB record limit
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     """A Kafka record as consumed: where it came from and its raw bytes."""
 
     topic: str
@@ -313,10 +314,13 @@ class BatchProcessor:
         self.metrics.events_applied.inc(outcome.applied)
         self.metrics.duplicates_skipped.labels("offset").inc(outcome.duplicate_offsets)
         self.metrics.duplicates_skipped.labels("event_id").inc(outcome.duplicate_events)
-        for c in plan.changes:
-            self.metrics.segment_entries.labels(c.current.segment, c.cause).inc()
-            if c.previous is not None:
-                self.metrics.segment_exits.labels(c.previous.segment, c.cause).inc()
+        entries = Counter((c.current.segment, c.cause) for c in plan.changes)
+        exits = Counter((c.previous.segment, c.cause) for c in plan.changes
+                        if c.previous is not None)
+        for labels, n in entries.items():
+            self.metrics.segment_entries.labels(*labels).inc(n)
+        for labels, n in exits.items():
+            self.metrics.segment_exits.labels(*labels).inc(n)
         for d in letters:
             self.metrics.dead_lettered.labels(d.reason).inc()
 

@@ -13,7 +13,7 @@ passes their due time, at that event's as-of time. The plan is committed by one 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from state.rfm import (
@@ -236,7 +236,7 @@ class _Planner:
                 continue
             applied += 1
             p.watermark, p.applied_any = wm, True
-            self.book[cid] = (replace(before, state=state) if before is not None
+            self.book[cid] = (before._replace(state=state) if before is not None
                               else StoredCustomer(cid, state))
             self.evaluate(cid, event)
         if not stopped:

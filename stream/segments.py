@@ -58,7 +58,11 @@ class SegmentTable:
         KeyError
             When a score is outside 1-5.
         """
-        return self.segments[self._cells[(r, f, m)]]
+        return self._by_cell[(r, f, m)]
+
+    @functools.cached_property
+    def _by_cell(self) -> dict[tuple[int, int, int], Segment]:
+        return {cell: self.segments[name] for cell, name in self._cells.items()}
 
     def lookup_many(self, scores: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """:meth:`lookup` of N score triples at once: ``scores`` of shape (N, 3), each 1-5;

@@ -12,6 +12,7 @@ The clock enters only as an argument (``now_ms``); nothing here reads it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,8 +125,10 @@ class TimePolicy:
         return changed_ms + self.min_dwell_ms
 
 
+@functools.lru_cache(maxsize=4096)
 def utc(ms: int) -> datetime:
-    """An epoch-ms time as an aware UTC datetime.
+    """An epoch-ms time as an aware UTC datetime (cached: a step stamps many changes with the
+    same as-of and emission times).
 
     >>> utc(0).isoformat()
     '1970-01-01T00:00:00+00:00'
@@ -139,5 +142,8 @@ def earliest(*times: int | None) -> int | None:
     >>> earliest(None, 5, 3), earliest(None)
     (3, None)
     """
-    present = [t for t in times if t is not None]
-    return min(present) if present else None
+    best = None
+    for t in times:
+        if t is not None and (best is None or t < best):
+            best = t
+    return best

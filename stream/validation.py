@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -32,16 +33,14 @@ _FIELD_REASONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     """Why a record cannot be applied: ``reason`` is one of :data:`REASONS`."""
 
     reason: str
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):
     """A valid record: the customer and the event reduced for the state."""
 
     customer_id: str

@@ -7,8 +7,9 @@
 --
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
 -- KEYS[7] outbox  KEYS[8] model  KEYS[9] model:version
--- KEYS[10 ..] one string per written customer, in the order of "writes"
--- ARGV[1] expected seq (-1 when none)
+-- ARGV[1] expected seq (-1 when none)  ARGV[3] customer key prefix: a customer's string is
+--   ARGV[3] .. id, in the partition's slot like every key here (not declared one by one:
+--   packing hundreds of key arguments cost the worker more than the rest of the commit)
 -- ARGV[2] JSON {"meta": {field: value},
 --               "writes": [[id, due, null | [last, freq, mon] | false, value | null,
 --                           old segment, new segment]],
@@ -27,7 +28,7 @@ if stored ~= tonumber(ARGV[1]) then
 end
 local p = cjson.decode(ARGV[2])
 for field, value in pairs(p.meta) do redis.call('HSET', KEYS[1], field, value) end
-for ci, w in ipairs(p.writes) do
+for _, w in ipairs(p.writes) do
   local id, due, pop, value = w[1], w[2], w[3], w[4]
   if value == cjson.null then
     if due == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], 'LT', due, id) end
@@ -44,7 +45,7 @@ for ci, w in ipairs(p.writes) do
       if old ~= '' then redis.call('HINCRBY', KEYS[6], old, -1) end
       if new ~= '' then redis.call('HINCRBY', KEYS[6], new, 1) end
     end
-    redis.call('SET', KEYS[9 + ci], value)
+    redis.call('SET', ARGV[3] .. id, value)
   end
 end
 for _, entry in ipairs(p.outbox) do
