@@ -24,57 +24,23 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, ClassVar, cast
 
-from aiokafka.errors import ConsumerStoppedError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, Message
+from faust.types import Message
 
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """faust's consumer thread, with two changes to fetching:
-
-    - the fetch wait of the transport's settings: faust hard-codes ``fetch_max_wait_ms=1500``,
-      and a broker that answers an empty fetch only when that wait ends (the local one does)
-      delays records that arrive meanwhile by up to 1.5 s;
-    - a fair batch: aiokafka's ``Fetcher.fetched_records`` fills ``max_records`` from the
-      first partition that has buffered records, so a batch holds one partition most of the
-      time and the partitions' steps, which could overlap (one plans while another waits for
-      Redis), run one after the other. Here each active partition with buffered records gets
-      an equal share first; what is left of ``max_records`` is filled as aiokafka would.
-    """
+    """faust's consumer thread, with the fetch wait of the transport's settings: faust
+    hard-codes ``fetch_max_wait_ms=1500``, and a broker that answers an empty fetch only when
+    that wait ends (the local one does) delays records that arrive meanwhile by up to 1.5 s."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # read by AIOKafkaConsumer.start() when it creates its fetcher
         consumer._fetch_max_wait_ms = cast(BatchTransport, transport).fetch_max_wait_ms
         return consumer
-
-    async def _fetch_records(self, consumer: Any, active_partitions: set[TP] | None,
-                             timeout: float | None = None, max_records: int | None = None
-                             ) -> dict[TP, list[Any]]:
-        if not active_partitions or not max_records or len(active_partitions) == 1:
-            return await super()._fetch_records(consumer, active_partitions, timeout=timeout,
-                                                max_records=max_records)
-        if not self.consumer.flow_active:
-            return {}
-        fetcher = consumer._fetcher
-        if consumer._closed or fetcher._closed:
-            raise ConsumerStoppedError()
-        with fetcher._subscriptions.fetch_context():
-            share = max(1, max_records // len(active_partitions))
-            drained: dict[TP, list[Any]] = {}
-            for tp in sorted(active_partitions):
-                got = await fetcher.fetched_records({tp}, timeout=0, max_records=share)
-                drained.update(got)
-            left = max_records - sum(map(len, drained.values()))
-            if left > 0:
-                more = await fetcher.fetched_records(
-                    active_partitions, timeout=0 if drained else timeout, max_records=left)
-                for tp, records in more.items():
-                    drained[tp] = drained.get(tp, []) + records
-            return drained
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
