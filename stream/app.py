@@ -336,6 +336,29 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
 
+    @app.on_partitions_assigned.connect
+    async def _claim_outboxes(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Publish the assigned partitions' outboxes, claimed in Redis first (fencing out a
+        previous owner that has not seen the rebalance yet; see OutboxPublisher)."""
+        assert services.publisher is not None
+        await services.publisher.assign(
+            tp.partition for tp in assigned if tp.topic == settings.purchases_topic)
+
+    @app.on_partitions_revoked.connect
+    async def _stop_publishing(sender: Any, revoked: Any = (), **kwargs: Any) -> None:
+        """Stop publishing the revoked partitions' outboxes; returns once the publication in
+        flight is acknowledged, so faust rejoins the group (and the partitions reach their
+        next owner) only after it."""
+        assert services.publisher is not None
+        await services.publisher.revoke(
+            tp.partition for tp in revoked if tp.topic == settings.purchases_topic)
+
+    @app.on_before_shutdown.connect
+    async def _stop_publishing_all(sender: Any, **kwargs: Any) -> None:
+        # a stopping worker leaves the group without a revocation: the same, before it leaves
+        assert services.publisher is not None
+        await services.publisher.revoke(services.publisher.owned)
+
     async def consumer_lag() -> dict[int, int]:
         """Records behind the end of each partition (0 for partitions not owned)."""
         parts = range(settings.partitions)
