@@ -12,7 +12,9 @@ Kinds
                   (wall clock of the last applied event, for idleness), ``thr`` (the
                   partition's current scoring thresholds, JSON), ``seq`` (commit sequence),
                   ``tok`` (random token of the last commit: a writer's customer cache is
-                  valid while it is the token that writer committed)
+                  valid while it is the token that writer committed), ``pub`` (token of the
+                  partition's outbox publisher, claimed by each new owner on assignment:
+                  the outbox is read and acknowledged only with it)
 ``c:<id>``        string: the customer's RFM state and what was last published for it
                   (fields in ``state/codec.py``)
 ``due``           sorted set: customer -> event time (epoch ms) at which it must be re-scored

@@ -47,6 +47,24 @@ class ConflictError(StoreError):
         self.partition, self.expected, self.stored = partition, expected, stored
 
 
+class FencedError(StoreError):
+    """Another publisher claimed the partition's outbox (a newer owner of the partition).
+
+    Attributes: ``partition`` and ``holder`` (the token that holds it).
+    """
+
+    def __init__(self, partition: int, holder: str):
+        super().__init__(f"partition {partition}: outbox claimed by another publisher ({holder})")
+        self.partition, self.holder = partition, holder
+
+
+def _raise_fenced(partition: int, exc: ResponseError) -> None:
+    """Raise FencedError when a script's error reply is ``FENCED <holder>``."""
+    text = str(exc)
+    if text.startswith("FENCED"):
+        raise FencedError(partition, text.partition(" ")[2]) from exc
+
+
 def _script_text(name: str) -> str:
     return resources.files("state").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -191,6 +209,8 @@ class RedisStore:
         self._sample = client.register_script(_script_text("sample.lua"))
         self._between = client.register_script(_script_text("between.lua"))
         self._counts = client.register_script(_script_text("counts.lua"))
+        self._outbox_read = client.register_script(_script_text("outbox_read.lua"))
+        self._outbox_ack = client.register_script(_script_text("outbox_ack.lua"))
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
@@ -423,20 +443,63 @@ class RedisStore:
         return OrderStatistics(n, tuple(lo[:r]), tuple(lo[r:2 * r]), tuple(lo[2 * r:]))
 
     # --- the outbox -------------------------------------------------------------------------
-    async def outbox_read(self, partition: int, count: int = 500) -> list[OutboxEntry]:
-        """The oldest ``count`` outbox entries of a partition."""
-        rows = await self.client.xrange(self.keys(partition).outbox, "-", "+", count=count)
+    async def outbox_claim(self, partition: int, publisher: str) -> None:
+        """Make ``publisher`` (a random token) the partition's outbox publisher, whoever held
+        it: reads and acks with any other token are refused from now on (FencedError).
+        Called by the partition's new owner once it is assigned the partition."""
+        await self.client.hset(self.keys(partition).meta, "pub", publisher)
+
+    async def outbox_read(self, partition: int, count: int = 500, publisher: str | None = None
+                          ) -> list[OutboxEntry]:
+        """The oldest ``count`` outbox entries of a partition.
+
+        With ``publisher`` (a token given to :meth:`outbox_claim`), only while it holds the
+        partition (an absent claim, e.g. after Redis lost it, is taken by the reader); without
+        it, unconditionally (replays, tools, tests).
+
+        Raises
+        ------
+        FencedError
+            Another publisher holds the partition; nothing was read.
+        """
+        k = self.keys(partition)
+        if publisher is None:
+            rows = await self.client.xrange(k.outbox, "-", "+", count=count)
+        else:
+            try:
+                reply = await self._outbox_read(keys=[k.meta, k.outbox], args=[publisher, count])
+            except ResponseError as exc:
+                _raise_fenced(partition, exc)
+                raise
+            rows = [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in reply]
         out = []
         for eid, fields in rows:
             kind, value = fields.get("k", "c"), fields["v"]
             out.append(OutboxEntry(eid, kind, value, value if kind == "t" else fields.get("key")))
         return out
 
-    async def outbox_ack(self, partition: int, entry_ids: Sequence[str]) -> int:
-        """Delete entries the broker acknowledged; returns how many were deleted."""
+    async def outbox_ack(self, partition: int, entry_ids: Sequence[str],
+                         publisher: str | None = None) -> int:
+        """Delete entries the broker acknowledged; returns how many were deleted. With
+        ``publisher``, only while it holds the partition (as :meth:`outbox_read`).
+
+        Raises
+        ------
+        FencedError
+            Another publisher holds the partition; nothing was deleted (its new owner
+            publishes the entries again).
+        """
         if not entry_ids:
             return 0
-        return int(await self.client.xdel(self.keys(partition).outbox, *entry_ids))
+        k = self.keys(partition)
+        if publisher is None:
+            return int(await self.client.xdel(k.outbox, *entry_ids))
+        try:
+            return int(await self._outbox_ack(keys=[k.meta, k.outbox],
+                                              args=[publisher, *entry_ids]))
+        except ResponseError as exc:
+            _raise_fenced(partition, exc)
+            raise
 
     async def outbox_depth(self, partitions: Iterable[int]) -> int:
         """Entries waiting in the outboxes of ``partitions``."""

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,111 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     return Services(settings, store, processor, m)
 
 
+# reread(partition, start, end) -> the records (offset, key, value) of the purchases topic's
+# partition with start <= offset < end (stream.kafka_io.read_range)
+ReRead = Callable[[int, int, int], Awaitable[list[tuple[int, bytes | None, bytes | None]]]]
+
+
+class PartitionRunner:
+    """How the worker gets one partition's records applied: :meth:`process` retries what is
+    retryable, re-reads a gap from the topic first, and isolates a record whose processing
+    fails (a ``processing_error`` dead letter).
+
+    Parameters
+    ----------
+    services
+        The worker's services (its processor; ``redis_failing`` is set while retrying).
+    reread
+        ``reread(partition, start, end)``: the purchases topic's records ``(offset, key,
+        value)`` of the partition with ``start <= offset < end`` (``read_range``).
+    """
+
+    def __init__(self, services: Services, reread: ReRead):
+        self.services, self.reread = services, reread
+
+    async def process(self, partition: int, records: list[RawRecord]) -> BatchResult:
+        """Process one partition's records (ascending offsets) until they are applied.
+
+        Retries, with exponential backoff (0.1 s doubling, at most 5 s) and without limit,
+        whatever is :data:`RETRYABLE` (Redis or Kafka unreachable, a commit conflict with
+        another writer of the partition); a record is dead-lettered as ``processing_error``
+        only when processing it alone fails otherwise. Returns the changes and dead letters
+        committed (``applied``/``duplicates`` are not summed here).
+        """
+        async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.1, max=5),
+                retry=retry_if_exception_type(RETRYABLE),
+                before_sleep=lambda rs: self._retrying(
+                    rs.outcome.exception() if rs.outcome else None)):
+            with attempt:
+                try:
+                    result = await self.process_filling_gaps(partition, records)
+                except RETRYABLE:
+                    raise
+                except Exception as exc:
+                    log.exception("batch of partition %d failed; processing its records one by "
+                                  "one", partition)
+                    result = await self.one_by_one(partition, records, exc)
+        self.services.redis_failing = False
+        return result
+
+    async def process_filling_gaps(self, partition: int, records: list[RawRecord]
+                                   ) -> BatchResult:
+        """Process; when records start beyond Redis's applied offset + 1, read the missing
+        range from the topic and apply it first (repeatedly, until nothing more is found)."""
+        processor, topic = self.services.processor, self.services.settings.purchases_topic
+        total, check = BatchResult(), True
+        while True:
+            try:
+                result = await processor.process(partition, records, check_gap=check)
+            except GapError as gap:
+                log.warning("%s: re-reading the missing records from the topic", gap)
+                missing = await self.reread(partition, gap.expected, gap.got)
+                if not missing:
+                    check = False  # the offsets in between hold no record
+                    continue
+                filled = await processor.process(
+                    partition, [RawRecord(topic, partition, o, k, v) for o, k, v in missing],
+                    check_gap=False)
+                total.changes += filled.changes
+                total.dead_letters += filled.dead_letters
+                continue
+            total.changes += result.changes
+            total.dead_letters += result.dead_letters
+            return total
+
+    async def one_by_one(self, partition: int, records: list[RawRecord], first: Exception
+                         ) -> BatchResult:
+        """Process each record alone; one whose processing fails (not retryably) becomes a
+        ``processing_error`` dead letter. Retryable errors propagate."""
+        total = BatchResult()
+        for rec in records:
+            try:
+                r = await self.process_filling_gaps(partition, [rec])
+            except RETRYABLE:
+                raise
+            except Exception as exc:
+                log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
+                              rec.partition, rec.offset)
+                r = await self.services.processor.process(
+                    partition, [rec], check_gap=False,
+                    reject={rec.offset: ("processing_error", f"{type(exc).__name__}: {exc}")})
+            total.changes += r.changes
+            total.dead_letters += r.dead_letters
+        return total
+
+    def _retrying(self, exc: BaseException | None) -> None:
+        if isinstance(exc, ConflictError):
+            log.warning("%s: another writer keeps committing to the partition (a rebalance); "
+                        "re-reading", exc)
+            return
+        if isinstance(exc, KafkaError):
+            log.warning("re-reading from Kafka failed (%r); retrying", exc)
+            return
+        self.services.redis_failing = True
+        log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
+
+
 def partition_for(customer_id: str, partitions: int) -> int:
     """Partition of a customer id under the default partitioner (murmur2)."""
     return key_partition(customer_id.encode("utf-8"), partitions)
@@ -125,77 +231,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         return {tp.partition for tp in app.consumer.assignment()
                 if tp.topic == settings.purchases_topic}
 
-    async def process(partition: int, records: list[RawRecord]) -> BatchResult:
-        """Process with retries while Redis is unreachable; re-read a gap first; isolate a
-        record whose processing fails (it becomes a ``processing_error`` dead letter)."""
-        async for attempt in AsyncRetrying(
-                wait=wait_exponential(multiplier=0.1, max=5),
-                retry=retry_if_exception_type(RETRYABLE),
-                before_sleep=lambda rs: _redis_down(rs.outcome.exception() if rs.outcome else None)):
-            with attempt:
-                try:
-                    result = await process_filling_gaps(partition, records)
-                except RETRYABLE:
-                    raise
-                except Exception as exc:
-                    log.exception("batch of partition %d failed; processing its records one by "
-                                  "one", partition)
-                    result = await one_by_one(partition, records, exc)
-        services.redis_failing = False
-        return result
-
-    async def process_filling_gaps(partition: int, records: list[RawRecord]) -> BatchResult:
-        """Process; when records start beyond Redis's applied offset + 1, read the missing
-        range from the topic and apply it first (repeatedly, until nothing more is found)."""
-        total, check = BatchResult(), True
-        while True:
-            try:
-                result = await services.processor.process(partition, records, check_gap=check)
-            except GapError as gap:
-                log.warning("%s: re-reading the missing records from the topic", gap)
-                missing = await read_range(bootstrap, settings.purchases_topic, partition,
-                                           gap.expected, gap.got)
-                if not missing:
-                    check = False  # the offsets in between hold no record
-                    continue
-                filled = await services.processor.process(
-                    partition, [RawRecord(settings.purchases_topic, partition, o, k, v)
-                                for o, k, v in missing], check_gap=False)
-                total.changes += filled.changes
-                total.dead_letters += filled.dead_letters
-                continue
-            total.changes += result.changes
-            total.dead_letters += result.dead_letters
-            return total
-
-    async def one_by_one(partition: int, records: list[RawRecord], first: Exception
-                         ) -> BatchResult:
-        total = BatchResult()
-        for rec in records:
-            try:
-                r = await process_filling_gaps(partition, [rec])
-            except RETRYABLE:
-                raise
-            except Exception as exc:
-                log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
-                              rec.partition, rec.offset)
-                r = await services.processor.process(
-                    partition, [rec], check_gap=False,
-                    reject={rec.offset: ("processing_error", f"{type(exc).__name__}: {exc}")})
-            total.changes += r.changes
-            total.dead_letters += r.dead_letters
-        return total
-
-    def _redis_down(exc: BaseException | None) -> None:
-        if isinstance(exc, ConflictError):
-            log.warning("%s: another writer keeps committing to the partition (a rebalance); "
-                        "re-reading", exc)
-            return
-        if isinstance(exc, KafkaError):
-            log.warning("re-reading from Kafka failed (%r); retrying", exc)
-            return
-        services.redis_failing = True
-        log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
+    runner = PartitionRunner(
+        services, lambda p, start, end: read_range(bootstrap, settings.purchases_topic, p,
+                                                   start, end))
+    process = runner.process
 
     async def publish_outbox(partitions: set[int]) -> None:
         assert services.publisher is not None
@@ -296,6 +335,29 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         for tp, target in targets.items():
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
+
+    @app.on_partitions_assigned.connect
+    async def _claim_outboxes(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Publish the assigned partitions' outboxes, claimed in Redis first (fencing out a
+        previous owner that has not seen the rebalance yet; see OutboxPublisher)."""
+        assert services.publisher is not None
+        await services.publisher.assign(
+            tp.partition for tp in assigned if tp.topic == settings.purchases_topic)
+
+    @app.on_partitions_revoked.connect
+    async def _stop_publishing(sender: Any, revoked: Any = (), **kwargs: Any) -> None:
+        """Stop publishing the revoked partitions' outboxes; returns once the publication in
+        flight is acknowledged, so faust rejoins the group (and the partitions reach their
+        next owner) only after it."""
+        assert services.publisher is not None
+        await services.publisher.revoke(
+            tp.partition for tp in revoked if tp.topic == settings.purchases_topic)
+
+    @app.on_before_shutdown.connect
+    async def _stop_publishing_all(sender: Any, **kwargs: Any) -> None:
+        # a stopping worker leaves the group without a revocation: the same, before it leaves
+        assert services.publisher is not None
+        await services.publisher.revoke(services.publisher.owned)
 
     async def consumer_lag() -> dict[int, int]:
         """Records behind the end of each partition (0 for partitions not owned)."""

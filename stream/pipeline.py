@@ -270,6 +270,10 @@ class BatchProcessor:
                     self.metrics.model_version.set(model.version)
                     self.metrics.model_age.set(max(0, plan.as_of - model.as_of_ms) / 1000)
             self._account(plan, letters, result)
+            # redelivered records that were dead letters are skipped by offset too
+            redelivered = sum(1 for r in consumed if r.offset in dead and r.offset <= view.last_offset)
+            self.metrics.duplicates_skipped.labels("offset").inc(redelivered)
+            result.duplicates += redelivered
             remaining = remaining[plan.consumed:]
             if not remaining and not plan.more:
                 return

@@ -81,6 +81,10 @@ async def test_dead_letters_do_not_stop_good_records(services):
     assert [c.customer_id for c in out.changes] == ["c4"]
     again = await services.processor.process(0, batch, now_ms=NOW)
     assert again.dead_letters == []  # a redelivered dead letter is not sent twice
+    assert again.duplicates == 4  # ... and counted as a redelivered record, like c4's
+    skipped = services.metrics.registry.get_sample_value(
+        f"{services.settings.metrics_prefix}_duplicates_skipped_total", {"kind": "offset"})
+    assert skipped == 4
     meta = await services.store.partition_meta([0])
     assert meta[0][0] == 3
 

@@ -158,8 +158,10 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_of(s.kafka_url), acks="all")
     await producer.start()
     try:
-        published = await OutboxPublisher(after_store, BatchSender(producer).send, "unused",
-                                          s.customer_segments_topic, "unused").drain([0])
+        publisher = OutboxPublisher(after_store, BatchSender(producer).send, "unused",
+                                    s.customer_segments_topic, "unused")
+        await publisher.assign([0])  # as the partition's owner
+        published = await publisher.drain([0])
     finally:
         await producer.stop()
         await after_store.client.aclose()

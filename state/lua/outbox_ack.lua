@@ -1,0 +1,17 @@
+-- outbox_ack.lua: delete outbox entries the broker acknowledged, for the partition's publisher
+-- only (see outbox_read.lua). A publisher whose partition was claimed by another while its
+-- entries were in flight leaves them: the new owner publishes them again (a duplicate, which
+-- consumers drop by change_id), never fewer.
+--
+-- KEYS[1] meta  KEYS[2] outbox
+-- ARGV[1] the publisher's token   ARGV[2 ..] entry ids
+-- Returns the number of entries deleted.
+-- Errors "FENCED <token>" when another token holds the partition; nothing is deleted.
+
+local holder = redis.call('HGET', KEYS[1], 'pub')
+if not holder then
+  redis.call('HSET', KEYS[1], 'pub', ARGV[1])
+elseif holder ~= ARGV[1] then
+  return redis.error_reply('FENCED ' .. holder)
+end
+return redis.call('XDEL', KEYS[2], unpack(ARGV, 2))
