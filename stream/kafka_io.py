@@ -79,9 +79,12 @@ class BatchSender:
         if n is None:
             n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
         by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
-        for key, value in records:
-            p = 0 if key is None else key_partition(key, n)
-            by_partition.setdefault(p, []).append((key, value))
+        if n == 1 and records:  # one partition: no key to hash (aiokafka's murmur2 is Python)
+            by_partition[0] = list(records)
+        else:
+            for key, value in records:
+                p = 0 if key is None else key_partition(key, n)
+                by_partition.setdefault(p, []).append((key, value))
         futures = []
         for p, recs in by_partition.items():
             batch = self.producer.create_batch()
