@@ -2,14 +2,16 @@
 holding a compact JSON array, read with one ``GET`` (or ``MGET`` of a page) and decoded with
 one ``orjson.loads``:
 
-``[1, seg, cl, f, buy, ref, last, first, ev, o, w, sc, chg, hc]``
+``[2, seg, cl, f, buy, ref, last, first, ev, o, w, sc, chg, hc]``
 
-``1``                  format version
+``2``                  format version (format 1, with full ids and order times in ms, is
+                       still read: converted when decoded, rewritten as 2 by the next write)
 ``seg`` ``cl``         the segment and cluster id last published (null: none)
 ``f`` ``buy`` ``ref``  frequency, purchases and refunds (minor units), all-time
 ``last`` ``first``     last and first purchase (epoch ms, null: none)
-``ev``                 recent event ids, newest first
-``o``                  recent orders ``[[order_id, bought, refunded, first_ms], ...]``, newest first
+``ev``                 recent event ids (``state.rfm.id_key`` form), newest first
+``o``                  recent orders ``[[order id, bought, refunded, first day], ...]``, newest
+                       first (id in ``id_key`` form, day since the epoch)
 ``w``                  window buckets ``[[index, orders, purchases, refunds], ...]``
 ``sc``                 the R, F, M scores at the last evaluation as one number, e.g. ``541``
 ``chg``                as-of time (epoch ms) of the last published change
@@ -25,9 +27,9 @@ from typing import NamedTuple
 
 import orjson
 
-from state.rfm import Bucket, CustomerState, Order
+from state.rfm import MS_PER_DAY, Bucket, CustomerState, Order, id_key
 
-FORMAT = 1
+FORMAT = 2
 
 
 class StoredCustomer(NamedTuple):
@@ -78,7 +80,10 @@ def decode(customer_id: str, value: str | bytes | None) -> StoredCustomer | None
          hc) = orjson.loads(value)
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"customer {customer_id!r}: malformed stored value ({exc})") from exc
-    if fmt != FORMAT:
+    if fmt == 1:  # full ids, order times in ms
+        ev = [id_key(e) for e in ev]
+        orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]
+    elif fmt != FORMAT:
         raise ValueError(f"customer {customer_id!r}: stored format {fmt!r}, expected {FORMAT}")
     state = CustomerState(f, buy, ref, last, first, tuple(ev), tuple(map(Order._make, orders)),
                           tuple(map(Bucket._make, buckets)))
