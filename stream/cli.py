@@ -96,6 +96,8 @@ def worker(ctx: click.Context) -> None:
         ctx.args[ctx.args.index("-h")] = "--help"
     settings = _settings(resolve=not asking)
     os.environ["RFM_NAMESPACE"] = settings.namespace
+    from stream.allocator import tune_malloc
+    tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
     from stream.app import app
     from stream.app import settings as app_settings
 
