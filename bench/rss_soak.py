@@ -7,12 +7,21 @@ nothing. The target: the worker's RSS flat over a 10M-event run.
 
     .venv/bin/python bench/rss_soak.py [--events 1000000] [--interval 5]
     .venv/bin/python bench/rss_soak.py --events 10000000    # the issue's run
+    .venv/bin/python bench/rss_soak.py --events 1500000 --customers 8000   # steady state
+
+With ``n / 8`` customers every customer's state keeps growing until the end of the run (8
+orders each on average), and so does what the worker's customer cache holds (bounded at
+``RFM_CACHE_CUSTOMERS`` customers of up to 32 orders and 32 event ids each, 2-3 KB): on a short
+run that bounded fill shows as a slope. ``--customers`` fixes the population instead: once
+each customer has 32 orders (after ``32 * customers`` events) the state stops growing and the
+worker's RSS should stay flat.
 
 Events: ``events / 8`` customers (8 orders each on average, picked at random), one purchase
 per order, event times rising over two years, amounts 5-200 USD. The load is not timed (about
 30 s per million events). Time: the load, ``events / rate`` for the worker and again for the
-empty agent (~9,000 events/s): with the worker at ~6,000 events/s the default 1M take about
-6 minutes in all, and 10M about an hour (28 minutes for the worker; the broker keeps every
+empty agent (~8,000 events/s): with the worker at ~1,500-2,000 events/s on this load (many
+customers, every 1,000 offsets a threshold refresh re-scores them) the default 1M take about
+12 minutes in all, and 10M about two hours (the broker keeps every
 record in memory, about 155 bytes each: ~1.5 GiB for 10M, and Redis ~1.3 GiB for 1.25M
 customers). The slope is a least-squares fit over the samples after the first 20% of the
 events (start-up and the first customers excluded), and over all samples from the first
@@ -44,10 +53,9 @@ SPAN_MS = 730 * 86_400_000
 MIB = 2**20
 
 
-def events(n: int, seed: int = 42) -> Iterator[Message]:
-    """``n`` purchase records: ``n // 8`` customers, rising event times."""
+def events(n: int, customers: int, seed: int = 42) -> Iterator[Message]:
+    """``n`` purchase records of ``customers`` customers picked at random, rising event times."""
     rng = random.Random(seed)
-    customers = max(1, n // 8)
     for i in range(n):
         cid = f"s{rng.randrange(customers):08d}"
         t = START_MS + SPAN_MS * i // n
@@ -97,13 +105,15 @@ def summary(name: str, samples: list[Sample], n: int) -> None:
     rate = ((active[-1][1] - active[0][1]) / (active[-1][0] - active[0][0])
             if active[-1][0] > active[0][0] else float("nan"))
     late = [s for s in active if s[1] >= 0.2 * n]
+    half = [s for s in active if s[1] >= 0.5 * n]
     print(f"  {name}: ~{rate:,.0f} events/s, {len(samples)} samples; RSS at the first batch "
           f"{rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB, max {max(rss):.1f} MiB; slope "
           f"{slope(late):+.1f} MiB per million events after the first 20% of events "
-          f"({slope(active):+.1f} from the first batch)")
+          f"({slope(active):+.1f} from the first batch, {slope(half):+.1f} over the second "
+          "half)")
 
 
-async def main(n: int, interval: float, logs: str | None) -> None:
+async def main(n: int, customers: int, interval: float, logs: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp, localstack.running(Path(tmp)) as stack:
         log_dir = Path(logs or tmp)
         settings = local_settings(stack, namespace="soak", app_id="rfm-soak")
@@ -111,7 +121,7 @@ async def main(n: int, interval: float, logs: str | None) -> None:
         print(f"loading {n:,} events ...", flush=True)
         loaded = time.perf_counter()
         targets = await produce(bootstrap_of(settings.kafka_url), settings.purchases_topic,
-                                events(n))
+                                events(n, customers))
         print(f"loaded in {time.perf_counter() - loaded:.0f} s; the worker starts", flush=True)
         store = store_for(settings)
 
@@ -141,7 +151,7 @@ async def main(n: int, interval: float, logs: str | None) -> None:
             agent.stop()
         problems = benchkit.log_problems(log_dir / "worker-soak.log")
     print(benchkit.machine())
-    print(f"RSS over {n:,} events ({max(1, n // 8):,} customers), target: the worker's RSS flat "
+    print(f"RSS over {n:,} events ({customers:,} customers), target: the worker's RSS flat "
           "(the empty faust agent is the ceiling):")
     summary("rfm-stream worker", ours, n)
     summary("empty faust agent", theirs, n)
@@ -157,7 +167,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--customers", type=int, help="customers (default: events / 8)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--logs", help="keep the worker log in this directory")
     a = ap.parse_args()
-    asyncio.run(main(a.events, a.interval, a.logs))
+    asyncio.run(main(a.events, a.customers or max(1, a.events // 8), a.interval, a.logs))

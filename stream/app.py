@@ -52,6 +52,10 @@ from stream.validation import REASONS
 
 log = logging.getLogger("rfm_stream")
 
+
+class PartitionCountError(RuntimeError):
+    """The purchases topic's partition count differs from ``RFM_PARTITIONS``."""
+
 # retried as they are, never dead-lettered: the record is fine, its step could not commit
 # (Redis or Kafka unreachable, or another writer of the partition during a rebalance)
 RETRYABLE = (RedisError, OSError, KafkaError, ConflictError)
@@ -314,6 +318,16 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         """Seek each assigned partition to Redis's last applied offset + 1."""
         mine = [tp for tp in assigned if tp.topic == settings.purchases_topic]
         if not mine:
+            return
+        found = app.consumer.topic_partitions(settings.purchases_topic)
+        if found is not None and found != settings.partitions:
+            # state keys, population queries and the watermark cover range(settings.partitions)
+            # only: a record of another partition would be applied where nothing reads it
+            reason = PartitionCountError(
+                f"topic {settings.purchases_topic!r} has {found} partitions but "
+                f"RFM_PARTITIONS is {settings.partitions}: they must be equal")
+            log.critical("%s; the worker stops", reason)
+            await app.crash(reason)
             return
         try:
             meta = await services.store.partition_meta([tp.partition for tp in mine])

@@ -4,6 +4,7 @@ published twice (two offsets) counts once; /metrics serves Prometheus text."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import urllib.error
@@ -53,6 +54,14 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
     msgs.append(Message(b"ab{c}/d", orjson.dumps(event(200, "ab{c}/d"))))
     boot = bootstrap_of(settings.kafka_url)
     targets = await produce(boot, settings.purchases_topic, msgs)
+    # producers may compress their record batches (Java clients often use lz4 or zstd)
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    for n, codec in enumerate(codecs):
+        e = event(300 + n, f"z-{codec}", amount="5.00")
+        more = await produce(boot, settings.purchases_topic,
+                             [Message(e["customer_id"].encode(), orjson.dumps(e))],
+                             compression=codec)
+        targets = {p: max(targets.get(p, -1), more.get(p, -1)) for p in {*targets, *more}}
 
     # a short processing timeout: faust's consumer thread logs partitions whose records wait
     # unprocessed that long; batch delivery must tell its monitor they are being processed
@@ -104,6 +113,8 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         assert customers[cid].monetary_minor == 1000 * len(mine)
     assert c3["frequency"] == len([e for e in good if e["customer_id"] == "c3"])
     assert odd["frequency"] == 1 and odd["customer_id"] == "ab{c}/d"
+    assert [(customers[f"z-{c}"].frequency, customers[f"z-{c}"].monetary_minor)
+            for c in codecs] == [(1, 500)] * len(codecs)
 
     assert 'rfm_dead_lettered_total{reason="not_json"} 1.0' in metrics
     # a record fetched before the seek to Redis's offsets on assignment can arrive again (in
@@ -113,13 +124,15 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
                             metrics).group(1))
     consumed = float(re.search(r"^rfm_events_consumed_total ([0-9.e+]+)$", metrics,
                                re.MULTILINE).group(1))
-    assert consumed == 46 + again, consumption_report(metrics, tmp_path / "worker.log")
+    assert consumed == 46 + len(codecs) + again, \
+        consumption_report(metrics, tmp_path / "worker.log")
     assert 'rfm_duplicates_skipped_total{kind="event_id"} 10.0' in metrics
     assert not re.search(r'"(c\d|ab\{c\}/d)"', metrics)  # no customer id in any label
     assert denied == [401] * 8 and health == 200
 
     changes = [json.loads(v) for *_, v in await read_all(boot, settings.segment_changes_topic)]
-    assert {c["customer_id"] for c in changes} == {f"c{i}" for i in range(7)} | {"ab{c}/d"}
+    assert {c["customer_id"] for c in changes} == ({f"c{i}" for i in range(7)} | {"ab{c}/d"}
+                                                 | {f"z-{c}" for c in codecs})
     first_seen: dict[str, dict] = {}
     for c in changes:
         first_seen.setdefault(c["customer_id"], c)
@@ -136,3 +149,22 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         present[key.decode()] = json.loads(value)["current"]["segment"]
     assert present == {cid: c["current"]["segment"] for cid, c in
                        {c["customer_id"]: c for c in changes}.items()}
+
+
+async def test_a_topic_with_other_than_rfm_partitions_stops_the_worker(settings, tmp_path):
+    await ensure_topics(settings)  # settings.partitions (4) partitions
+    wrong = settings.model_copy(update={"partitions": 2})
+    e = event(1, "c1")
+    await produce(bootstrap_of(settings.kafka_url), settings.purchases_topic,
+                  [Message(b"c1", orjson.dumps(e))])
+    worker = start_worker(wrong, tmp_path / "worker.log")
+    try:
+        for _ in range(120):
+            if not worker.alive():
+                break
+            await asyncio.sleep(0.5)
+        alive = worker.alive()
+    finally:
+        worker.stop()
+    assert not alive, worker.log_tail()
+    assert "has 4 partitions but RFM_PARTITIONS is 2" in (tmp_path / "worker.log").read_text()
