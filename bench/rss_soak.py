@@ -6,8 +6,8 @@ Prints the samples, first/last/max and the slope in MiB per million events of ea
 nothing. The target: the worker's RSS flat over a 10M-event run.
 
     .venv/bin/python bench/rss_soak.py [--events 1000000] [--interval 5]
-    .venv/bin/python bench/rss_soak.py --events 10000000    # the run
-    .venv/bin/python bench/rss_soak.py --events 1500000 --customers 8000   # steady state
+    .venv/bin/python bench/rss_soak.py --events 1200000 --customers 12000   # steady state
+    .venv/bin/python bench/rss_soak.py --events 10000000 --customers 12000  # the run
 
 With ``n / 8`` customers every customer's state keeps growing until the end of the run (8
 orders each on average), and so does what the worker's customer cache holds (bounded at
