@@ -6,8 +6,8 @@ glibc's defaults the resident set size then creeps up without any object being k
 large ``mmap``-ed block is freed glibc raises its mmap threshold (up to 32 MiB), so later
 buffers of that size come from the heap and leave holes there, and every thread may get an
 arena of its own. ``bench/rss_soak.py`` measured it (400,000 events): the heap's free bytes
-grew from 10 to 44-53 MiB with the defaults and stayed at 4-10 MiB with a fixed threshold and
-two arenas.
+grew from 10 to 44-53 MiB with the defaults and stayed at 4-12 MiB (over a million events)
+with a fixed threshold and two arenas.
 
 Source: glibc manual, "Memory Allocation Tunables" and ``mallopt(3)`` (``M_MMAP_THRESHOLD``:
 setting it disables the dynamic adjustment; ``M_ARENA_MAX``).

@@ -56,6 +56,7 @@ log = logging.getLogger("rfm_stream")
 class PartitionCountError(RuntimeError):
     """The purchases topic's partition count differs from ``RFM_PARTITIONS``."""
 
+
 # retried as they are, never dead-lettered: the record is fine, its step could not commit
 # (Redis or Kafka unreachable, or another writer of the partition during a rebalance)
 RETRYABLE = (RedisError, OSError, KafkaError, ConflictError)
