@@ -315,20 +315,23 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         await publish_outbox(mine)
 
     @app.on_partitions_assigned.connect
-    async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
-        """Seek each assigned partition to Redis's last applied offset + 1."""
-        mine = [tp for tp in assigned if tp.topic == settings.purchases_topic]
-        if not mine:
-            return
+    async def _check_partition_count(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Stop the worker when the purchases topic's partition count is not RFM_PARTITIONS:
+        state keys, population queries and the watermark cover ``range(settings.partitions)``
+        only, so a record of another partition would be applied where nothing reads it."""
         found = app.consumer.topic_partitions(settings.purchases_topic)
         if found is not None and found != settings.partitions:
-            # state keys, population queries and the watermark cover range(settings.partitions)
-            # only: a record of another partition would be applied where nothing reads it
             reason = PartitionCountError(
                 f"topic {settings.purchases_topic!r} has {found} partitions but "
                 f"RFM_PARTITIONS is {settings.partitions}: they must be equal")
             log.critical("%s; the worker stops", reason)
             await app.crash(reason)
+
+    @app.on_partitions_assigned.connect
+    async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Seek each assigned partition to Redis's last applied offset + 1."""
+        mine = [tp for tp in assigned if tp.topic == settings.purchases_topic]
+        if not mine:
             return
         try:
             meta = await services.store.partition_meta([tp.partition for tp in mine])
