@@ -14,17 +14,15 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream import localstack
-from stream.runner import WorkerProcess, settings_env
+from stream.runner import WorkerProcess, spawn_with_settings
 from stream.runner import start_worker as start_real_worker
 from stream.settings import Settings
 
@@ -97,17 +95,6 @@ async def raw_consume_rates(bootstrap: str, topic: str, passes: int = 3) -> list
 
 
 # --- worker processes ---------------------------------------------------------------------
-def _spawn(argv: Sequence[str], settings: Settings, log_path: Path,
-           extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
-    env.update(settings_env(settings))
-    env.update(extra_env or {})
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                preexec_fn=localstack.DIE_WITH_PARENT)
-    return WorkerProcess(proc, log_path)
 
 
 def start_worker(settings: Settings, log_path: Path, loop: str = "aio") -> WorkerProcess:
@@ -120,7 +107,7 @@ def start_worker(settings: Settings, log_path: Path, loop: str = "aio") -> Worke
     code = ("import sys; sys.argv = ['rfm-stream', '-L', sys.argv[1], 'worker', '--loglevel', "
             "'info']; from stream.app import app, settings as s; "
             "sys.argv += ['--web-bind', s.web_bind, '--web-port', str(s.web_port)]; app.main()")
-    return _spawn([sys.executable, "-c", code, loop], settings, log_path)
+    return spawn_with_settings([sys.executable, "-c", code, loop], settings, log_path)
 
 
 def start_empty_agent(settings: Settings, log_path: Path, progress_path: Path,
@@ -130,10 +117,10 @@ def start_empty_agent(settings: Settings, log_path: Path, progress_path: Path,
     the worker's batch delivery with an empty handler); it appends its progress to
     ``progress_path``."""
     progress_path.unlink(missing_ok=True)
-    return _spawn([sys.executable, str(HERE / "empty_agent.py"), "-L", loop, "worker",
-                   "--loglevel", "warn", "--web-bind", settings.web_bind,
-                   "--web-port", str(settings.web_port)],
-                  settings, log_path, {"BENCH_PROGRESS": str(progress_path), "BENCH_MODE": mode})
+    return spawn_with_settings(
+        [sys.executable, str(HERE / "empty_agent.py"), "-L", loop, "worker", "--loglevel", "warn",
+         "--web-bind", settings.web_bind, "--web-port", str(settings.web_port)],
+        settings, log_path, {"BENCH_PROGRESS": str(progress_path), "BENCH_MODE": mode})
 
 
 def read_progress(path: Path) -> tuple[int, int, float, float] | None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,18 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 DIE_WITH_PARENT = _die_with_parent()
+
+
+def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+          ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout and stderr in ``log_path`` (truncated), no stdin, in a session
+    of its own (Ctrl-C reaches the launcher, which stops its children in order) and ended
+    with the launcher (``DIE_WITH_PARENT``). ``env``: the environment (default: this one's)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=None if env is None else dict(env),
+                                start_new_session=True, preexec_fn=DIE_WITH_PARENT)
 
 
 def free_port() -> int:
@@ -155,14 +167,8 @@ def start_broker(workdir: Path, port: int | None = None, timeout: float = 20.0) 
     url = f"tcp://{LOOPBACK}:{port}"
     log_path = workdir / f"broker-{port}.log"
     env = {k: v for k, v in os.environ.items() if k not in {"LISTENER_URL", "ADVERTISED_LISTENER_URL"}}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
-            preexec_fn=DIE_WITH_PARENT,
-        )
+    proc = spawn([broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+                  url, "--storage-engine", "memory://tansu/"], log_path, env)
     managed = ManagedProcess("broker", proc, port, log_path)
     try:
         _wait_for_port(port, proc, "broker", timeout)
@@ -185,9 +191,7 @@ def start_redis(workdir: Path, port: int | None = None, appendonly: bool = False
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
             "--appendfilename", f"appendonly-{port}.aof"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=DIE_WITH_PARENT)
+    proc = spawn(args, log_path)
     managed = ManagedProcess("redis", proc, port, log_path)
     try:
         _wait_for_port(port, proc, "redis-server", timeout)

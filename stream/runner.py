@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,17 +83,19 @@ class WorkerProcess:
 def start_worker(settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None
                  ) -> WorkerProcess:
     """Start ``python -m stream worker`` with ``settings`` passed as environment variables."""
+    return spawn_with_settings([sys.executable, "-m", "stream", "worker"], settings, log_path,
+                               extra_env)
+
+
+def spawn_with_settings(argv: Sequence[str], settings: Settings, log_path: Path,
+                        extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
+    """Start ``argv`` with ``settings`` as ``RFM_*`` environment variables (none inherited) and
+    ``extra_env``, its output in ``log_path`` (``localstack.spawn``: a session of its own, so
+    Ctrl-C reaches the caller, which stops it before the servers it needs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
     env.update(settings_env(settings))
     env.update(extra_env or {})
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        # a session of its own: Ctrl-C reaches the caller, which stops the worker before the
-        # servers it needs
-        proc = subprocess.Popen([sys.executable, "-m", "stream", "worker"], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=localstack.DIE_WITH_PARENT)
-    return WorkerProcess(proc, log_path)
+    return WorkerProcess(localstack.spawn(argv, log_path, env), log_path)
 
 
 def store_for(settings: Settings) -> RedisStore:
