@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from state.rfm import MS_PER_DAY, Limits, Record
+from state.rfm import Limits, Record
 from state.store import ConflictError, PartitionView, RedisStore
 from stream.changes import Change
 from stream.clustering import ClusterModel
@@ -365,20 +365,12 @@ class BatchProcessor:
                         ) -> list[str]:
         """Customers of a partition whose segment differs between ``old`` and ``new``
         thresholds (all of them when the old ones were not quintiles). Only the customers whose
-        value lies between an old and a new bound are looked at, so the cost grows with the
-        customers near a moved bound, not with the population."""
-        inf = float("inf")
-        if old is None or old.anchor_ms is None or new.anchor_ms is None:
-            ranges = [("last", -inf, inf)]
-        else:
-            ranges = [("last", old.anchor_ms - MS_PER_DAY, inf)]
-            for b_old, b_new in zip(old.r_below, new.r_below, strict=True):
-                cuts = (old.anchor_ms - b_old * MS_PER_DAY, new.anchor_ms - b_new * MS_PER_DAY)
-                ranges.append(("last", min(cuts) - MS_PER_DAY, max(cuts) + MS_PER_DAY))
-            for kind, a, b in (("freq", old.f_above, new.f_above),
-                               ("mon", old.m_above, new.m_above)):
-                ranges += [(kind, min(x, y), max(x, y) + 1)
-                           for x, y in zip(a, b, strict=True) if x != y]
+        R, F or M score differs are read (:meth:`Thresholds.moved_ranges`), so the cost grows
+        with the customers a refresh moves, not with the population."""
+        ranges = ([("last", float("-inf"), float("inf"))] if old is None
+                  else old.moved_ranges(new))
+        if not ranges:
+            return []
         ids, values = await self.store.population_between(partition, ranges)
         if old is None or old.anchor_ms is None or not ids:
             return sorted(ids)

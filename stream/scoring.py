@@ -186,6 +186,43 @@ class Thresholds:
             out[:, 2] += m > self.m_above[j]
         return out
 
+    def moved_ranges(self, new: Thresholds) -> list[tuple[str, float, float]]:
+        """The closed ranges ``(kind, low, high)`` of population values (kind ``last``: last
+        purchase, epoch ms; ``freq``; ``mon``: minor units) that hold exactly the customers
+        whose R, F or M score differs between these anchored thresholds and ``new`` ones.
+
+        A bound ``b >= 1`` of R holds for a customer exactly when its last purchase is after
+        ``anchor - b`` days (recency is floored and never negative); a bound ``b <= 0`` holds
+        for nobody. So a score moves on bound j only for last purchases between the old and
+        the new cut, or after the one cut that holds when the other bound is 0. F and M move
+        only for values in ``(min(old, new), max(old, new)]``. Either side unanchored: every
+        customer (``last`` over all times).
+
+        Examples
+        --------
+        >>> day = 86_400_000
+        >>> old = Thresholds("q", (30, 20, 10, 1), (1, 1, 2, 4), (10, 20, 30, 40), 9, 100 * day)
+        >>> new = Thresholds("q", (31, 20, 10, 0), (1, 2, 2, 4), (10, 20, 30, 40), 9, 100 * day)
+        >>> r0, r3, f1 = old.moved_ranges(new)  # R bounds 30 -> 31 and 1 -> 0 days; F 1 -> 2
+        >>> r0 == ("last", 69 * day + 1, 70 * day), r3 == ("last", 99 * day + 1, float("inf"))
+        (True, True)
+        >>> f1  # F moves only for a frequency of 2
+        ('freq', 2, 2)
+        """
+        if self.anchor_ms is None or new.anchor_ms is None:
+            return [("last", float("-inf"), float("inf"))]
+        out: list[tuple[str, float, float]] = []
+        for b_old, b_new in zip(self.r_below, new.r_below, strict=True):
+            cuts = [anchor - b * MS_PER_DAY for anchor, b in ((self.anchor_ms, b_old),
+                                                              (new.anchor_ms, b_new)) if b >= 1]
+            if len(cuts) == 2 and cuts[0] != cuts[1]:  # last purchase in (low cut, high cut]
+                out.append(("last", min(cuts) + 1, max(cuts)))
+            elif len(cuts) == 1:  # after the one cut that holds
+                out.append(("last", cuts[0] + 1, float("inf")))
+        for kind, a, b in (("freq", self.f_above, new.f_above), ("mon", self.m_above, new.m_above)):
+            out += [(kind, min(x, y) + 1, max(x, y)) for x, y in zip(a, b, strict=True) if x != y]
+        return out
+
     @classmethod
     def fixed(cls, t: FixedThresholds) -> Thresholds:
         """The fixed business thresholds in this form."""

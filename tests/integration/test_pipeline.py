@@ -122,3 +122,51 @@ async def test_dead_letters_always_fit_in_a_kafka_record(services):
     assert len(letter.model_dump_json()) <= MAX_DEAD_LETTER_BYTES
     assert letter.value_truncated and "300000 bytes" in letter.detail
     assert letter.source_offset == 7 and letter.key_encoding == "base64"
+
+
+async def test_after_threshold_refreshes_every_segment_is_what_the_current_thresholds_give(
+        settings):
+    """Quintile thresholds refreshed every 100 offsets move bounds under customers who bought
+    nothing since; the refresh must re-score exactly those. Oracle: each customer's last
+    purchase, orders and spend summed from the raw events (not the fold), scored with the
+    thresholds in force at the end and looked up in the segment table."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from state.rfm import recency_days
+
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "threshold_refresh_every": 100, "min_dwell_s": 0,
+        "rescore_spacing_ms": 0}))
+    rng = random.Random(7)
+    start = datetime(2023, 1, 1, tzinfo=UTC)
+    values: dict[str, tuple[int, int, int]] = {}  # customer -> (last ms, orders, cents)
+    batch = []
+    for n in range(3000):
+        c = f"c{rng.randrange(400)}"
+        at = start + timedelta(days=n * 400 / 3000)
+        cents = rng.randrange(100, 30_000)
+        batch.append(raw(n, c, json.dumps({
+            "event_id": f"e{n}", "customer_id": c, "order_id": f"o{n}", "type": "purchase",
+            "amount": f"{cents / 100:.2f}", "currency": "USD",
+            "occurred_at": at.isoformat()}).encode()))
+        last, orders, spend = values.get(c, (0, 0, 0))
+        values[c] = (max(last, int(at.timestamp() * 1000)), orders + 1, spend + cents)
+    try:
+        rescored = 0
+        for i in range(0, len(batch), 250):
+            result = await s.processor.process(0, batch[i:i + 250], now_ms=NOW)
+            rescored += sum(1 for c in result.changes if c.cause == "rescore")
+        t = await s.processor.current_thresholds(0)
+        assert t.anchor_ms is not None and rescored > 100, (t, rescored)
+        table = s.processor.table
+        wrong = []
+        async for page in s.store.iter_customers(0):
+            for stored in page:
+                last, f, m = values[stored.customer_id]
+                want = table.lookup(*t.score(recency_days(last, t.anchor_ms), f, m)).name
+                if stored.segment != want:
+                    wrong.append((stored.customer_id, stored.segment, want))
+        assert len(values) == 400 and not wrong, wrong[:5]
+    finally:
+        await s.store.client.aclose()

@@ -79,3 +79,33 @@ def test_score_many_equals_score_one_by_one(rows, as_of, anchored):
     last, f, m = (np.array([r[i] for r in rows]) for i in range(3))
     got = t.score_many(last, as_of, f, m).tolist()
     assert got == [list(t.score(t.scoring_days(a, as_of), b, c)) for a, b, c in rows]
+
+
+DAY = 86_400_000
+bounds4 = st.lists(st.integers(-1, 12), min_size=4, max_size=4).map(sorted)
+# times near whole days, where the flooring of recency flips
+near_days = st.builds(lambda d, off: d * DAY + off, st.integers(-3, 30), st.sampled_from(
+    [-1, 0, 1, DAY // 2]))
+
+
+@given(st.lists(st.tuples(near_days, st.integers(0, 14), st.integers(0, 14)),
+                min_size=1, max_size=40),
+       bounds4, bounds4, bounds4, bounds4, bounds4, bounds4,
+       near_days.map(abs), near_days.map(abs), st.booleans())
+@settings(max_examples=500, deadline=None)
+def test_moved_ranges_hold_exactly_the_customers_whose_scores_differ(
+        customers, r_old, r_new, f_old, f_new, m_old, m_new, anchor, step, unanchored):
+    # bounds in days near the customers' values, anchors a few days apart; a customer's
+    # last purchase may lie after either anchor (events ahead of the as-of time)
+    old = Thresholds("o", tuple(sorted(r_old, reverse=True)), tuple(f_old), tuple(m_old), 9,
+                     None if unanchored else anchor)
+    new = Thresholds("n", tuple(sorted(r_new, reverse=True)), tuple(f_new), tuple(m_new), 9,
+                     anchor + step)
+    ranges = old.moved_ranges(new)
+    values = {"last": 0, "freq": 1, "mon": 2}
+    for c in customers:
+        inside = any(lo <= c[values[kind]] <= hi for kind, lo, hi in ranges)
+        # brute force, one customer at a time; the old thresholds score at the old anchor
+        before = old.score(old.scoring_days(c[0], anchor), c[1], c[2])
+        after = new.score(new.scoring_days(c[0], anchor + step), c[1], c[2])
+        assert inside == (unanchored or before != after), (c, before, after, ranges)
