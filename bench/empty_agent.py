@@ -3,8 +3,8 @@
 The faust app is built as ``stream/app.py`` ``create_app`` builds the worker's (same ``RFM_*``
 settings: broker, raw key/value serializers, session/heartbeat/commit intervals, partitions,
 ``broker_max_poll_records = batch_max``, producer linger, batch size and acks; keep the two in
-step), and consumes the purchases topic doing nothing with it, in one of two ways
-(``BENCH_MODE``):
+step), in a process with the worker's malloc and GC settings (``stream/allocator.py``), and
+consumes the purchases topic doing nothing with it, in one of two ways (``BENCH_MODE``):
 
 ``agent`` (default)
     the issue's ceiling: an empty faust agent, concurrency 1, taking
@@ -31,10 +31,14 @@ from typing import Any
 
 import faust
 
+from stream.allocator import freeze_gc, tune_gc, tune_malloc
 from stream.faustconf import faust_options
 from stream.settings import Settings
 
 settings = Settings()
+# the worker's process settings too (stream/cli.py worker, stream/app.py _started)
+tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
+tune_gc(settings.gc_thresholds)
 MODE = os.environ.get("BENCH_MODE", "agent")
 WITHIN_S = float(os.environ.get("BENCH_WITHIN_S", "0.05"))
 app = faust.App(settings.app_id, **faust_options(settings))  # the worker's own settings
@@ -50,6 +54,14 @@ def count(batch: Sized) -> None:
         counted["first_n"], counted["first_t"] = len(batch), now
     counted["n"] += len(batch)
     progress.write(f"{counted['n']} {counted['first_n']} {counted['first_t']} {now}\n")
+
+
+
+
+@app.task
+async def _started() -> None:
+    if settings.gc_freeze:
+        freeze_gc()
 
 
 if MODE == "batch":

@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from state.rfm import frequency_monetary, recency_days
 from state.store import ConflictError, RedisStore
+from stream.allocator import freeze_gc
 from stream.fastpath import BatchTransport
 from stream.faustconf import faust_options
 from stream.kafka_io import BatchSender, bootstrap_of, key_partition, read_range
@@ -286,6 +287,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     @app.task
     async def _started() -> None:
+        if settings.gc_freeze:
+            freeze_gc()
         await services.start()
 
     @app.timer(1.0)

@@ -96,8 +96,9 @@ def worker(ctx: click.Context) -> None:
         ctx.args[ctx.args.index("-h")] = "--help"
     settings = _settings(resolve=not asking)
     os.environ["RFM_NAMESPACE"] = settings.namespace
-    from stream.allocator import tune_malloc
+    from stream.allocator import tune_gc, tune_malloc
     tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
+    tune_gc(settings.gc_thresholds)
     from stream.app import app
     from stream.app import settings as app_settings
 

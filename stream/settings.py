@@ -152,6 +152,11 @@ class Settings(BaseSettings):
                                              "dynamic default)")
     malloc_arena_max: int = Field(2, ge=0, description="glibc only: most malloc arenas of a "
                                   "worker (0: glibc's default)")
+    gc_thresholds: tuple[int, int, int] = Field(
+        (50_000, 20, 20), description="Python's cyclic GC thresholds in a worker "
+        "(gc.set_threshold; Python's default is [700,10,10]), each >= 1")
+    gc_freeze: bool = Field(True, description="Once a worker has started, move the objects "
+                            "start-up made out of the cyclic GC's reach (gc.freeze)")
 
     # --- clustering
     n_clusters: int = Field(5, ge=2, le=20)
@@ -172,6 +177,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} must be ascending, got {bounds}")
         if self.window_days and self.window_days % self.window_bucket_days:
             raise ValueError("window_days must be a multiple of window_bucket_days")
+        if min(self.gc_thresholds) < 1:
+            raise ValueError(f"gc_thresholds must all be >= 1 (0 turns collection off), got "
+                             f"{self.gc_thresholds}")
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
         return self

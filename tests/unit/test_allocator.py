@@ -1,4 +1,5 @@
-"""glibc malloc settings: applied on glibc, a no-op when nothing is asked."""
+"""Worker memory settings: glibc malloc (applied on glibc, a no-op when nothing is asked) and
+Python's cyclic GC (thresholds, freezing what start-up made)."""
 
 import ctypes
 import ctypes.util
@@ -35,3 +36,44 @@ def test_a_libc_without_mallopt_is_reported_not_raised(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", no_glibc)
     assert tune_malloc(131_072, 2) is False
+
+
+@pytest.fixture
+def gc_state():
+    import gc
+
+    thresholds = gc.get_threshold()
+    yield gc
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
+
+
+def test_gc_thresholds_are_set_and_zero_is_refused(gc_state):
+    from stream.allocator import tune_gc
+
+    tune_gc((12_345, 7, 9))
+    assert gc_state.get_threshold() == (12_345, 7, 9)
+    with pytest.raises(ValueError, match=">= 1"):
+        tune_gc((0, 10, 10))  # would turn the collector off
+    assert gc_state.get_threshold() == (12_345, 7, 9)
+
+
+def test_freeze_moves_live_objects_out_of_the_collectors_reach(gc_state):
+    from stream.allocator import freeze_gc
+
+    gc_state.unfreeze()
+    assert gc_state.get_freeze_count() == 0
+    tracked = len(gc_state.get_objects())
+    frozen = freeze_gc()
+    assert frozen == gc_state.get_freeze_count() > 0
+    # what is frozen is no longer in any generation a collection walks
+    assert len(gc_state.get_objects()) < tracked - frozen // 2
+
+
+def test_settings_refuse_gc_thresholds_of_zero():
+    from pydantic import ValidationError
+
+    from stream.settings import Settings
+
+    with pytest.raises(ValidationError, match="gc_thresholds"):
+        Settings(gc_thresholds=(700, 0, 10))
