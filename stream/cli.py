@@ -201,9 +201,13 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     """Rebuild state from the purchases topic into a new namespace, in event time."""
     from tqdm import tqdm
 
+    from stream.allocator import freeze_gc, tune_gc
     from stream.replay import replay as run_replay
 
     configured, settings = _settings(resolve=False), _settings()
+    tune_gc(settings.gc_thresholds)  # the worker's GC settings (stream/allocator.py)
+    if settings.gc_freeze:
+        freeze_gc()
     if namespace in (configured.namespace, settings.namespace):
         raise click.BadParameter(f"{namespace!r} is the live namespace (or its alias): replay "
                                  "into a new one", param_hint="--namespace")
