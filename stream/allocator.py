@@ -22,7 +22,7 @@ object (~260,000 once faust, River and their imports are loaded), every few seco
 pause that every record in flight waits for. :func:`tune_gc` makes collections rarer, and
 :func:`freeze_gc`, called once the worker has started, moves what start-up created to the
 permanent generation, which collections skip (what ``gc.freeze`` is for; Python docs, "gc").
-Full collections then took 13-80 ms, and ``make bench`` went from ~5,400 to ~7,700 events/s
+Full collections then took 13-80 ms, and ``make bench`` went from ~5,400 to ~7,300 events/s
 (``docs/performance.md``, "Fifth pass").
 """
 
