@@ -17,7 +17,7 @@ setting it disables the dynamic adjustment; ``M_ARENA_MAX``).
 **The cyclic GC.** A worker allocates and frees many container objects per event (records,
 named tuples of state, change dicts), so with Python's default thresholds (700, 10, 10) it runs
 young collections every few hundred of them, and a full collection, which walks every tracked
-object (~260,000 once faust, River and their imports are loaded), every few seconds:
+object (200,000-260,000 once faust, River and their imports are loaded), every few seconds:
 110-220 ms each, measured with ``gc.callbacks`` under ``bench/latency.py --rate 2500``, a
 pause that every record in flight waits for. :func:`tune_gc` makes collections rarer, and
 :func:`freeze_gc`, called once the worker has started, moves what start-up created to the
