@@ -36,6 +36,7 @@ import time
 
 log = logging.getLogger(__name__)
 
+MAX_GC_THRESHOLD = 10_000_000  # beyond this, collection is off in practice
 M_MMAP_THRESHOLD = -3  # mallopt(3) parameter numbers, from glibc's malloc.h
 M_ARENA_MAX = -8
 
@@ -83,10 +84,12 @@ def tune_gc(thresholds: tuple[int, int, int]) -> None:
     Raises
     ------
     ValueError
-        When a threshold is below 1 (0 would turn collection off).
+        When a threshold is outside ``1..MAX_GC_THRESHOLD`` (0 turns collection off, and so,
+        in practice, does a huge value; above 2**31 - 1 ``gc`` itself refuses it).
     """
-    if len(thresholds) != 3 or min(thresholds) < 1:
-        raise ValueError(f"GC thresholds must be three integers >= 1, got {thresholds!r}")
+    if len(thresholds) != 3 or not all(1 <= t <= MAX_GC_THRESHOLD for t in thresholds):
+        raise ValueError(f"GC thresholds must be three integers in 1..{MAX_GC_THRESHOLD:,}, "
+                         f"got {thresholds!r}")
     gc.set_threshold(*thresholds)
 
 

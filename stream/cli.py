@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,6 +116,40 @@ def demo(out: str) -> None:
     from stream import demo as demo_mod
 
     sys.exit(demo_mod.main(out))
+
+
+@main.command()
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the servers keep their data and logs (default: a temporary "
+              "directory, removed when they stop).")
+def stack(workdir: str | None) -> None:
+    """Start the embedded broker and Redis (pip install '.[local]') on free loopback ports,
+    create the topics, and print the RFM_* settings that point at them; both stop on Ctrl-C
+    or SIGTERM (and when this process dies)."""
+    import signal
+
+    from stream import localstack
+    from stream.demo import ensure_topics
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with localstack.running(Path(workdir) if workdir else None) as s:
+            settings = _settings(resolve=False).model_copy(
+                update={"kafka_url": s.kafka_url, "redis_url": s.redis_url})
+            _run(ensure_topics(settings))
+            click.echo(f"export RFM_KAFKA_URL={s.kafka_url} RFM_REDIS_URL={s.redis_url}")
+            click.echo(f"broker pid {s.broker.pid}, redis-server pid {s.redis.pid}, files in "
+                       f"{s.workdir}; topics created with RFM_PARTITIONS={settings.partitions}."
+                       " Ctrl-C stops both.", err=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    except localstack.LocalStackError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

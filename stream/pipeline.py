@@ -357,14 +357,15 @@ class BatchProcessor:
             return self._fixed, None, []
         fresh = await self.refresh_thresholds(view, now)
         text = json.dumps({**fresh.to_dict(), "block": block})
-        if fresh.anchor_ms is None or fresh == old:
+        if fresh == (old or self._fixed):  # no stored thresholds: the fixed ones scored
             return fresh, text, []
         return fresh, text, await self._moved_by(view.partition, old, fresh)
 
     async def _moved_by(self, partition: int, old: Thresholds | None, new: Thresholds
                         ) -> list[str]:
         """Customers of a partition whose segment differs between ``old`` and ``new``
-        thresholds (all of them when the old ones were not quintiles). Only the customers whose
+        thresholds (all of them when either side is not quintiles: a population that fell
+        below the minimum goes back to the fixed thresholds). Only the customers whose
         R, F or M score differs are read (:meth:`Thresholds.moved_ranges`), so the cost grows
         with the customers a refresh moves, not with the population."""
         ranges = ([("last", float("-inf"), float("inf"))] if old is None
@@ -372,7 +373,7 @@ class BatchProcessor:
         if not ranges:
             return []
         ids, values = await self.store.population_between(partition, ranges)
-        if old is None or old.anchor_ms is None or not ids:
+        if old is None or old.anchor_ms is None or new.anchor_ms is None or not ids:
             return sorted(ids)
         last, f, m = values[:, 0], values[:, 1], values[:, 2]
         before = self.table.lookup_many(old.score_many(last, 0, f, m))

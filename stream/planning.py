@@ -258,7 +258,8 @@ def plan_step(view: PartitionView, records: list[Record], ctx: PlanContext,
 
     Records at or below ``view.last_offset`` are skipped (redelivered); a duplicate
     ``event_id`` is skipped by the fold. ``rescore``: customers to re-score after a threshold
-    refresh (due from ``ctx.thresholds.anchor_ms``, spaced by the policy); their states must
+    refresh (due from ``ctx.thresholds.anchor_ms``, or the view's as-of time for fixed
+    thresholds, spaced by the policy); their states must
     be in ``view.customers``. ``own_active``: whether this partition's own watermark holds the
     as-of time (False for a timer sweep of a partition idle itself).
 
@@ -267,8 +268,10 @@ def plan_step(view: PartitionView, records: list[Record], ctx: PlanContext,
     """
     planner = _Planner(view, ctx)
     if rescore:
-        anchor = ctx.thresholds.anchor_ms
+        # quintiles: from their anchor; fixed thresholds (a population that fell below the
+        # minimum): from the as-of time they take over at
+        anchor = ctx.thresholds.anchor_ms if ctx.thresholds.anchor_ms is not None else view.as_of
         if anchor is None:
-            raise ValueError("rescore needs anchored thresholds")
+            raise ValueError("rescore needs anchored thresholds or an as-of time")
         planner.schedule_rescore(rescore, anchor)
     return planner.run(records, own_active)

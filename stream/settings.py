@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from state.rfm import Limits, Window
+from stream.allocator import MAX_GC_THRESHOLD
 from stream.scoring import FixedThresholds, ScoringConfig
 from stream.timeline import TimePolicy
 from stream.trainer import TrainerConfig
@@ -154,7 +155,7 @@ class Settings(BaseSettings):
                                   "worker (0: glibc's default)")
     gc_thresholds: tuple[int, int, int] = Field(
         (50_000, 20, 20), description="Python's cyclic GC thresholds in a worker "
-        "(gc.set_threshold; Python's default is [700,10,10]), each >= 1")
+        "(gc.set_threshold; Python's default is [700,10,10]), each in 1..10,000,000")
     gc_freeze: bool = Field(True, description="Once a worker has started, move the objects "
                             "start-up made out of the cyclic GC's reach (gc.freeze)")
 
@@ -177,9 +178,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} must be ascending, got {bounds}")
         if self.window_days and self.window_days % self.window_bucket_days:
             raise ValueError("window_days must be a multiple of window_bucket_days")
-        if min(self.gc_thresholds) < 1:
-            raise ValueError(f"gc_thresholds must all be >= 1 (0 turns collection off), got "
-                             f"{self.gc_thresholds}")
+        if not all(1 <= t <= MAX_GC_THRESHOLD for t in self.gc_thresholds):
+            raise ValueError(f"gc_thresholds must all be in 1..{MAX_GC_THRESHOLD:,} (0 or huge "
+                             f"values turn collection off), got {self.gc_thresholds}")
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
         return self

@@ -170,3 +170,58 @@ async def test_after_threshold_refreshes_every_segment_is_what_the_current_thres
         assert len(values) == 400 and not wrong, wrong[:5]
     finally:
         await s.store.client.aclose()
+
+
+async def test_a_population_that_falls_below_the_minimum_is_rescored_with_fixed_thresholds(
+        settings):
+    """Ten customers make quintiles (min_population 10); forgetting one makes the next refresh
+    fall back to the fixed thresholds, and every customer must then hold the segment the fixed
+    thresholds give at the as-of time (a breaker's finding: they kept their quintile segments).
+    Oracle by hand from the raw events: one order each, bought 40 days apart."""
+    from datetime import UTC, datetime, timedelta
+
+    from state.rfm import recency_days
+
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "threshold_refresh_every": 1, "min_population": 10, "min_dwell_s": 0,
+        "rescore_spacing_ms": 0}))
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    values = {}  # customer -> (last purchase ms, orders, cents)
+    records = []
+    for n in range(10):
+        at = start + timedelta(days=40 * n)
+        cents = 3000 + 3000 * n
+        records.append(raw(n, f"c{n}", json.dumps({
+            "event_id": f"e{n}", "customer_id": f"c{n}", "order_id": f"o{n}",
+            "type": "purchase", "amount": f"{cents / 100:.2f}", "currency": "USD",
+            "occurred_at": at.isoformat()}).encode()))
+        values[f"c{n}"] = (int(at.timestamp() * 1000), 1, cents)
+    last_day = start + timedelta(days=40 * 9)
+    for n in range(10, 13):  # c9 buys again the same day (1 order each time)
+        records.append(raw(n, "c9", purchase(n, "c9", last_day.date().isoformat(), "1.00")))
+    try:
+        await s.processor.process(0, records, now_ms=NOW)
+        assert (await s.processor.current_thresholds(0)).anchor_ms is not None  # quintiles
+        assert (await s.store.forget(0, "c5"))[0]
+        del values["c5"]
+        more = [raw(n, "c9", purchase(n, "c9", last_day.date().isoformat(), "1.00"))
+                for n in (13, 14)]
+        await s.processor.process(0, more, now_ms=NOW)
+        t = await s.processor.current_thresholds(0)
+        assert t.version == "fixed", t
+        as_of = (await s.store.as_of([0]))
+        fixed = s.settings.fixed_thresholds()
+        table = s.processor.table
+        wrong = []
+        async for page in s.store.iter_customers(0):
+            for stored in page:
+                last, f, m = values[stored.customer_id]
+                if stored.customer_id == "c9":
+                    f, m = 6, m + 500  # five more one-dollar orders
+                want = table.lookup(fixed.r(recency_days(last, as_of)), fixed.f(f),
+                                    fixed.m(m)).name
+                if stored.segment != want:
+                    wrong.append((stored.customer_id, stored.segment, want))
+        assert not wrong, wrong
+    finally:
+        await s.store.client.aclose()

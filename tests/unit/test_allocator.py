@@ -53,8 +53,10 @@ def test_gc_thresholds_are_set_and_zero_is_refused(gc_state):
 
     tune_gc((12_345, 7, 9))
     assert gc_state.get_threshold() == (12_345, 7, 9)
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="1..10,000,000"):
         tune_gc((0, 10, 10))  # would turn the collector off
+    with pytest.raises(ValueError, match="1..10,000,000"):
+        tune_gc((2**31, 10, 10))  # gc.set_threshold would raise OverflowError
     assert gc_state.get_threshold() == (12_345, 7, 9)
 
 
@@ -70,10 +72,12 @@ def test_freeze_moves_live_objects_out_of_the_collectors_reach(gc_state):
     assert len(gc_state.get_objects()) < tracked - frozen // 2
 
 
-def test_settings_refuse_gc_thresholds_of_zero():
+def test_settings_refuse_gc_thresholds_of_zero_or_too_large():
     from pydantic import ValidationError
 
     from stream.settings import Settings
 
     with pytest.raises(ValidationError, match="gc_thresholds"):
         Settings(gc_thresholds=(700, 0, 10))
+    with pytest.raises(ValidationError, match="gc_thresholds"):
+        Settings(gc_thresholds=(2**31, 20, 20))
