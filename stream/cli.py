@@ -120,12 +120,12 @@ def demo(out: str) -> None:
 
 @main.command()
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
-              help="Where the servers keep their data and logs (default: a temporary "
-              "directory, removed when they stop).")
+              help="Where the servers write their logs (default: a temporary directory, "
+              "removed when they stop). Both keep their data in memory only.")
 def stack(workdir: str | None) -> None:
     """Start the embedded broker and Redis (pip install '.[local]') on free loopback ports,
     create the topics, and print the RFM_* settings that point at them; both stop on Ctrl-C
-    or SIGTERM (and when this process dies)."""
+    or SIGTERM (and when this process dies), and what they held is gone."""
     import signal
 
     from stream import localstack
