@@ -2,19 +2,26 @@
 written through the store's real commit path, against the 500 bytes/customer target. Prints
 figures; asserts nothing.
 
-    .venv/bin/python bench/redis_memory.py [--customers 1000000] [--uuid-ids]
+    .venv/bin/python bench/redis_memory.py [--customers 1000000] [--uuid-ids] [--scoring fixed]
 
 Each customer's orders (1 + Poisson(7), so 8 on average; one purchase event per order, times
 spread over two years, amounts 5-200 USD) are folded with ``state.rfm.apply_event``, scored
-with the fixed thresholds at the end of the two years, given a segment, a cluster and its
-next due time, and committed with ``RedisStore.commit`` (``CustomerWrite``), 1,000 customers
-per commit, over 4 partitions (the worker's partitioner), into a fresh redis-server from
-``stream.localstack``. Then: ``INFO memory`` ``used_memory`` after minus before, per customer,
-and the part of each structure (``MEMORY USAGE``: every key of a partition whole, customer
-values on a sample) per customer; "unattributed" is what ``used_memory`` grew by beyond them
-(the keyspace's hash table buckets, allocator rounding). Ids: order ``pos-<n>``, event
-``pos-<n>-1`` (as the README's example event), or UUIDs with ``--uuid-ids``; the outbox is
-empty, as it is once the publisher has drained it. About 2-3 minutes for 1M customers.
+at the end of the two years, given a segment, a cluster and its next due time, and committed
+with ``RedisStore.commit`` (``CustomerWrite``), 1,000 customers per commit, over 4 partitions
+(the worker's partitioner), into a fresh redis-server from ``stream.localstack``.
+
+Scoring: ``quintiles`` (the worker's default) scores with thresholds anchored at the as-of
+time, as quintile thresholds are, so no customer has a due time (time alone moves no one's R:
+the ``due`` set stays empty); ``fixed`` with the fixed thresholds, under which every customer
+is due when its recency next crosses a bound. Both use the fixed bounds' values (the segments
+are alike; only the due times differ).
+
+Then: ``INFO memory`` ``used_memory`` after minus before, per customer, and the part of each
+structure (``MEMORY USAGE``: every key of a partition whole, customer values on a sample) per
+customer; "unattributed" is what ``used_memory`` grew by beyond them (the keyspace's hash
+table buckets, allocator rounding). Ids: order ``pos-<n>``, event ``pos-<n>-1`` (as the
+README's example event), or UUIDs with ``--uuid-ids``; the outbox is empty, as it is once the
+publisher has drained it. About 2-3 minutes for 1M customers.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import benchkit
@@ -52,13 +60,16 @@ def partition_for(customer_id: str) -> int:
     return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
-async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int) -> int:
+async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int, scoring: str
+                   ) -> int:
     """Write ``n`` customers through ``RedisStore.commit``; returns the orders written."""
     rng = np.random.default_rng(42)
     orders = 1 + rng.poisson(7, n)
     ids = random.Random(42)
     settings = Settings()
     thresholds = Thresholds.fixed(settings.fixed_thresholds())
+    if scoring == "quintiles":  # anchored at the as-of time: no due times
+        thresholds = replace(thresholds, version="q", anchor_ms=AS_OF)
     table = SegmentTable.load()
     seq = dict.fromkeys(range(PARTITIONS), -1)
     pending: dict[int, list[CustomerWrite]] = defaultdict(list)
@@ -128,7 +139,7 @@ async def breakdown(client: aioredis.Redis, store: RedisStore, n: int, sample: i
     return parts, note
 
 
-async def main(n: int, uuid_ids: bool, batch: int, sample: int) -> None:
+async def main(n: int, uuid_ids: bool, batch: int, sample: int, scoring: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = localstack.start_redis(Path(tmp))
         client = aioredis.Redis(host=localstack.LOOPBACK, port=server.port,
@@ -138,7 +149,7 @@ async def main(n: int, uuid_ids: bool, batch: int, sample: int) -> None:
             before = int((await client.info("memory"))["used_memory"])
             store = RedisStore(client, "mem")
             started = time.perf_counter()
-            written = await populate(store, n, uuid_ids, batch)
+            written = await populate(store, n, uuid_ids, batch, scoring)
             seconds = time.perf_counter() - started
             mem = await client.info("memory")
             used = int(mem["used_memory"]) - before
@@ -150,7 +161,8 @@ async def main(n: int, uuid_ids: bool, batch: int, sample: int) -> None:
             server.stop()
     print(benchkit.machine())
     print(f"Redis memory: {n:,} customers, {written:,} orders ({written / n:.2f} per customer), "
-          f"{PARTITIONS} partitions, ids {'UUID' if uuid_ids else 'pos-<n> / pos-<n>-1'}; "
+          f"{PARTITIONS} partitions, ids {'UUID' if uuid_ids else 'pos-<n> / pos-<n>-1'}, "
+          f"{scoring} scoring; "
           f"written through RedisStore.commit in {seconds:.0f} s")
     print(f"  redis-server {info['redis_version']}; population sets: {zset_enc} ({config})")
     print(f"  {note}")
@@ -176,5 +188,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=1000, help="customers per commit")
     ap.add_argument("--sample", type=int, default=10_000,
                     help="customer values measured with MEMORY USAGE")
+    ap.add_argument("--scoring", choices=("quintiles", "fixed"), default="quintiles",
+                    help="quintiles (the default: no due times) or fixed thresholds")
     a = ap.parse_args()
-    asyncio.run(main(a.customers, a.uuid_ids, a.batch, a.sample))
+    asyncio.run(main(a.customers, a.uuid_ids, a.batch, a.sample, a.scoring))
