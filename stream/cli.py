@@ -240,12 +240,14 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     from stream.replay import replay as run_replay
 
     configured, settings = _settings(resolve=False), _settings()
-    tune_gc(settings.gc_thresholds)  # the worker's GC settings (stream/allocator.py)
-    if settings.gc_freeze:
-        freeze_gc()
     if namespace in (configured.namespace, settings.namespace):
         raise click.BadParameter(f"{namespace!r} is the live namespace (or its alias): replay "
                                  "into a new one", param_hint="--namespace")
+    import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
+
+    tune_gc(settings.gc_thresholds)  # the worker's GC settings (stream/allocator.py)
+    if settings.gc_freeze:
+        freeze_gc()
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,

@@ -96,7 +96,8 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     Raises
     ------
     ValueError
-        When ``namespace`` is the live namespace itself, or already holds state.
+        When ``namespace`` is the live namespace itself, or already holds state, or the
+        topic's partition count is not ``settings.partitions``.
     """
     from stream.app import build_services
 
@@ -117,6 +118,9 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     if changes_topic:  # one partition, like segment-changes: consumers read it in order
         await create_topics(bootstrap, {changes_topic: 1})
     await consumer.start()
+    # let aiokafka's no-group routine start: stopping the consumer before it ran raises
+    # CancelledError out of stop() (aiokafka 0.14), which would hide a refusal below
+    await asyncio.sleep(0)
     if producer:
         await producer.start()
     try:
@@ -127,6 +131,9 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
         if not parts:
             raise ValueError(f"topic {settings.purchases_topic!r} has no partitions")
         tps = [TopicPartition(settings.purchases_topic, p) for p in parts]
+        if len(parts) != settings.partitions:  # as the worker refuses (stream/app.py)
+            raise ValueError(f"topic {settings.purchases_topic!r} has {len(parts)} partitions "
+                             f"but RFM_PARTITIONS is {settings.partitions}: they must be equal")
         ends = await _ends(bootstrap, tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -169,3 +169,16 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     tombstones = [v for _, _, k, v in await await_read(s.customer_segments_topic)
                   if k == cid.encode()]
     assert tombstones and tombstones[-1] is None
+
+
+async def test_replay_refuses_a_topic_whose_partition_count_is_not_rfm_partitions(settings):
+    """A breaker found the worker applying records of partitions it does not score; the
+    replay must refuse the same way before reading anything."""
+    s = settings.model_copy(update={"partitions": 2})
+    await ensure_topics(s)  # the purchases topic gets 2 partitions
+    one = s.model_copy(update={"partitions": 1})
+    with pytest.raises(ValueError, match="has 2 partitions but RFM_PARTITIONS is 1"):
+        await replay(one, s.namespace + "-r")
+    untouched = store_for(one.model_copy(update={"namespace": s.namespace + "-r"}))
+    assert await untouched.partition_meta([0]) == {0: (-1, None)}  # nothing applied
+    await untouched.client.aclose()
