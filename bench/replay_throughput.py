@@ -21,7 +21,7 @@ from pathlib import Path
 import benchkit
 
 from stream import cdnow, localstack
-from stream.allocator import freeze_gc, tune_gc
+from stream.allocator import settle_gc
 from stream.demo import ensure_topics, load_cdnow, local_settings
 from stream.kafka_io import bootstrap_of
 from stream.replay import replay
@@ -38,9 +38,7 @@ async def main(partitions: int) -> None:
         await load_cdnow(settings, rows, show=False)
         raw = benchkit.median(await benchkit.raw_consume_rates(bootstrap_of(settings.kafka_url),
                                                                settings.purchases_topic))
-        tune_gc(settings.gc_thresholds)  # as `rfm-stream replay` does
-        if settings.gc_freeze:
-            freeze_gc()
+        settle_gc(settings.gc_thresholds, settings.gc_freeze)  # as `rfm-stream replay` does
         started = time.perf_counter()
         summary = await replay(settings, "bench-replay")
         seconds = time.perf_counter() - started

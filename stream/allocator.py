@@ -105,3 +105,12 @@ def freeze_gc() -> int:
     log.info("GC: %d objects of start-up frozen in %.0f ms", frozen,
              (time.perf_counter() - started) * 1000)
     return frozen
+
+
+def settle_gc(thresholds: tuple[int, int, int], freeze: bool) -> None:
+    """:func:`tune_gc`, then :func:`freeze_gc` if asked: for a process that has imported what
+    it runs and starts its work now (a replay). A worker sets the thresholds before its imports
+    and freezes once faust has started instead."""
+    tune_gc(thresholds)
+    if freeze:
+        freeze_gc()

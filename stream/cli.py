@@ -236,7 +236,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     """Rebuild state from the purchases topic into a new namespace, in event time."""
     from tqdm import tqdm
 
-    from stream.allocator import freeze_gc, tune_gc
+    from stream.allocator import settle_gc
     from stream.replay import replay as run_replay
 
     configured, settings = _settings(resolve=False), _settings()
@@ -245,9 +245,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
                                  "into a new one", param_hint="--namespace")
     import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
 
-    tune_gc(settings.gc_thresholds)  # the worker's GC settings (stream/allocator.py)
-    if settings.gc_freeze:
-        freeze_gc()
+    settle_gc(settings.gc_thresholds, settings.gc_freeze)  # the worker's GC settings
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
