@@ -41,11 +41,18 @@ class LoadSummary:
 
 async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = None,
                dry_run: bool = False, on_reject: Callable[[Loaded], None] | None = None,
-               progress: Callable[[int], None] | None = None) -> LoadSummary:
+               progress: Callable[[int], None] | None = None, file_order: bool = False
+               ) -> LoadSummary:
     """Produce the events of ``rows`` to the purchases topic (key = customer id, record
     timestamp = event time); count and report the rejected rows. Every event is first checked
     with the worker's own validation (currency, amounts, times), so what the worker would
-    dead-letter is rejected here, with the same reason."""
+    dead-letter is rejected here, with the same reason.
+
+    The events are produced in event-time order (a stable sort: events of the same
+    millisecond keep the rows' order), so the worker and a replay see the history as it
+    happened, whatever order the file is in (CDNOW is sorted by customer: in file order, each
+    customer's whole history would arrive at once, behind an event-time watermark already
+    years ahead). ``file_order=True`` produces them in the rows' order instead."""
     summary = LoadSummary()
     messages: list[Message] = []
     rules, now = settings.input_rules(), int(time.time() * 1000)
@@ -64,6 +71,8 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
         summary.events += 1
         messages.append(Message(str(r.event["customer_id"]).encode("utf-8"),
                                 orjson.dumps(r.event), r.occurred_ms))
+    if not file_order:
+        messages.sort(key=lambda m: m.timestamp_ms or 0)
     if not dry_run and messages:
         await produce(bootstrap_of(settings.kafka_url), topic or settings.purchases_topic,
                       messages, progress=progress)

@@ -5,6 +5,7 @@ change stream; the CLI's customer, segments, export and forget commands."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from datetime import UTC
 from pathlib import Path
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from stream import cdnow
 from stream.cli import main
 from stream.demo import cdnow_messages, ensure_topics, run_to_completion
-from stream.kafka_io import BatchSender, bootstrap_of, produce, read_all
+from stream.kafka_io import BatchSender, bootstrap_of, create_topics, produce, read_all
 from stream.loaders import LoadOptions, load_file
 from stream.outbox import OutboxPublisher
 from stream.replay import load, replay
@@ -182,3 +183,38 @@ async def test_replay_refuses_a_topic_whose_partition_count_is_not_rfm_partition
     untouched = store_for(one.model_copy(update={"namespace": s.namespace + "-r"}))
     assert await untouched.partition_meta([0]) == {0: (-1, None)}  # nothing applied
     await untouched.client.aclose()
+
+
+async def test_a_file_out_of_event_time_order_loads_as_the_history_happened(settings, tmp_path):
+    """CDNOW is sorted by customer. Loaded in file order, each customer's whole history
+    arrived at once behind a watermark years ahead, and a replay of it gave 50,006 segment
+    changes where the same events in event-time order give 118,048. ``load`` sorts by event
+    time: its topic must replay into the changes the event-time-ordered records give."""
+    s = settings.model_copy(update={"partitions": 1})
+    path = tmp_path / "cdnow_head.txt"
+    with cdnow.open_default() as f:
+        path.write_text("\n".join(gzip.decompress(f.read()).decode().splitlines()[:3_001]))
+    rows = list(cdnow.read_rows(path))
+    assert [r.customer_id for r in rows] == sorted(r.customer_id for r in rows)  # file order
+    await ensure_topics(s)
+    summary = await load(s, load_file(path, LoadOptions("cdnow")))
+    assert summary.events == 3_000
+    records = await read_all(bootstrap_of(s.kafka_url), s.purchases_topic, idle_s=1.0)
+    stamps = [json.loads(v)["occurred_at"] for *_, v in records]
+    assert stamps == sorted(stamps) and len(stamps) == 3_000
+
+    oracle = s.model_copy(update={"purchases_topic": s.namespace + "-by-day"})
+    await create_topics(bootstrap_of(s.kafka_url), {oracle.purchases_topic: 1})
+    await produce(bootstrap_of(s.kafka_url), oracle.purchases_topic,
+                  cdnow_messages(sorted(rows, key=lambda r: r.day)))
+
+    async def changes(settings, name):
+        await replay(settings, name, changes_topic=name + "-changes")
+        return [{k: v for k, v in json.loads(v).items() if k != "emitted_at"}
+                for *_, v in await read_all(bootstrap_of(s.kafka_url), name + "-changes",
+                                            idle_s=1.0)]
+
+    loaded = await changes(s, s.namespace + "-loaded")
+    expected = await changes(oracle, s.namespace + "-expected")
+    assert len(expected) > 1_000
+    assert loaded == expected
