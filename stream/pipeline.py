@@ -111,6 +111,13 @@ class BatchProcessor:
         Mark the segment changes as a replay's.
     max_due
         At most this many due customers are read per step.
+
+    Attributes
+    ----------
+    outbox
+        Write each step's segment changes and dead letters to the partition's outbox (True).
+        A replay that publishes its changes nowhere sets it False: it still counts them in
+        the :class:`BatchResult`, and skips serialising them and writing them to Redis.
     """
 
     def __init__(self, store: RedisStore, rules: InputRules, table: SegmentTable,
@@ -124,6 +131,7 @@ class BatchProcessor:
         self.partitions = list(range(partitions))
         self.decimals, self.limits, self.policy = currency_decimals, limits, policy
         self.max_due, self.trainer, self.replay = max_due, trainer, replay
+        self.outbox = True
         self._fixed = Thresholds.fixed(scoring.fixed)
         # one step of a partition at a time (the agent's and the sweep timer's); steps of
         # different partitions may interleave: one plans while another waits for Redis
@@ -252,7 +260,8 @@ class BatchProcessor:
                 meta["thr"] = text
             outbox = ([("c", c.to_json(), c.customer_id) for c in plan.changes]
                       + [("d", d.model_dump_json(),
-                          d.key if d.key_encoding == "utf-8" else None) for d in letters])
+                          d.key if d.key_encoding == "utf-8" else None) for d in letters]
+                      ) if self.outbox else []
             try:
                 with self.metrics.redis_seconds.labels("commit").time():
                     await self.store.commit(partition, view.seq, meta, plan.writes, outbox,

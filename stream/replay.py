@@ -114,6 +114,9 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
         raise ValueError("replay into a new namespace, not the live one")
     target = settings.model_copy(update={"namespace": namespace})
     services = build_services(target, replay=True)
+    # changes published nowhere are counted, not serialised into the outbox (dead letters of a
+    # replay are dropped: the live worker dead-lettered them)
+    services.processor.outbox = bool(changes_topic)
     applied = await services.store.partition_meta(range(settings.partitions))
     if any(offset >= 0 for offset, _ in applied.values()):
         await services.store.client.aclose()

@@ -218,3 +218,19 @@ async def test_a_file_out_of_event_time_order_loads_as_the_history_happened(sett
     expected = await changes(oracle, s.namespace + "-expected")
     assert len(expected) > 1_000
     assert loaded == expected
+
+    # published nowhere: the changes are counted, not written to the outbox; same state
+    quiet = await replay(s, s.namespace + "-quiet")
+    assert quiet.changes == len(loaded)
+
+    async def state(namespace):
+        store = store_for(s.model_copy(update={"namespace": namespace}))
+        try:
+            out = {}
+            async for page in store.iter_customers(0):
+                out.update({c.customer_id: c for c in page})
+            return out, await store.segment_counts([0])
+        finally:
+            await store.client.aclose()
+
+    assert await state(s.namespace + "-quiet") == await state(s.namespace + "-loaded")
