@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from state.rfm import Limits, Record
-from state.store import ConflictError, PartitionView, RedisStore
+from state.store import ConflictError, OrderStatistics, PartitionView, RedisStore
 from stream.changes import Change
 from stream.clustering import ClusterModel
 from stream.events import DeadLetter, encode_raw
@@ -133,6 +133,7 @@ class BatchProcessor:
         self.max_due, self.trainer, self.replay = max_due, trainer, replay
         self.outbox = True
         self._fixed = Thresholds.fixed(scoring.fixed)
+        self._last_stats: OrderStatistics | None = None  # warm-starts the next refresh's search
         # one step of a partition at a time (the agent's and the sweep timer's); steps of
         # different partitions may interleave: one plans while another waits for Redis
         self._locks: dict[int, asyncio.Lock] = {}
@@ -393,12 +394,18 @@ class BatchProcessor:
     async def refresh_thresholds(self, view: PartitionView, now: int) -> Thresholds:
         """Thresholds from the current population of all partitions, anchored at the
         partition's as-of time."""
-        with self.metrics.redis_seconds.labels("population").time():
-            n = await self.store.population(self.partitions)
         t = self.policy.as_of(view.as_of, view.watermark, view.others, now)
-        if n < self.scoring.min_population or t is None:
+        if t is None:
             return self._fixed
-        stats = await self.store.order_statistics(self.partitions, t, quintile_ranks(n))
+        least = self.scoring.min_population
+        with self.metrics.redis_seconds.labels("population").time():
+            stats = await self.store.order_statistics(
+                self.partitions, t, lambda n: quintile_ranks(n) if n >= least else (),
+                hint=self._last_stats)
+        n = stats.population
+        if n < least:
+            return self._fixed
+        self._last_stats = stats
         return Thresholds.from_order_statistics(
             n, stats.recency_kth_largest, stats.frequency_kth_smallest,
             stats.monetary_kth_smallest, version=f"q{n}@{utc(t).isoformat()}", anchor_ms=t)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
-from state.store import ConflictError, CustomerWrite, RedisStore, StoredCustomer
+from state.store import ConflictError, CustomerWrite, OrderStatistics, RedisStore, StoredCustomer
 
 DAY = 86_400_000
 _ns = itertools.count()
@@ -205,4 +205,15 @@ async def test_order_statistics_match_brute_force_on_wide_random_values(stack):
     assert stats.recency_kth_largest == tuple(int(rec[k - 1]) for k in ranks)
     assert stats.frequency_kth_smallest == tuple(int(np.sort(freq)[k - 1]) for k in ranks)
     assert stats.monetary_kth_smallest == tuple(int(np.sort(mon)[k - 1]) for k in ranks)
+    # a hint only changes where the first round probes: exact, near, far or absurd, the same
+    # order statistics come out
+    def shifted(by):
+        return OrderStatistics(n, *(tuple(v + b for v, b in zip(vals, by[i::3], strict=False))
+                                    for i, vals in enumerate((stats.recency_kth_largest,
+                                                              stats.frequency_kth_smallest,
+                                                              stats.monetary_kth_smallest))))
+    for by in ([0] * 24, rng.integers(-40, 40, 24).tolist(), rng.integers(-10**6, 10**6, 24).tolist(),
+               [-10**12] * 24, [10**12] * 24):
+        again = await store.order_statistics(range(3), as_of, ranks, hint=shifted(by))
+        assert again == stats, by
     await store.client.aclose()
