@@ -49,6 +49,18 @@ def retail_oracle(path: Path) -> dict[str, tuple[int, int, int | None]]:
     return out
 
 
+async def stored_state(settings, namespace):
+    """Partition 0 of a namespace: its customers by id, the model snapshot, segment counts."""
+    store = store_for(settings.model_copy(update={"namespace": namespace}))
+    try:
+        out = {}
+        async for page in store.iter_customers(0):
+            out.update({c.customer_id: c for c in page})
+        return out, await store.load_model(), await store.segment_counts([0])
+    finally:
+        await store.client.aclose()
+
+
 async def test_online_retail_file_loads_into_the_documented_state(settings, tmp_path):
     s = settings.model_copy(update={"partitions": 2, "currency": "GBP"})
     await ensure_topics(s)
@@ -91,17 +103,7 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     result = await replay(s, new, changes_topic=new + "-changes", switch=True)
     assert result.applied == 6_000
 
-    async def everything(namespace):
-        store = store_for(s.model_copy(update={"namespace": namespace}))
-        try:
-            out = {}
-            async for page in store.iter_customers(0):
-                out.update({c.customer_id: c for c in page})
-            return out, await store.load_model(), await store.segment_counts([0])
-        finally:
-            await store.client.aclose()
-
-    live, replayed = await everything(s.namespace), await everything(new)
+    live, replayed = await stored_state(s, s.namespace), await stored_state(s, new)
     assert len(live[0]) > 2_000
 
     async def await_read(topic):
@@ -149,7 +151,7 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     before = live[2][live[0][cid].segment]
     gone = await cli("forget", cid)
     assert gone.exit_code == 0 and "erased" in gone.output
-    after, _, counts = await everything(new)
+    after, _, counts = await stored_state(s, new)
     after_store = store_for(s.model_copy(update={"namespace": new}))
     assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
     assert (await cli("customer", cid)).exit_code == 1
@@ -223,14 +225,5 @@ async def test_a_file_out_of_event_time_order_loads_as_the_history_happened(sett
     quiet = await replay(s, s.namespace + "-quiet")
     assert quiet.changes == len(loaded)
 
-    async def state(namespace):
-        store = store_for(s.model_copy(update={"namespace": namespace}))
-        try:
-            out = {}
-            async for page in store.iter_customers(0):
-                out.update({c.customer_id: c for c in page})
-            return out, await store.segment_counts([0])
-        finally:
-            await store.client.aclose()
-
-    assert await state(s.namespace + "-quiet") == await state(s.namespace + "-loaded")
+    assert (await stored_state(s, s.namespace + "-quiet")
+            == await stored_state(s, s.namespace + "-loaded"))
