@@ -185,7 +185,8 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
     Every row becomes an event (key = customer id, record timestamp = event time) or a
     rejected row with its reason; the summary counts each. Events are produced in event-time
     order (rows of the same time keep their order), unless --file-order. Event ids are a hash
-    of the row, so loading a file twice is harmless.
+    of the row, so loading a file twice is harmless for customers with at most
+    RFM_RECENT_EVENT_IDS (32) events in it (README, "Loading files").
     """
     from tqdm import tqdm
 

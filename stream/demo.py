@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from stream import cdnow, localstack
 from stream.export import ExportRow, scored_customers, write_csv, write_jsonl
-from stream.kafka_io import Message, bootstrap_of, create_topics, produce, read_all
+from stream.kafka_io import Message, bootstrap_of, compact, create_topics, produce, read_all
 from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
 from stream.segments import SegmentTable
 from stream.settings import Settings
@@ -43,7 +43,7 @@ def local_settings(stack: localstack.LocalStack, **overrides: object) -> Setting
 
 def cdnow_messages(rows: Sequence[cdnow.CdnowRow]) -> list[Message]:
     """CDNOW rows as purchase records: key = customer, record timestamp = event time."""
-    return [Message(r.customer_id.encode(), orjson.dumps(r.event()),
+    return [Message(r.customer_id.encode(), compact(orjson.dumps(r.event())),
                     int(r.occurred_at.timestamp() * 1000)) for r in rows]
 
 

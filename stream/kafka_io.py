@@ -49,6 +49,13 @@ class Message:
     timestamp_ms: int | None = None
 
 
+def compact(data: bytes) -> bytes:
+    """A copy of ``data`` of exactly its size, for records held until they are produced:
+    each ``orjson.dumps`` result keeps a buffer of ~4 KiB whatever its length (orjson issue
+    #483), which made a million loaded rows take ~4.5 GB."""
+    return bytes(memoryview(data))
+
+
 def key_partition(key: bytes, partitions: int) -> int:
     """Partition of a record key under the default partitioner (murmur2, as the Java client
     and aiokafka; librdkafka's default ``consistent_random`` differs)."""

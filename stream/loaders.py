@@ -40,13 +40,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from stream import cdnow
+from stream.validation import EPOCH
 
 FORMATS = ("event", "cdnow", "online-retail", "mapped")
 RETAIL_COLUMNS = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate",
@@ -69,8 +70,10 @@ class Loaded:
 
     @property
     def occurred_ms(self) -> int:
+        """The event time in epoch ms, floored exactly as the worker does (no float)."""
         assert self.event is not None
-        return int(datetime.fromisoformat(self.event["occurred_at"]).timestamp() * 1000)
+        return (datetime.fromisoformat(self.event["occurred_at"]) - EPOCH) \
+            // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,17 +17,17 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from state.keys import alias_key
-from stream.kafka_io import BatchSender, Message, bootstrap_of, create_topics, produce
+from stream.kafka_io import BatchSender, Message, bootstrap_of, compact, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
 from stream.settings import Settings
-from stream.validation import Rejected, validate
+from stream.validation import Accepted, Rejected, validate
 
 
 @dataclass
@@ -60,7 +60,8 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
         summary.rows += 1
         if r.event is not None:  # the worker's own checks: rejected now, not dead-lettered later
             key = str(r.event["customer_id"]).encode("utf-8")
-            verdict = validate(key, orjson.dumps(r.event), rules, now)
+            value = compact(orjson.dumps(r.event))
+            verdict = validate(key, value, rules, now)
             if isinstance(verdict, Rejected):
                 r = Loaded(r.row, reason=verdict.reason, detail=verdict.detail)
         if r.event is None:
@@ -69,8 +70,8 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
                 on_reject(r)
             continue
         summary.events += 1
-        messages.append(Message(str(r.event["customer_id"]).encode("utf-8"),
-                                orjson.dumps(r.event), r.occurred_ms))
+        # record timestamp and sort key: the event time exactly as the worker reads it
+        messages.append(Message(key, value, cast(Accepted, verdict).event.occurred_ms))
     if not file_order:
         messages.sort(key=lambda m: m.timestamp_ms or 0)
     if not dry_run and messages:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from click.testing import CliRunner
 
 from stream import cdnow
@@ -227,3 +227,33 @@ async def test_a_file_out_of_event_time_order_loads_as_the_history_happened(sett
 
     assert (await stored_state(s, s.namespace + "-quiet")
             == await stored_state(s, s.namespace + "-loaded"))
+
+
+async def test_load_orders_millisecond_times_as_the_worker_reads_them(settings, tmp_path):
+    """A breaker found rows 1 ms apart produced in the wrong order: the sort key was a float
+    timestamp truncated to ms, 1 ms below the worker's exact event time for some times. The
+    record timestamps must be the worker's own event times, in order, equal times stable."""
+    s = settings.model_copy(update={"partitions": 1})
+    await ensure_topics(s)
+    times = ["2004-04-09T23:16:57.363Z", "2004-04-09T23:16:57.362Z", "1970-01-01T00:00:32.053Z",
+             "1970-01-01T00:00:32.052Z", "2004-04-09T23:16:57.362+00:00"]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps({
+        "event_id": f"e{i}", "customer_id": f"c{i}", "order_id": f"o{i}", "type": "purchase",
+        "amount": "1.00", "currency": "USD", "occurred_at": t}) for i, t in enumerate(times)))
+    assert (await load(s, load_file(path, LoadOptions("event")))).events == 5
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(s.kafka_url), group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(s.purchases_topic, 0)])
+        records = []
+        while len(records) < 5:
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                records += batch
+    finally:
+        await consumer.stop()
+    # hand-worked epoch ms: 2004-04-09T23:16:57Z = 1081552617 s; 1970-01-01T00:00:32Z = 32 s
+    assert [(json.loads(r.value)["event_id"], r.timestamp) for r in records] == [
+        ("e3", 32_052), ("e2", 32_053), ("e1", 1_081_552_617_362), ("e4", 1_081_552_617_362),
+        ("e0", 1_081_552_617_363)]
