@@ -11,6 +11,13 @@ arena of its own. ``bench/rss_soak.py`` measured it (400,000 events): the heap's
 grew from 10 to 44-53 MiB with the defaults and stayed at 4-12 MiB (over a million events)
 with a fixed threshold and two arenas.
 
+The threshold is fixed above the worker's batch buffers (4 MiB by default), not at glibc's
+initial 128 KiB: below it, every fetched record set, commit argument, Redis reply and outbox
+produce request (up to 1 MiB, copied several times on its way to the socket) would be a fresh
+``mmap`` whose pages fault in anew, then an ``munmap``; that cost ~10x a heap copy (four copies
+of 1 MB: 3.96 ms against 0.41 ms) and about a tenth of the worker's throughput
+(``docs/performance.md``, "Seventh pass"). RSS stayed flat with 4 MiB.
+
 Source: glibc manual, "Memory Allocation Tunables" and ``mallopt(3)`` (``M_MMAP_THRESHOLD``:
 setting it disables the dynamic adjustment; ``M_ARENA_MAX``).
 

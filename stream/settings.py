@@ -147,10 +147,10 @@ class Settings(BaseSettings):
                                  "in memory after committing them (0: none; about 2-3 KB "
                                  "each; see README)")
     max_due_per_step: int = Field(10_000, ge=1, description="Due customers read per step")
-    malloc_mmap_threshold_bytes: int = Field(131_072, ge=0, description="glibc only: blocks "
-                                             "this large or larger are mmap-ed and returned "
-                                             "on free, keeping RSS flat (bytes; 0: glibc's "
-                                             "dynamic default)")
+    malloc_mmap_threshold_bytes: int = Field(4_194_304, ge=0, description="glibc only: "
+                                             "blocks this large or larger are mmap-ed and "
+                                             "returned on free; a fixed threshold keeps RSS "
+                                             "flat (bytes; 0: glibc's dynamic default)")
     malloc_arena_max: int = Field(2, ge=0, description="glibc only: most malloc arenas of a "
                                   "worker (0: glibc's default)")
     gc_thresholds: tuple[int, int, int] = Field(
