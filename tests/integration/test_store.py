@@ -155,6 +155,35 @@ async def test_due_customers_are_read_in_order_up_to_the_reachable_time_and_capp
     await store.client.aclose()
 
 
+async def test_a_customer_written_twice_in_one_commit_keeps_the_order_of_its_writes(stack):
+    """commit.lua gathers each kind of command into one variadic call; a customer's second
+    write in a commit must still apply after its first (hand-worked: a due-only write keeps
+    the earlier due, a full write sets or removes it, the per-segment counts follow both)."""
+    store = new_store(stack.redis_url)
+    c3, c4 = bought("c3", 3 * DAY), bought("c4", 4 * DAY)
+    seg = lambda w, new, old: CustomerWrite(  # noqa: E731
+        w.customer_id, w.due_ms, w.customer._replace(segment=new), w.population, old)
+    writes = [
+        CustomerWrite("c1", 50, bought("c1", DAY).customer, (DAY, 1, 100)),
+        CustomerWrite("c1", 30),  # due-only, earlier: 30
+        CustomerWrite("c2", 70, bought("c2", 2 * DAY).customer, (2 * DAY, 1, 100)),
+        CustomerWrite("c2", 90),  # due-only, later: stays 70
+        seg(CustomerWrite("c3", None, c3.customer, c3.population), "A", None),  # no due
+        CustomerWrite("c3", 40),  # then a due-only write: 40
+        CustomerWrite("c4", 20),  # a due-only write first
+        seg(CustomerWrite("c4", 60, c4.customer, None), "A", None),  # then a full one: 60
+        seg(CustomerWrite("c4", 60, c4.customer, c4.population), "B", "A"),
+    ]
+    await store.commit(0, -1, {}, writes, [])
+    k = store.keys(0)
+    assert [await store.client.zscore(k.due, c) for c in ("c1", "c2", "c3", "c4")] == \
+        [30, 70, 40, 60]
+    assert await store.client.zscore(k.z_last, "c4") == 4 * DAY  # removed, then added again
+    assert await store.segment_counts([0]) == {"A": 1, "B": 1}
+    assert (await store.read_customers(0, ["c4"]))["c4"].segment == "B"
+    await store.client.aclose()
+
+
 async def test_order_statistics_match_brute_force_across_partitions(stack):
     store = new_store(stack.redis_url)
     as_of = 100 * DAY
