@@ -184,6 +184,26 @@ async def test_a_customer_written_twice_in_one_commit_keeps_the_order_of_its_wri
     await store.client.aclose()
 
 
+async def test_a_commit_larger_than_a_call_chunk_writes_every_customer(stack):
+    """2,501 customers in one commit: more than commit.lua's 1,000 members per call, so its
+    variadic calls go in chunks; every value, population entry, due time and count lands."""
+    store = new_store(stack.redis_url)
+    n = 2_501
+    writes = [CustomerWrite(w.customer_id, 1_000 + i, w.customer._replace(segment="S"),
+                            w.population)
+              for i, w in enumerate(bought(f"c{i}", (i + 1) * DAY, monetary=i) for i in range(n))]
+    await store.commit(0, -1, {}, writes, [])
+    k, r = store.keys(0), store.client
+    assert [await r.zcard(key) for key in (k.z_last, k.z_freq, k.z_mon, k.due)] == [n] * 4
+    assert await store.segment_counts([0]) == {"S": n}
+    back = await store.read_customers(0, [f"c{i}" for i in range(n)])
+    assert all(back[f"c{i}"] == writes[i].customer for i in range(n))
+    assert [await r.zscore(k.z_mon, f"c{i}") for i in (0, 999, 1_000, 2_500)] == \
+        [0, 999, 1_000, 2_500]
+    assert await r.zscore(k.due, "c2500") == 3_500
+    await store.client.aclose()
+
+
 async def test_order_statistics_match_brute_force_across_partitions(stack):
     store = new_store(stack.redis_url)
     as_of = 100 * DAY
