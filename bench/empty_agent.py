@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sized
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -41,7 +42,7 @@ tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
 tune_gc(settings.gc_thresholds)
 MODE = os.environ.get("BENCH_MODE", "agent")
 WITHIN_S = float(os.environ.get("BENCH_WITHIN_S", "0.05"))
-os.makedirs(settings.data_dir, exist_ok=True)  # as stream.app.create_app: faust makes only the last level
+Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # as stream.app.create_app does
 app = faust.App(settings.app_id, **faust_options(settings))  # the worker's own settings
 purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)

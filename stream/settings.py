@@ -147,12 +147,15 @@ class Settings(BaseSettings):
                                  "in memory after committing them (0: none; about 2-3 KB "
                                  "each; see README)")
     max_due_per_step: int = Field(10_000, ge=1, description="Due customers read per step")
-    malloc_mmap_threshold_bytes: int = Field(4_194_304, ge=0, description="glibc only: "
-                                             "blocks this large or larger are mmap-ed and "
-                                             "returned on free; a fixed threshold keeps RSS "
-                                             "flat (bytes; 0: glibc's dynamic default)")
-    malloc_arena_max: int = Field(2, ge=0, description="glibc only: most malloc arenas of a "
-                                  "worker (0: glibc's default)")
+    # upper bounds: mallopt takes a C int (a larger value wraps silently), and glibc's own
+    # maximum threshold is 32 MiB on 64-bit (mallopt(3), DEFAULT_MMAP_THRESHOLD_MAX)
+    malloc_mmap_threshold_bytes: int = Field(4_194_304, ge=0, le=33_554_432,
+                                             description="glibc only: blocks this large or "
+                                             "larger are mmap-ed and returned on free; a fixed "
+                                             "threshold keeps RSS flat (bytes, at most 32 MiB; "
+                                             "0: glibc's dynamic default)")
+    malloc_arena_max: int = Field(2, ge=0, le=1_024, description="glibc only: most malloc "
+                                  "arenas of a worker (0: glibc's default)")
     gc_thresholds: tuple[int, int, int] = Field(
         (50_000, 20, 20), description="Python's cyclic GC thresholds in a worker "
         "(gc.set_threshold; Python's default is [700,10,10]), each in 1..10,000,000")

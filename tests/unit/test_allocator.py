@@ -30,6 +30,21 @@ def test_glibc_accepts_the_worker_defaults():
     assert tune_malloc(s.malloc_mmap_threshold_bytes, s.malloc_arena_max) is True
 
 
+@pytest.mark.parametrize("field, value", [("malloc_mmap_threshold_bytes", 2**31),
+                                          ("malloc_mmap_threshold_bytes", 2**32 + 131_072),
+                                          ("malloc_mmap_threshold_bytes", 33_554_433),
+                                          ("malloc_arena_max", 2**31)])
+def test_malloc_settings_beyond_what_mallopt_takes_are_refused(field, value):
+    """mallopt takes a C int: 2**31 would wrap negative, 2**32 + 128 KiB to 128 KiB, and
+    glibc's threshold stops at 32 MiB; such values are refused, not applied as something else."""
+    from pydantic import ValidationError
+
+    from stream.settings import Settings
+
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
 def test_a_libc_without_mallopt_is_reported_not_raised(monkeypatch):
     def no_glibc(name):
         raise OSError(f"{name}: cannot open shared object file")
