@@ -40,14 +40,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from stream import cdnow
-from stream.validation import EPOCH
+from stream.validation import epoch_ms
 
 FORMATS = ("event", "cdnow", "online-retail", "mapped")
 RETAIL_COLUMNS = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate",
@@ -72,8 +72,7 @@ class Loaded:
     def occurred_ms(self) -> int:
         """The event time in epoch ms, floored exactly as the worker does (no float)."""
         assert self.event is not None
-        return (datetime.fromisoformat(self.event["occurred_at"]) - EPOCH) \
-            // timedelta(milliseconds=1)
+        return epoch_ms(datetime.fromisoformat(self.event["occurred_at"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,16 @@ from stream.events import PurchaseRecorded
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+
+def epoch_ms(t: datetime) -> int:
+    """An aware datetime as whole milliseconds since the Unix epoch, floored (exact integer
+    arithmetic, no float): the event time the worker reads from ``occurred_at``.
+
+    >>> epoch_ms(datetime(1970, 1, 1, 0, 0, 0, 1500, tzinfo=UTC)), epoch_ms(EPOCH)
+    (1, 0)
+    """
+    return (t - EPOCH) // timedelta(milliseconds=1)
+
 REASONS = (
     "oversized", "missing_value", "not_utf8", "not_json", "not_object", "missing_field",
     "invalid_customer_id", "invalid_amount", "invalid_timestamp", "unknown_event_type",
@@ -148,7 +158,7 @@ def validate(key: bytes | None, value: bytes | None, rules: InputRules, now_ms: 
     if key_text != ev.customer_id:
         return Rejected("key_mismatch", f"record key {_short(key)} differs from customer_id "
                         f"{_short(ev.customer_id)}")
-    occurred_ms = (ev.occurred_at - EPOCH) // timedelta(milliseconds=1)
+    occurred_ms = epoch_ms(ev.occurred_at)
     if occurred_ms < 0:
         return Rejected("invalid_timestamp", f"occurred_at {ev.occurred_at.isoformat()} is before "
                         "1970-01-01T00:00:00Z")
