@@ -65,6 +65,16 @@ def _raise_fenced(partition: int, exc: ResponseError) -> None:
         raise FencedError(partition, text.partition(" ")[2]) from exc
 
 
+def _queue_mget(pipe: Any, keys: PartitionKeys, customer_ids: Sequence[str]) -> int:
+    """Queue MGETs of the customers' values on ``pipe`` (1,000 keys a call, all in the
+    partition's slot); returns how many were queued (their replies, in order, hold the values
+    in the order of ``customer_ids``)."""
+    starts = range(0, len(customer_ids), 1000)
+    for i in starts:
+        pipe.mget([keys.customer(c) for c in customer_ids[i:i + 1000]])
+    return len(starts)
+
+
 def _script_text(name: str) -> str:
     return resources.files("state").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -223,12 +233,16 @@ class RedisStore:
     async def read_partition(self, partition: int, customer_ids: Iterable[str],
                              partitions: Iterable[int], hint_ms: int | None = None,
                              max_due: int = 10_000) -> PartitionView:
-        """Read, in one round trip (a script on the partition's slot, pipelined with the other
-        partitions' clocks), what a step of ``partition`` needs (see PartitionView).
+        """Read, in one round trip (a script and MGETs on the partition's slot, pipelined with
+        the other partitions' clocks), what a step of ``partition`` needs (see PartitionView).
 
         ``partitions``: every partition of the input topic; ``hint_ms``: the furthest event
         time the step may reach (the due customers up to it are read too, at most
         ``max_due``; ``max_due=0`` reads none).
+
+        The pipeline is not a transaction (it spans slots): another writer's commit may land
+        between the script and the MGETs. A step planned from such a read is refused by
+        :meth:`commit` (every writer moves the sequence read here first), and re-read.
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
@@ -237,14 +251,16 @@ class RedisStore:
         ask = [c for c in ids if c not in cached]
         others = [p for p in partitions if p != partition]
         pipe = self.client.pipeline(transaction=False)
-        await self._read(keys=[k.meta, k.due],
-                         args=["" if hint_ms is None else hint_ms, max_due, k.customer(""),
-                               orjson.dumps(ask)], client=pipe)
+        await self._read(keys=[k.meta, k.due], args=["" if hint_ms is None else hint_ms, max_due],
+                         client=pipe)
+        chunks = _queue_mget(pipe, k, ask)
         for p in others:
             pipe.hmget(self.keys(p).meta, "wm", "seen")
         pipe.get(model_keys(self.namespace)[1])
-        reply, *clocks, version = await pipe.execute()
-        (offset, wm, asof, thr, seq, seen, token), due_flat, named, due_values = reply
+        reply, *rest = await pipe.execute()
+        named = [v for part in rest[:chunks] for v in part]
+        clocks, version = rest[chunks:-1], rest[-1]
+        (offset, wm, asof, thr, seq, seen, token), due_flat = reply
         if cache is not None and token != cache.token:  # someone else wrote: read it all
             del self._cache[partition]
             return await self.read_partition(partition, ids, partitions, hint_ms, max_due)
@@ -255,9 +271,18 @@ class RedisStore:
         for cid in ids:
             if cid not in customers:
                 customers[cid] = cached[cid]
-        for (_, cid), v in zip(dues, due_values, strict=True):
+        # the due customers this store did not commit itself: a second round trip
+        unknown = [cid for _, cid in dues if cid not in customers and not cached.get(cid)]
+        for cid in unknown:
+            customers[cid] = None
+        if unknown:
+            pipe = self.client.pipeline(transaction=False)
+            _queue_mget(pipe, k, unknown)
+            values = [v for part in await pipe.execute() for v in part]
+            customers.update((cid, decode(cid, v)) for cid, v in zip(unknown, values, strict=True))
+        for _, cid in dues:
             if cid not in customers:
-                customers[cid] = cached.get(cid) or decode(cid, v)
+                customers[cid] = cached[cid]
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
             tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
@@ -276,8 +301,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         if cache is not None:
             pipe.hget(k.meta, "tok")
-        for i in range(0, len(ask), 1000):  # every key is in the partition's slot
-            pipe.mget([k.customer(c) for c in ask[i:i + 1000]])
+        _queue_mget(pipe, k, ask)
         replies = await pipe.execute()
         if cache is not None:
             if replies[0] != cache.token:
@@ -489,12 +513,13 @@ class RedisStore:
         if publisher is None:
             rows = await self.client.xrange(k.outbox, "-", "+", count=count)
         else:
-            try:
-                reply = await self._outbox_read(keys=[k.meta, k.outbox], args=[publisher, count])
-            except ResponseError as exc:
-                _raise_fenced(partition, exc)
-                raise
-            rows = [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in reply]
+            pipe = self.client.pipeline(transaction=True)  # the fence, then XRANGE: atomic
+            await self._outbox_read(keys=[k.meta], args=[publisher], client=pipe)
+            pipe.xrange(k.outbox, "-", "+", count=count)
+            fence, rows = await pipe.execute(raise_on_error=False)
+            if isinstance(fence, ResponseError):
+                _raise_fenced(partition, fence)
+                raise fence
         out = []
         for eid, fields in rows:
             kind, value = fields.get("k", "c"), fields["v"]
