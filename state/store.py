@@ -16,12 +16,14 @@ published segments, due times, outbox entries) is there.
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
+import msgpack
 import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
@@ -190,7 +192,7 @@ class _PartitionCache:
     token is ``token``."""
 
     token: str
-    customers: dict[str, StoredCustomer] = field(default_factory=dict)
+    customers: OrderedDict[str, StoredCustomer] = field(default_factory=OrderedDict)
 
 
 class RedisStore:
@@ -208,7 +210,8 @@ class RedisStore:
         cached customers are used only while it is the token of this store's own last commit
         (another writer, a ``forget``, or a Redis that lost writes changes or drops it: the
         cache of that partition is dropped). Saves reading and decoding hot customers; bounded
-        (a partition's cache is emptied when the total would exceed the bound).
+        (over the bound, the least recently committed customers of the largest partition cache
+        are dropped first).
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0):
@@ -248,7 +251,9 @@ class RedisStore:
         ids = list(dict.fromkeys(customer_ids))
         cache = self._cache.get(partition)
         cached = cache.customers if cache is not None else {}
-        ask = [c for c in ids if c not in cached]
+        # taken before any await: another partition's commit may evict from this cache
+        hits = {c: cached[c] for c in ids if c in cached}
+        ask = [c for c in ids if c not in hits]
         others = [p for p in partitions if p != partition]
         pipe = self.client.pipeline(transaction=False)
         await self._read(keys=[k.meta, k.due], args=["" if hint_ms is None else hint_ms, max_due],
@@ -268,21 +273,16 @@ class RedisStore:
                      for i in range(0, len(due_flat), 2))
         customers: dict[str, StoredCustomer | None] = {
             cid: decode(cid, v) for cid, v in zip(ask, named, strict=True)}
-        for cid in ids:
-            if cid not in customers:
-                customers[cid] = cached[cid]
+        customers.update(hits)
         # the due customers this store did not commit itself: a second round trip
-        unknown = [cid for _, cid in dues if cid not in customers and not cached.get(cid)]
-        for cid in unknown:
-            customers[cid] = None
+        due_hits = {cid: cached.get(cid) for _, cid in dues if cid not in customers}
+        unknown = [cid for cid, c in due_hits.items() if c is None]
         if unknown:
             pipe = self.client.pipeline(transaction=False)
             _queue_mget(pipe, k, unknown)
             values = [v for part in await pipe.execute() for v in part]
-            customers.update((cid, decode(cid, v)) for cid, v in zip(unknown, values, strict=True))
-        for _, cid in dues:
-            if cid not in customers:
-                customers[cid] = cached[cid]
+            due_hits.update((cid, decode(cid, v)) for cid, v in zip(unknown, values, strict=True))
+        customers.update(due_hits)
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
             tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
@@ -297,7 +297,8 @@ class RedisStore:
         k = self.keys(partition)
         cache = self._cache.get(partition)
         cached = cache.customers if cache is not None else {}
-        ask = [c for c in ids if c not in cached]
+        hits = {c: cached[c] for c in ids if c in cached}  # before the await (see above)
+        ask = [c for c in ids if c not in hits]
         pipe = self.client.pipeline(transaction=False)
         if cache is not None:
             pipe.hget(k.meta, "tok")
@@ -310,7 +311,7 @@ class RedisStore:
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
         out = {cid: decode(cid, v) for cid, v in zip(ask, values, strict=True)}
-        return {cid: out[cid] if cid in out else cached[cid] for cid in ids}
+        return {cid: out[cid] if cid in out else hits[cid] for cid in ids}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],
                      writes: Sequence[CustomerWrite],
@@ -332,21 +333,22 @@ class RedisStore:
             When Redis is unreachable or the script fails; nothing was written.
         """
         k = self.keys(partition)
-        writes_json: list[list[Any]] = []
+        rows: list[list[Any]] = []
         for w in writes:
             if w.customer is None:
-                writes_json.append([w.customer_id, _opt(w.due_ms), None, None])
+                rows.append([w.customer_id, _opt(w.due_ms), False, False])
                 continue
             pop = w.population
-            writes_json.append([w.customer_id, _opt(w.due_ms),
+            rows.append([w.customer_id, _opt(w.due_ms),
                                 False if pop is None else [str(pop[0]), str(pop[1]), str(pop[2])],
                                 encode(w.customer), w.previous_segment or "",
                                 w.customer.segment or ""])
         token = secrets.token_hex(8)
-        payload = orjson.dumps({"meta": {**{f: str(v) for f, v in meta.items()}, "tok": token},
-                                "writes": writes_json,
-                                "outbox": [[kind, text, key] for kind, text, key in outbox],
-                                "model": [str(model[0]), model[1]] if model else None})
+        payload = msgpack.packb({
+            "meta": {**{f: str(v) for f, v in meta.items()}, "tok": token},
+            "writes": rows,
+            "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
+            "model": [str(model[0]), model[1]] if model else False})
         args = [expected_seq, payload, k.customer("")]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version]
@@ -359,15 +361,24 @@ class RedisStore:
                 raise ConflictError(partition, expected_seq, int(text.split()[1])) from exc
             raise
         if self.cache_customers:
-            customers = cache.customers if cache is not None else {}
-            if sum(len(c.customers) for c in self._cache.values()) + len(customers) \
-                    + len(writes) > self.cache_customers:
-                customers = {}
+            customers = cache.customers if cache is not None else OrderedDict()
             for w in writes:
                 if w.customer is not None:
                     customers[w.customer_id] = w.customer
+                    customers.move_to_end(w.customer_id)
             self._cache[partition] = _PartitionCache(token, customers)
+            self._evict()
         return seq
+
+    def _evict(self) -> None:
+        """Keep the caches within ``cache_customers``: drop the least recently committed
+        customers of the largest partition cache first."""
+        excess = sum(len(c.customers) for c in self._cache.values()) - self.cache_customers
+        while excess > 0:
+            victim = max(self._cache.values(), key=lambda c: len(c.customers)).customers
+            for _ in range(min(excess, len(victim))):
+                victim.popitem(last=False)
+                excess -= 1
 
     async def population_between(self, partition: int,
                                  ranges: Sequence[tuple[str, float, float]]

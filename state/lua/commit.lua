@@ -10,15 +10,18 @@
 -- ARGV[1] expected seq (-1 when none)  ARGV[3] customer key prefix: a customer's string is
 --   ARGV[3] .. id, in the partition's slot like every key here (not declared one by one:
 --   packing hundreds of key arguments cost the worker more than the rest of the commit)
--- ARGV[2] JSON {"meta": {field: value},
---               "writes": [[id, due, null | [last, freq, mon] | false, value | null,
---                           old segment, new segment]],
---               "outbox": [[kind, text, record key | null]],
---               "model": null | [version, snapshot JSON]}
---   a write with value null writes the due time only, keeping the earlier of two;
+-- ARGV[2] MessagePack {"meta": {field: value},
+--                      "writes": [[id, due, [last, freq, mon] | false, value | false,
+--                                  old segment, new segment]],
+--                      "outbox": [[kind, text, record key | false]],
+--                      "model": false | [version, snapshot JSON]}
+--   a write with value false writes the due time only, keeping the earlier of two;
 --   due "" = none (removed); population false = not scored (removed from the sorted sets);
 --   segments "" = none (the old one is what the caller read at the expected seq).
---   Numbers travel as strings (exact in any width).
+--   Numbers travel as strings (exact in any width). false, not nil, marks what is absent
+--   (a nil would end the Lua array). MessagePack, not JSON: cmsgpack copies the strings
+--   (values, change texts) as they are, where cjson unescaped every quote of them (1.1-2.4 ms
+--   of Redis time per 1,000 writes and changes).
 --   outbox kind: "c" segment change | "d" dead letter.
 -- Returns the new seq.  Errors "CONFLICT <stored seq>" when the stored seq is not ARGV[1].
 
@@ -26,7 +29,7 @@ local stored = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 if stored ~= tonumber(ARGV[1]) then
   return redis.error_reply('CONFLICT ' .. string.format('%.0f', stored))
 end
-local p = cjson.decode(ARGV[2])
+local p = cmsgpack.unpack(ARGV[2])
 for field, value in pairs(p.meta) do redis.call('HSET', KEYS[1], field, value) end
 
 -- The customers' commands are gathered by kind and sent as variadic calls (ZADD key s1 m1 s2
@@ -68,7 +71,7 @@ for _, w in ipairs(p.writes) do
   local id, due, pop, value = w[1], w[2], w[3], w[4]
   if seen[id] then flush() end
   seen[id] = true
-  if value == cjson.null then
+  if value == false then
     if due == '' then push(due_rem, id) else push(due_lt, due, id) end
   else
     if due == '' then push(due_rem, id) else push(due_set, due, id) end
@@ -87,13 +90,13 @@ for _, w in ipairs(p.writes) do
 end
 flush()
 for _, entry in ipairs(p.outbox) do
-  if entry[3] == nil or entry[3] == cjson.null then
+  if entry[3] == false then
     redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2])
   else
     redis.call('XADD', KEYS[7], '*', 'k', entry[1], 'v', entry[2], 'key', entry[3])
   end
 end
-if p.model ~= cjson.null and p.model ~= nil then
+if p.model then
   redis.call('SET', KEYS[8], p.model[2])
   redis.call('SET', KEYS[9], p.model[1])
 end

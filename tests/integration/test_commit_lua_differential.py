@@ -1,6 +1,7 @@
-"""Differential fuzz: state/lua/commit.lua (variadic calls, in chunks) against the reference
-script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call per command in the
-order of the writes, the plain statement of what a commit does). Both run the same random
+"""Differential fuzz: state/lua/commit.lua (variadic calls, in chunks; a MessagePack payload)
+against the reference script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call
+per command in the order of the writes, the plain statement of what a commit does; a JSON
+payload). Both run the same random
 commits against two namespaces of one redis-server; the replies, the errors and a full dump of
 each namespace (every key's type, value, scores, hash fields including those at 0, stream
 entries without their ids, TTL) must be equal. ``DIFF_SEEDS`` (default 6) sets how many random
@@ -14,6 +15,7 @@ import os
 import random
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 
@@ -124,8 +126,22 @@ def gen_commit(rng: random.Random, size: int, mode: float | None = None) -> dict
     }
 
 
-def run(r, script, ns, p, seq, payload):
+def encoded(doc: dict, reference: bool) -> bytes:
+    """A commit document as each script takes it: JSON with nulls (the reference), or
+    MessagePack with false for what is absent (commit.lua)."""
+    if reference:
+        return json.dumps(doc).encode()
+    return msgpack.packb({
+        "meta": doc["meta"],
+        "writes": [[w[0], w[1], False, False] if w[3] is None else w for w in doc["writes"]],
+        "outbox": [[kind, text, False if key is None else key]
+                   for kind, text, key in doc["outbox"]],
+        "model": doc["model"] or False})
+
+
+def run(r, script, ns, p, seq, doc):
     k = PartitionKeys(ns, p)
+    payload = encoded(doc, reference=script.script == OLD)
     try:
         return ("ok", script(keys=keys_of(ns, p), args=[seq, payload, k.customer("")]))
     except redis.ResponseError as e:
@@ -145,7 +161,7 @@ def test_new_commit_script_equals_reference(r, seed):
     for step in range(rng.randint(2, 5)):
         size = rng.choice(SIZES) if step else rng.choice([999, 1000, 1001, 2000, 2001, 4001, 10_000, 10_000])
         # the first commit: distinct ids in runs longer than a chunk
-        payload = json.dumps(gen_commit(rng, size, None if step else 0.9))
+        payload = gen_commit(rng, size, None if step else 0.9)
         expected = seq if rng.random() > 0.1 else seq + rng.choice([-1, 1, 5])
         ra = run(r, old, na, p, expected, payload)
         rb = run(r, new, nb, p, expected, payload)
@@ -182,10 +198,9 @@ CASES = {
 def test_hand_cases_equal_reference(r, name):
     old, new = r.register_script(OLD), r.register_script(NEW)
     na, nb = f"hold{name}x{os.getpid()}", f"hnew{name}x{os.getpid()}"
-    pre = json.dumps({"meta": {}, "writes": [["a", "6", None, None], ["c5", "3", None, None]],
-                      "outbox": [], "model": None})
-    payload = json.dumps({"meta": {"offset": "1"}, "writes": CASES[name], "outbox": [],
-                          "model": None})
+    pre = {"meta": {}, "writes": [["a", "6", None, None], ["c5", "3", None, None]],
+           "outbox": [], "model": None}
+    payload = {"meta": {"offset": "1"}, "writes": CASES[name], "outbox": [], "model": None}
     for script, ns in ((old, na), (new, nb)):
         assert run(r, script, ns, 0, -1, pre) == ("ok", 0)
     assert run(r, old, na, 0, 0, payload) == run(r, new, nb, 0, 0, payload)

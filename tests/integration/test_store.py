@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
+from state.codec import encode
 from state.store import ConflictError, CustomerWrite, OrderStatistics, RedisStore, StoredCustomer
 
 DAY = 86_400_000
@@ -130,6 +131,34 @@ async def test_a_stale_writer_changes_nothing(stack):
     assert await store.outbox_ack(3, [entries[0][0]]) == 1
     assert await store.outbox_depth(range(4)) == 1
     await store.client.aclose()
+
+
+async def test_the_cache_drops_the_least_recently_committed_customers_of_the_largest_partition(
+        stack):
+    """Over ``cache_customers``, the oldest commits of the largest partition cache go first.
+    Which customers a read takes from the cache shows through values changed in Redis behind
+    the store's back (a raw SET keeps the partition's commit token, so cached ones stay)."""
+    client = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+    store = RedisStore(client, f"store{next(_ns)}", cache_customers=4)
+    due = {"a": None, "b": 20, "c": 30, "e": None}
+    writes = [bought(cid, DAY) for cid in "abc"]
+    seq0 = await store.commit(0, -1, {}, [w._replace(due_ms=due[w.customer_id])
+                                          for w in writes], [])
+    await store.commit(1, -1, {}, [bought("d", DAY)], [])
+    # a again and e: partition 0 holds b, c, a, e (5 in all): b, committed longest ago, goes
+    await store.commit(0, seq0, {}, [bought("a", 2 * DAY), bought("e", DAY)], [])
+    for p, cid in [(0, "a"), (0, "b"), (0, "c"), (0, "e"), (1, "d")]:
+        await client.set(store.keys(p).customer(cid), encode(bought(cid, 9 * DAY).customer))
+    last = {cid: c.state.last_purchase_ms
+            for cid, c in (await store.read_customers(0, list("abce"))).items()}
+    assert last == {"a": 2 * DAY, "b": 9 * DAY, "c": DAY, "e": DAY}
+    assert (await store.read_customer(1, "d")).state.last_purchase_ms == DAY
+    # due customers too: c from the cache, b from Redis
+    view = await store.read_partition(0, [], [0, 1], hint_ms=100)
+    assert [cid for _, cid in view.dues] == ["b", "c"]
+    assert {cid: view.customers[cid].state.last_purchase_ms for cid in "bc"} == {
+        "b": 9 * DAY, "c": DAY}
+    await client.aclose()
 
 
 async def test_due_customers_are_read_in_order_up_to_the_reachable_time_and_capped(stack):
