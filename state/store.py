@@ -166,6 +166,59 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+CommitRow = tuple[str, str, "tuple[int, int, int] | None", "str | None", str, str]
+
+
+def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str]]]:
+    """The customers' part of a commit as ``commit.lua`` sends it: rows ``(id, due, population,
+    value, old segment, new segment)`` (due ``""``: none; population None: not scored; value
+    None: a due-only write, keeping the earlier of two due times) gathered by command into
+    runs, each ``[due ZADD pairs, due ZADD LT pairs, due ZREM ids, population ZREM ids,
+    z:last pairs, z:freq pairs, z:mon pairs, [id, value, ...], [segment, net change, ...]]``.
+
+    Commands of one kind on different customers commute, so a run sends each kind as one
+    variadic call; a customer written twice starts a new run, so its writes keep their order.
+    A segment a write moves from or to is in the run's changes even when they net to zero
+    (HINCRBY by 0 creates the field, as the writes one by one did).
+    """
+    runs: list[list[list[str]]] = []
+    seen: set[str] = set()
+    run: list[list[str]] = []
+    delta: dict[str, int] = {}
+    for cid, due, pop, value, old, new in rows:
+        if not run or cid in seen:
+            if run:
+                run.append([x for seg, n in delta.items() for x in (seg, str(n))])
+            run, delta, seen = [[], [], [], [], [], [], [], []], {}, set()
+            runs.append(run)
+        seen.add(cid)
+        if value is None:
+            if due == "":
+                run[2].append(cid)
+            else:
+                run[1] += (due, cid)
+            continue
+        if due == "":
+            run[2].append(cid)
+        else:
+            run[0] += (due, cid)
+        if pop is None:
+            run[3].append(cid)
+        else:
+            run[4] += (str(pop[0]), cid)
+            run[5] += (str(pop[1]), cid)
+            run[6] += (str(pop[2]), cid)
+        run[7] += (cid, value)
+        if old != new:
+            if old:
+                delta[old] = delta.get(old, 0) - 1
+            if new:
+                delta[new] = delta.get(new, 0) + 1
+    if run:
+        run.append([x for seg, n in delta.items() for x in (seg, str(n))])
+    return runs
+
+
 _PROBES = 32  # probes per search and round of RedisStore.order_statistics
 # its first round's probes around a hint (at most _PROBES): gaps of at most 32 up to ±256,
 # so a value that moved by up to 256 is found exactly in the next round
@@ -333,23 +386,17 @@ class RedisStore:
             When Redis is unreachable or the script fails; nothing was written.
         """
         k = self.keys(partition)
-        rows: list[list[Any]] = []
-        for w in writes:
-            if w.customer is None:
-                rows.append([w.customer_id, _opt(w.due_ms), False, False])
-                continue
-            pop = w.population
-            rows.append([w.customer_id, _opt(w.due_ms),
-                                False if pop is None else [str(pop[0]), str(pop[1]), str(pop[2])],
-                                encode(w.customer), w.previous_segment or "",
-                                w.customer.segment or ""])
         token = secrets.token_hex(8)
         payload = msgpack.packb({
             "meta": {**{f: str(v) for f, v in meta.items()}, "tok": token},
-            "writes": rows,
+            "runs": commit_runs(
+                (w.customer_id, _opt(w.due_ms), w.population,
+                 None if w.customer is None else encode(w.customer), w.previous_segment or "",
+                 "" if w.customer is None else w.customer.segment or "") for w in writes),
+            "keyprefix": k.customer(""),
             "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
             "model": [str(model[0]), model[1]] if model else False})
-        args = [expected_seq, payload, k.customer("")]
+        args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version]
         cache = self._cache.pop(partition, None)  # unknown until the commit's reply

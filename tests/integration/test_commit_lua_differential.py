@@ -1,5 +1,5 @@
-"""Differential fuzz: state/lua/commit.lua (variadic calls, in chunks; a MessagePack payload)
-against the reference script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call
+"""Differential fuzz: state/lua/commit.lua with state.store.commit_runs (the writes gathered
+by command into variadic calls, in chunks; a MessagePack payload) against the reference script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call
 per command in the order of the writes, the plain statement of what a commit does; a JSON
 payload). Both run the same random
 commits against two namespaces of one redis-server; the replies, the errors and a full dump of
@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from state.keys import PartitionKeys
+from state.store import commit_runs
 from stream import localstack
 
 HERE = Path(__file__).parent
@@ -126,14 +127,17 @@ def gen_commit(rng: random.Random, size: int, mode: float | None = None) -> dict
     }
 
 
-def encoded(doc: dict, reference: bool) -> bytes:
-    """A commit document as each script takes it: JSON with nulls (the reference), or
-    MessagePack with false for what is absent (commit.lua)."""
+def encoded(doc: dict, reference: bool, prefix: str) -> bytes:
+    """A commit document as each script takes it: JSON with nulls and the writes one by one
+    (the reference), or MessagePack with the writes gathered by command
+    (:func:`state.store.commit_runs`; commit.lua)."""
     if reference:
         return json.dumps(doc).encode()
+    rows = [(w[0], w[1], None, None, "", "") if w[3] is None
+            else (w[0], w[1], None if w[2] is False else w[2], w[3], w[4], w[5])
+            for w in doc["writes"]]
     return msgpack.packb({
-        "meta": doc["meta"],
-        "writes": [[w[0], w[1], False, False] if w[3] is None else w for w in doc["writes"]],
+        "meta": doc["meta"], "runs": commit_runs(rows), "keyprefix": prefix,
         "outbox": [[kind, text, False if key is None else key]
                    for kind, text, key in doc["outbox"]],
         "model": doc["model"] or False})
@@ -141,9 +145,12 @@ def encoded(doc: dict, reference: bool) -> bytes:
 
 def run(r, script, ns, p, seq, doc):
     k = PartitionKeys(ns, p)
-    payload = encoded(doc, reference=script.script == OLD)
+    if script.script == OLD:
+        args = [seq, encoded(doc, True, ""), k.customer("")]
+    else:
+        args = [seq, encoded(doc, False, k.customer(""))]
     try:
-        return ("ok", script(keys=keys_of(ns, p), args=[seq, payload, k.customer("")]))
+        return ("ok", script(keys=keys_of(ns, p), args=args))
     except redis.ResponseError as e:
         return ("err", str(e).replace(ns, "NS"))
 
