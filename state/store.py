@@ -162,6 +162,12 @@ class OrderStatistics:
     monetary_kth_smallest: tuple[int, ...]
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A Redis stream entry id ``<ms>-<seq>`` as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
 def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -586,8 +592,11 @@ class RedisStore:
 
     async def outbox_ack(self, partition: int, entry_ids: Sequence[str],
                          publisher: str | None = None) -> int:
-        """Delete entries the broker acknowledged; returns how many were deleted. With
-        ``publisher``, only while it holds the partition (as :meth:`outbox_read`).
+        """Delete entries the broker acknowledged, ``entry_ids`` being the oldest entries (as
+        :meth:`outbox_read` returns them): every entry up to the newest of them goes (those
+        a ``forget`` deleted meanwhile are gone already; entries added since are newer).
+        Returns how many were deleted. With ``publisher``, only while it holds the partition
+        (as :meth:`outbox_read`).
 
         Raises
         ------
@@ -598,11 +607,12 @@ class RedisStore:
         if not entry_ids:
             return 0
         k = self.keys(partition)
+        ms, _, seq = max(entry_ids, key=_stream_id).partition("-")
+        keep = f"{ms}-{int(seq) + 1}"  # XTRIM MINID deletes the entries with smaller ids
         if publisher is None:
-            return int(await self.client.xdel(k.outbox, *entry_ids))
+            return int(await self.client.xtrim(k.outbox, minid=keep, approximate=False))
         try:
-            return int(await self._outbox_ack(keys=[k.meta, k.outbox],
-                                              args=[publisher, *entry_ids]))
+            return int(await self._outbox_ack(keys=[k.meta, k.outbox], args=[publisher, keep]))
         except ResponseError as exc:
             _raise_fenced(partition, exc)
             raise

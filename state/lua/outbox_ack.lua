@@ -3,8 +3,13 @@
 -- entries were in flight leaves them: the new owner publishes them again (a duplicate, which
 -- consumers drop by change_id), never fewer.
 --
+-- The entries a publisher read are the oldest ones (XRANGE from '-'); entries are only ever
+-- added after them (a commit, a forget's tombstone) or deleted (a forget). So deleting every
+-- entry up to the newest one read deletes exactly those still there: XTRIM MINID, without
+-- naming each (XDEL of ~1,000 ids through Lua cost Redis ~1.5 ms a round).
+--
 -- KEYS[1] meta  KEYS[2] outbox
--- ARGV[1] the publisher's token   ARGV[2 ..] entry ids
+-- ARGV[1] the publisher's token   ARGV[2] the smallest id to keep (the newest id read + 1)
 -- Returns the number of entries deleted.
 -- Errors "FENCED <token>" when another token holds the partition; nothing is deleted.
 
@@ -14,4 +19,4 @@ if not holder then
 elseif holder ~= ARGV[1] then
   return redis.error_reply('FENCED ' .. holder)
 end
-return redis.call('XDEL', KEYS[2], unpack(ARGV, 2))
+return redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])

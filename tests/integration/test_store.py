@@ -161,6 +161,21 @@ async def test_the_cache_drops_the_least_recently_committed_customers_of_the_lar
     await client.aclose()
 
 
+async def test_an_outbox_ack_deletes_the_entries_read_and_nothing_added_since(stack):
+    store = new_store(stack.redis_url)
+    seq = await store.commit(0, -1, {}, [], [("c", f'{{"n": {i}}}', cid)
+                                            for i, cid in enumerate(["alice", "bob", "carol"])])
+    await store.outbox_claim(0, "me")
+    read = await store.outbox_read(0, 10, publisher="me")
+    await store.forget(0, "alice")  # deletes alice's entry, queues her tombstone
+    await store.commit(0, seq + 1, {}, [], [("c", '{"n": 3}', "dave")])
+    # bob's and carol's entries go (alice's is gone already); the tombstone and dave's stay
+    assert await store.outbox_ack(0, [e.entry_id for e in read], publisher="me") == 2
+    assert [(e.kind, e.key) for e in await store.outbox_read(0)] == [("t", "alice"),
+                                                                      ("c", "dave")]
+    await store.client.aclose()
+
+
 async def test_due_customers_are_read_in_order_up_to_the_reachable_time_and_capped(stack):
     store = new_store(stack.redis_url)
     writes = [bought(f"c{i}", i * DAY) for i in range(6)]
