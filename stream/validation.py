@@ -16,6 +16,7 @@ from state.rfm import StateEvent
 from stream.events import PurchaseRecorded
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)  # made once: a timedelta per call cost ~1.3 µs of ~7 per record
 
 
 def epoch_ms(t: datetime) -> int:
@@ -25,7 +26,7 @@ def epoch_ms(t: datetime) -> int:
     >>> epoch_ms(datetime(1970, 1, 1, 0, 0, 0, 1500, tzinfo=UTC)), epoch_ms(EPOCH)
     (1, 0)
     """
-    return (t - EPOCH) // timedelta(milliseconds=1)
+    return (t - EPOCH) // _MS
 
 REASONS = (
     "oversized", "missing_value", "not_utf8", "not_json", "not_object", "missing_field",
