@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
-import numpy as np
 import msgpack
+import numpy as np
 import numpy.typing as npt
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -326,7 +325,7 @@ class RedisStore:
         clocks, version = rest[chunks:-1], rest[-1]
         (offset, wm, asof, thr, seq, seen, token), due_flat = reply
         if cache is not None and token != cache.token:  # someone else wrote: read it all
-            del self._cache[partition]
+            self._cache.pop(partition, None)  # a commit in flight may have taken it
             return await self.read_partition(partition, ids, partitions, hint_ms, max_due)
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
@@ -365,7 +364,7 @@ class RedisStore:
         replies = await pipe.execute()
         if cache is not None:
             if replies[0] != cache.token:
-                del self._cache[partition]
+                self._cache.pop(partition, None)
                 return await self.read_customers(partition, ids)
             replies = replies[1:]
         values = [v for reply in replies for v in reply]

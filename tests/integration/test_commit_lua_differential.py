@@ -1,12 +1,12 @@
 """Differential fuzz: state/lua/commit.lua with state.store.commit_runs (the writes gathered
-by command into variadic calls, in chunks; a MessagePack payload) against the reference script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call
-per command in the order of the writes, the plain statement of what a commit does; a JSON
-payload). Both run the same random
-commits against two namespaces of one redis-server; the replies, the errors and a full dump of
-each namespace (every key's type, value, scores, hash fields including those at 0, stream
-entries without their ids, TTL) must be equal. ``DIFF_SEEDS`` (default 6) sets how many random
-seeds run; hand cases cover nets of zero, one id written 3,000 times and 10,001-write
-commits."""
+by command into variadic calls, in chunks; a MessagePack payload) against the reference
+script (commit_lua_reference.lua: the script of dd2f4d9, one Redis call per command in the
+order of the writes, the plain statement of what a commit does; a JSON payload). Both run the
+same random commits against two namespaces of one redis-server; the replies, the errors and a
+full dump of each namespace (every key's type, value, scores, hash fields including those at
+0, stream entries without their ids, TTL) must be equal. ``DIFF_SEEDS`` (default 6) sets how
+many random seeds run; hand cases cover nets of zero, one id written 3,000 times and
+10,001-write commits."""
 
 from __future__ import annotations
 

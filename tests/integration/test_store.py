@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
 from state.codec import encode
+from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
 from state.store import ConflictError, CustomerWrite, OrderStatistics, RedisStore, StoredCustomer
 
 DAY = 86_400_000
