@@ -595,7 +595,10 @@ class RedisStore:
         :meth:`outbox_read` returns them): every entry up to the newest of them goes (those
         a ``forget`` deleted meanwhile are gone already; entries added since are newer).
         Returns how many were deleted. With ``publisher``, only while it holds the partition
-        (as :meth:`outbox_read`).
+        (as :meth:`outbox_read`), and only while the oldest of them is still the oldest
+        entry: else (a forget deleted it, or the stream was lost and made again) nothing is
+        deleted, and they are published again (duplicates, never a loss). Without it (tools,
+        a replay that is the only reader), unconditionally.
 
         Raises
         ------
@@ -610,8 +613,10 @@ class RedisStore:
         keep = f"{ms}-{int(seq) + 1}"  # XTRIM MINID deletes the entries with smaller ids
         if publisher is None:
             return int(await self.client.xtrim(k.outbox, minid=keep, approximate=False))
+        oldest = min(entry_ids, key=_stream_id)
         try:
-            return int(await self._outbox_ack(keys=[k.meta, k.outbox], args=[publisher, keep]))
+            return int(await self._outbox_ack(keys=[k.meta, k.outbox],
+                                              args=[publisher, oldest, keep]))
         except ResponseError as exc:
             _raise_fenced(partition, exc)
             raise

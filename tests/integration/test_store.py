@@ -161,18 +161,36 @@ async def test_the_cache_drops_the_least_recently_committed_customers_of_the_lar
     await client.aclose()
 
 
-async def test_an_outbox_ack_deletes_the_entries_read_and_nothing_added_since(stack):
+async def test_an_outbox_ack_deletes_the_entries_read_and_nothing_else(stack):
     store = new_store(stack.redis_url)
+    k = store.keys(0)
     seq = await store.commit(0, -1, {}, [], [("c", f'{{"n": {i}}}', cid)
                                             for i, cid in enumerate(["alice", "bob", "carol"])])
     await store.outbox_claim(0, "me")
+
+    async def keys_left():
+        return [(e.kind, e.key) for e in await store.outbox_read(0)]
+
     read = await store.outbox_read(0, 10, publisher="me")
-    await store.forget(0, "alice")  # deletes alice's entry, queues her tombstone
-    await store.commit(0, seq + 1, {}, [], [("c", '{"n": 3}', "dave")])
-    # bob's and carol's entries go (alice's is gone already); the tombstone and dave's stay
+    await store.forget(0, "bob")  # deletes bob's entry, queues his tombstone
+    seq = await store.commit(0, seq + 1, {}, [], [("c", '{"n": 3}', "dave")])
+    # alice's and carol's entries go (bob's is gone already); the tombstone and dave's stay
     assert await store.outbox_ack(0, [e.entry_id for e in read], publisher="me") == 2
-    assert [(e.kind, e.key) for e in await store.outbox_read(0)] == [("t", "alice"),
-                                                                      ("c", "dave")]
+    assert await keys_left() == [("t", "bob"), ("c", "dave")]
+
+    # the oldest entry read was deleted meanwhile: nothing goes (published again, not lost)
+    read = await store.outbox_read(0, 10, publisher="me")
+    await store.client.xdel(k.outbox, read[0].entry_id)
+    assert await store.outbox_ack(0, [e.entry_id for e in read], publisher="me") == 0
+    assert await keys_left() == [("c", "dave")]
+
+    # the stream was lost and made again with smaller ids (a server whose clock is behind)
+    read = await store.outbox_read(0, 10, publisher="me")
+    await store.client.delete(k.outbox)
+    ms = int(read[0].entry_id.split("-")[0])
+    await store.client.xadd(k.outbox, {"k": "c", "v": "{}", "key": "erin"}, id=f"{ms - 5000}-0")
+    assert await store.outbox_ack(0, [e.entry_id for e in read], publisher="me") == 0
+    assert await keys_left() == [("c", "erin")]
     await store.client.aclose()
 
 
