@@ -161,6 +161,19 @@ async def test_the_cache_drops_the_least_recently_committed_customers_of_the_lar
     await client.aclose()
 
 
+async def test_two_reads_that_both_find_the_cache_stale_both_succeed(stack):
+    """A forget changes the partition's commit token; two reads that see it at once each drop
+    the cache (the second found it dropped already: a KeyError before) and read Redis."""
+    client = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+    store = RedisStore(client, f"store{next(_ns)}", cache_customers=10)
+    await store.commit(0, -1, {}, [bought("a", DAY)], [])
+    await store.forget(0, "zz")
+    one, view = await asyncio.gather(store.read_customer(0, "a"),
+                                     store.read_partition(0, ["a"], [0]))
+    assert one.state.last_purchase_ms == view.customers["a"].state.last_purchase_ms == DAY
+    await client.aclose()
+
+
 async def test_an_outbox_ack_deletes_the_entries_read_and_nothing_else(stack):
     store = new_store(stack.redis_url)
     k = store.keys(0)
