@@ -224,6 +224,19 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str]]]:
     return runs
 
 
+def commit_payload(meta: Mapping[str, str], rows: Iterable[CommitRow], key_prefix: str,
+                   outbox: Iterable[tuple[str, str, str | None]],
+                   model: tuple[str, str] | None) -> bytes:
+    """``commit.lua``'s ARGV[2] (MessagePack): the meta fields to set, the customers' rows
+    gathered by :func:`commit_runs`, the customers' key prefix, the outbox entries ``(kind,
+    text, record key or None)`` and the model snapshot ``(version, JSON)`` or None. What is
+    absent travels as false (a nil would end a Lua array)."""
+    return msgpack.packb({
+        "meta": meta, "runs": commit_runs(rows), "keyprefix": key_prefix,
+        "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
+        "model": list(model) if model else False})
+
+
 _PROBES = 32  # probes per search and round of RedisStore.order_statistics
 # its first round's probes around a hint (at most _PROBES): gaps of at most 32 up to ±256,
 # so a value that moved by up to 256 is found exactly in the next round
@@ -392,15 +405,12 @@ class RedisStore:
         """
         k = self.keys(partition)
         token = secrets.token_hex(8)
-        payload = msgpack.packb({
-            "meta": {**{f: str(v) for f, v in meta.items()}, "tok": token},
-            "runs": commit_runs(
-                (w.customer_id, _opt(w.due_ms), w.population,
-                 None if w.customer is None else encode(w.customer), w.previous_segment or "",
-                 "" if w.customer is None else w.customer.segment or "") for w in writes),
-            "keyprefix": k.customer(""),
-            "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
-            "model": [str(model[0]), model[1]] if model else False})
+        payload = commit_payload(
+            {**{f: str(v) for f, v in meta.items()}, "tok": token},
+            ((w.customer_id, _opt(w.due_ms), w.population,
+              None if w.customer is None else encode(w.customer), w.previous_segment or "",
+              "" if w.customer is None else w.customer.segment or "") for w in writes),
+            k.customer(""), outbox, (str(model[0]), model[1]) if model else None)
         args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version]
@@ -609,8 +619,8 @@ class RedisStore:
         if not entry_ids:
             return 0
         k = self.keys(partition)
-        ms, _, seq = max(entry_ids, key=_stream_id).partition("-")
-        keep = f"{ms}-{int(seq) + 1}"  # XTRIM MINID deletes the entries with smaller ids
+        ms, seq = max(map(_stream_id, entry_ids))
+        keep = f"{ms}-{seq + 1}"  # XTRIM MINID deletes the entries with smaller ids
         if publisher is None:
             return int(await self.client.xtrim(k.outbox, minid=keep, approximate=False))
         oldest = min(entry_ids, key=_stream_id)

@@ -15,12 +15,11 @@ import os
 import random
 from pathlib import Path
 
-import msgpack
 import pytest
 import redis
 
 from state.keys import PartitionKeys
-from state.store import commit_runs
+from state.store import commit_payload
 from stream import localstack
 
 HERE = Path(__file__).parent
@@ -130,17 +129,14 @@ def gen_commit(rng: random.Random, size: int, mode: float | None = None) -> dict
 def encoded(doc: dict, reference: bool, prefix: str) -> bytes:
     """A commit document as each script takes it: JSON with nulls and the writes one by one
     (the reference), or MessagePack with the writes gathered by command
-    (:func:`state.store.commit_runs`; commit.lua)."""
+    (:func:`state.store.commit_payload`; commit.lua)."""
     if reference:
         return json.dumps(doc).encode()
     rows = [(w[0], w[1], None, None, "", "") if w[3] is None
             else (w[0], w[1], None if w[2] is False else w[2], w[3], w[4], w[5])
             for w in doc["writes"]]
-    return msgpack.packb({
-        "meta": doc["meta"], "runs": commit_runs(rows), "keyprefix": prefix,
-        "outbox": [[kind, text, False if key is None else key]
-                   for kind, text, key in doc["outbox"]],
-        "model": doc["model"] or False})
+    return commit_payload(doc["meta"], rows, prefix, doc["outbox"],
+                          tuple(doc["model"]) if doc["model"] else None)
 
 
 def run(r, script, ns, p, seq, doc):
