@@ -1,8 +1,8 @@
 """Online clustering of customers on their RFM features with River.
 
 Features are log-scaled (``log1p``) recency days, frequency and monetary (currency units),
-standardised by River's ``StandardScaler`` and clustered by River's ``KMeans`` with a fixed
-seed. The model's snapshot is data (JSON: scaler statistics, centroids, counts), not a pickle:
+standardised by :class:`RunningScaler` (River's ``StandardScaler`` update, see there) and
+clustered by River's ``KMeans`` with a fixed seed. The model's snapshot is data (JSON: scaler statistics, centroids, counts), not a pickle:
 other processes load it from Redis, and unpickling shared data runs code.
 
 The wrapper speaks River's contract: ``learn_one(x)`` / ``predict_one(x)`` on a feature dict.
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from river import cluster, preprocessing
+from river import cluster
 
 FEATURES = ("recency", "frequency", "monetary")
 SNAPSHOT_FORMAT = 2
@@ -52,6 +52,46 @@ def check_snapshot(snap: dict[str, Any]) -> None:
         raise ValueError(f"unsupported model snapshot format {snap.get('format')!r}")
 
 
+class RunningScaler:
+    """Standardisation by running mean and population variance per feature: the update and
+    transform of River 0.26's ``preprocessing.StandardScaler`` (``with_std=True``, no window),
+    with its attributes, so snapshots keep their ``counts``/``means``/``vars`` and a model
+    learns to the same bits (``tests/unit/test_clustering.py`` checks it against River's class).
+    One difference: :meth:`transform_one` of a feature never learned stores nothing (River's
+    stores a variance of 0 for it).
+
+    Why not River's class itself: importing ``river.preprocessing`` imports scikit-learn,
+    pandas and pyarrow (its ``GapEncoder``), ~160 MiB of resident memory and ~2 s of start-up
+    in every worker and CLI process, for these few lines. The update is Welford's running mean
+    and variance (West 1979, "Updating mean and variance estimates"):
+    ``mean += (x - mean) / n``, ``var += ((x - old mean) * (x - mean) - var) / n``.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.means: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.vars: collections.defaultdict[str, float] = collections.defaultdict(float)
+
+    def learn_one(self, x: dict[str, float]) -> None:
+        """Update the statistics with one feature dict."""
+        counts, means, vars_ = self.counts, self.means, self.vars
+        for i, xi in x.items():
+            counts[i] += 1
+            old_mean = means[i]
+            means[i] += (xi - old_mean) / counts[i]
+            vars_[i] += ((xi - old_mean) * (xi - means[i]) - vars_[i]) / counts[i]
+
+    def transform_one(self, x: dict[str, float]) -> dict[str, float]:
+        """``(x - mean) / sd`` per feature; 0.0 where the variance is 0 (or the feature was
+        never learned). Pure."""
+        means, vars_ = self.means, self.vars
+        out = {}
+        for i, xi in x.items():
+            v = vars_.get(i, 0.0)
+            out[i] = (xi - means.get(i, 0.0)) / v ** 0.5 if v else 0.0
+        return out
+
+
 class CustomerClusterer:
     """``StandardScaler | KMeans`` over :func:`features`, with a cold start and JSON snapshots.
 
@@ -80,7 +120,7 @@ class CustomerClusterer:
                              f"min_customers={min_customers}")
         self.n_clusters, self.seed = n_clusters, seed
         self.halflife, self.min_customers = halflife, min_customers
-        self.scaler = preprocessing.StandardScaler()
+        self.scaler = RunningScaler()
         self.kmeans = cluster.KMeans(n_clusters=n_clusters, halflife=halflife, seed=seed)
         # River creates centre coordinates lazily, in the iteration order of a set of feature
         # names, which depends on PYTHONHASHSEED: draw them now, in a fixed order, so that the

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 
@@ -13,6 +15,7 @@ from stream.clustering import (
     FEATURES,
     ClusterModel,
     CustomerClusterer,
+    RunningScaler,
     features,
     match_ids,
     predict_many,
@@ -154,3 +157,29 @@ def test_profiles_rank_clusters_by_value_in_original_units():
                                                                        "top value, active")
     assert worst["size"] == 500 and worst["label"].endswith("value, lapsed")
     assert sum(p["share"] for p in rows.values()) == 1.0
+
+
+def test_running_scaler_learns_and_transforms_to_the_bits_of_rivers_standard_scaler():
+    from river.preprocessing import StandardScaler  # the oracle; the service does not import it
+
+    ours, river = RunningScaler(), StandardScaler()
+    for x in sample(500, seed=3) + [features(0, 1, 0)] * 3:
+        ours.learn_one(x)
+        river.learn_one(x)
+        assert ours.transform_one(x) == river.transform_one(x)
+    assert (dict(ours.counts), dict(ours.means), dict(ours.vars)) == \
+        (dict(river.counts), dict(river.means), dict(river.vars))
+    constant = RunningScaler()  # a feature with no variance scales to 0
+    for _ in range(3):
+        constant.learn_one({"frequency": 2.0})
+    assert constant.transform_one({"frequency": 2.0, "monetary": 5.0}) == \
+        {"frequency": 0.0, "monetary": 0.0}
+
+
+def test_the_service_does_not_import_scikit_learn_or_pandas():
+    """River's preprocessing package drags both in (~160 MiB per process)."""
+    code = ("import sys, stream.app, stream.cli, stream.trainer; "
+            "print(sorted(m for m in ('sklearn', 'pandas', 'pyarrow', 'river.preprocessing') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
