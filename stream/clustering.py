@@ -2,8 +2,9 @@
 
 Features are log-scaled (``log1p``) recency days, frequency and monetary (currency units),
 standardised by :class:`RunningScaler` (River's ``StandardScaler`` update, see there) and
-clustered by River's ``KMeans`` with a fixed seed. The model's snapshot is data (JSON: scaler statistics, centroids, counts), not a pickle:
-other processes load it from Redis, and unpickling shared data runs code.
+clustered by River's ``KMeans`` with a fixed seed. The model's snapshot is data (JSON: scaler
+statistics, centroids, counts), not a pickle: other processes load it from Redis, and
+unpickling shared data runs code.
 
 The wrapper speaks River's contract: ``learn_one(x)`` / ``predict_one(x)`` on a feature dict.
 ``predict_one`` never changes the model (River's ``KMeans.predict_one`` creates centre
