@@ -2,7 +2,7 @@
 committed state, in event time, against the 10 s target and against a raw aiokafka consume of
 the same topic measured in the same run. Prints figures; asserts nothing.
 
-    .venv/bin/python bench/replay_throughput.py [--partitions 1]
+    .venv/bin/python bench/replay_throughput.py [--partitions 1] [--processes 1]
 
 The load into the topic is not timed; the replay is, from its start to its last commit. The
 ceiling: a bare ``AIOKafkaConsumer.getmany`` loop over the same topic from the beginning to its
@@ -29,7 +29,7 @@ from stream.replay import replay
 TARGET_S = 10.0
 
 
-async def main(partitions: int) -> None:
+async def main(partitions: int, processes: int) -> None:
     rows = sorted(cdnow.read_rows(), key=lambda r: r.day)
     with tempfile.TemporaryDirectory() as tmp, localstack.running(Path(tmp)) as stack:
         settings = local_settings(stack, namespace="bench-live", partitions=partitions,
@@ -40,12 +40,13 @@ async def main(partitions: int) -> None:
                                                                settings.purchases_topic))
         settle_gc(settings.gc_thresholds, settings.gc_freeze)  # as `rfm-stream replay` does
         started = time.perf_counter()
-        summary = await replay(settings, "bench-replay")
+        summary = await replay(settings, "bench-replay", processes=processes)
         seconds = time.perf_counter() - started
     rate = summary.records / seconds
     print(benchkit.machine())
-    print(f"replay of {summary.records:,} CDNOW events ({partitions} partition(s)) into a new "
-          f"namespace: {seconds:.1f} s, {rate:,.0f} events/s, {summary.changes:,} segment "
+    print(f"replay of {summary.records:,} CDNOW events ({partitions} partition(s), "
+          f"{min(processes, partitions)} process(es)) into a new namespace: {seconds:.1f} s, "
+          f"{rate:,.0f} events/s, {summary.changes:,} segment "
           "changes (not published)")
     print(f"  target <= {TARGET_S:g} s: {'met' if seconds <= TARGET_S else 'not met'} "
           f"({seconds / TARGET_S:.2f}x the target; {summary.records / TARGET_S:,.0f} events/s "
@@ -57,4 +58,7 @@ async def main(partitions: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partitions", type=int, default=1)
-    asyncio.run(main(parser.parse_args().partitions))
+    parser.add_argument("--processes", type=int, default=1,
+                        help="replay processes (rfm-stream replay --processes)")
+    a = parser.parse_args()
+    asyncio.run(main(a.partitions, a.processes))

@@ -235,8 +235,11 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
               help="Publish the replay's segment changes here (marked replay=true).")
 @click.option("--switch", is_flag=True,
               help="When done, make RFM_NAMESPACE resolve to the new namespace.")
+@click.option("--processes", type=click.IntRange(1), default=1, show_default=True,
+              help="Replay the partitions in this many processes (at most one per partition), "
+              "one core each.")
 def replay(namespace: str, from_time: str | None, changes_topic: str | None,
-           switch: bool) -> None:
+           switch: bool, processes: int) -> None:
     """Rebuild state from the purchases topic into a new namespace, in event time."""
     from tqdm import tqdm
 
@@ -253,7 +256,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
-                                switch, bar.update))
+                                switch, bar.update, processes=processes))
     except (*_kafka_errors(), ValueError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
