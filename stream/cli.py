@@ -256,7 +256,8 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
-                                switch, bar.update, processes=processes))
+                                switch, bar.update, processes=processes,
+                                alias=configured.namespace))
     except (*_kafka_errors(), ValueError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
@@ -265,7 +266,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     for reason, n in sorted(s.dead_letter_reasons.items()):
         click.echo(f"  dead letters ({reason}): {n:,} (not re-sent to the dead-letter topic)")
     if switch:
-        click.echo(f"{settings.namespace!r} now resolves to {namespace!r}: restart the workers")
+        click.echo(f"{configured.namespace!r} now resolves to {namespace!r}: restart the workers")
 
 
 @main.command()

@@ -14,6 +14,7 @@ time is earlier only advance the applied offset.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -122,13 +123,15 @@ def partition_groups(partitions: int, processes: int) -> list[list[int]]:
 async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
                  changes_topic: str | None = None, switch: bool = False,
                  progress: Callable[[int], None] | None = None,
-                 batch: int = 2000, processes: int = 1) -> ReplaySummary:
+                 batch: int = 2000, processes: int = 1, alias: str | None = None
+                 ) -> ReplaySummary:
     """Replay the purchases topic into ``namespace`` (which should be new).
 
     ``changes_topic``: publish the replay's segment changes there (marked ``replay=true``),
     else they are counted and dropped; live topics are never written. ``switch``: when done,
-    make ``namespace`` the one the name ``settings.namespace`` resolves to (workers pick it up
-    when they restart). ``progress``: called with the number of records applied since its
+    make ``namespace`` the one the name ``alias`` (default ``settings.namespace``: pass the
+    configured name when ``settings`` were resolved through an earlier switch) resolves to
+    (workers pick it up when they restart). ``progress``: called with the number of records applied since its
     last call. ``processes``: replay the partitions in this many processes (at most one per
     partition; :func:`partition_groups`), as that many workers of one consumer group would
     apply them; each process is one interpreter, so it uses as many cores. Recency, frequency
@@ -158,7 +161,7 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
 
         store = store_for(settings)
         try:
-            await store.client.set(alias_key(settings.namespace), namespace)
+            await store.client.set(alias_key(alias or settings.namespace), namespace)
         finally:
             await store.client.aclose()
     return summary
@@ -168,59 +171,107 @@ async def _in_processes(settings: Settings, namespace: str, groups: list[list[in
                         from_ms: int | None, changes_topic: str | None,
                         progress: Callable[[int], None] | None, batch: int) -> ReplaySummary:
     """:func:`_replay` of each group of partitions in a process of its own (spawned: a fresh
-    interpreter, nothing of this one's event loop or threads); progress from the applied
-    offsets in Redis. When one fails, the others are stopped and its error raised."""
+    interpreter, nothing of this one's event loop or threads), which sends back its summary
+    or its error through a pipe; progress from the applied offsets in Redis. When one fails
+    or dies, the others are stopped (by PID) and the error raised; a process whose parent
+    is gone stops itself (:func:`_exit_with_parent`)."""
     import multiprocessing
 
     from stream.runner import store_for
 
     store = store_for(settings.model_copy(update={"namespace": namespace}))
+    ctx = multiprocessing.get_context("spawn")
+    running: list[tuple[Any, Any, list[int]]] = []
     try:  # refuse before starting anything (each process checks its own partitions again)
         applied = await store.partition_meta(range(settings.partitions))
         if any(offset >= 0 for offset, _ in applied.values()):
             raise ValueError(f"namespace {namespace!r} already holds state: replay into a new one")
         if changes_topic:
             await create_topics(bootstrap_of(settings.kafka_url), {changes_topic: 1})
-        pool = multiprocessing.get_context("spawn").Pool(len(groups))
-        try:
-            pending = [pool.apply_async(_replay_process, (settings, namespace, group, from_ms,
-                                                          changes_topic, batch))
-                       for group in groups]
-            reported = 0
-            while True:
-                done = all(r.ready() for r in pending)
-                for r in pending:  # the first failure stops all
-                    if r.ready() and not r.successful():
-                        r.get()
-                if progress:
-                    meta = await store.partition_meta(range(settings.partitions))
-                    now_applied = sum(offset + 1 for offset, _ in meta.values())
-                    if now_applied > reported:
-                        progress(now_applied - reported)
-                        reported = now_applied
-                if done:
-                    break
+        for group in groups:
+            receive, send = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_replay_process, daemon=True, args=(
+                send, os.getpid(), settings, namespace, group, from_ms, changes_topic, batch))
+            process.start()
+            send.close()
+            running.append((process, receive, group))
+        summaries: dict[int, ReplaySummary] = {}
+        reported = 0
+        while len(summaries) < len(running):
+            for i, (process, receive, group) in enumerate(running):
+                if i not in summaries and (receive.poll() or not process.is_alive()):
+                    summaries[i] = _outcome(receive, process, group)
+            if progress:
+                meta = await store.partition_meta(range(settings.partitions))
+                now_applied = sum(offset + 1 for offset, _ in meta.values())
+                if now_applied > reported:
+                    progress(now_applied - reported)
+                    reported = now_applied
+            if len(summaries) < len(running):
                 await asyncio.sleep(0.2)
-            summaries = [r.get() for r in pending]
-            pool.close()
-        finally:
-            pool.terminate()  # stops the processes by their PIDs (nothing left on success)
-            pool.join()
-        return merge(summaries)
+        return merge(summaries.values())
     finally:
+        for process, receive, _ in running:
+            if process.is_alive():
+                process.terminate()  # SIGTERM to its PID
+            process.join(10)
+            receive.close()
         await store.client.aclose()
 
 
-def _replay_process(settings: Settings, namespace: str, partitions: list[int],
-                    from_ms: int | None, changes_topic: str | None, batch: int
-                    ) -> ReplaySummary:
-    """One replay process: the replay's GC settings, then :func:`_replay` of its partitions."""
-    import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
-    from stream.allocator import settle_gc
+def _outcome(receive: Any, process: Any, group: list[int]) -> ReplaySummary:
+    """A replay process's summary, or its error raised here: ValueError as ValueError (a
+    refusal), anything else as RuntimeError with its type and message (the exception itself
+    may not survive pickling); a process that died without a word, as RuntimeError."""
+    try:
+        message = receive.recv() if receive.poll(0.5) else None
+    except (EOFError, OSError):
+        message = None
+    if message is None:
+        process.join(1)
+        raise RuntimeError(f"the replay process of partitions {group} exited with code "
+                           f"{process.exitcode} before reporting")
+    if message[0] == "ok":
+        return cast(ReplaySummary, message[1])
+    _, kind, text = message
+    if kind == "ValueError":
+        raise ValueError(text)
+    raise RuntimeError(f"the replay process of partitions {group} failed: {kind}: {text}")
 
-    settle_gc(settings.gc_thresholds, settings.gc_freeze)
-    return asyncio.run(_replay(settings, namespace, partitions, from_ms, changes_topic, None,
-                               batch))
+
+def _replay_process(send: Any, parent: int, settings: Settings, namespace: str,
+                    partitions: list[int], from_ms: int | None, changes_topic: str | None,
+                    batch: int) -> None:
+    """One replay process of the process ``parent``: the replay's GC settings, then
+    :func:`_replay` of its partitions; sends ``("ok", summary)`` or ``("error", exception
+    type name, message)``."""
+    _exit_with_parent(parent)
+    try:
+        import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
+        from stream.allocator import settle_gc
+
+        settle_gc(settings.gc_thresholds, settings.gc_freeze)
+        summary = asyncio.run(_replay(settings, namespace, partitions, from_ms, changes_topic,
+                                      None, batch))
+        send.send(("ok", summary))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        kind = "ValueError" if isinstance(exc, ValueError) else type(exc).__name__
+        send.send(("error", kind, str(exc)))
+    finally:
+        send.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this process when its parent (PID) is gone (killed: its ``finally`` never ran), so
+    that no replay process goes on writing alone; checked twice a second."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 async def _replay(settings: Settings, namespace: str, partitions: list[int] | None,

@@ -258,39 +258,3 @@ async def test_load_orders_millisecond_times_as_the_worker_reads_them(settings, 
         ("e3", 32_052), ("e2", 32_053), ("e1", 1_081_552_617_362), ("e4", 1_081_552_617_362),
         ("e0", 1_081_552_617_363)]
 
-
-async def test_a_replay_in_two_processes_rebuilds_every_customer_of_every_partition(settings):
-    s = settings.model_copy(update={"partitions": 4})
-    await ensure_topics(s)
-    rows = sorted(cdnow.read_rows(), key=lambda r: r.day)[:4_000]
-    await produce(bootstrap_of(s.kafka_url), s.purchases_topic, cdnow_messages(rows))
-    # the oracle: the documented rules over the rows with pandas (a repeated event id counts once)
-    df = pd.DataFrame([{"customer": r.customer_id, "event": r.event_id, "order": r.order_id,
-                        "cents": int(r.amount * 100),
-                        "ms": int(r.occurred_at.timestamp() * 1000)} for r in rows])
-    df = df.drop_duplicates("event")
-    expected = {c: (g["order"].nunique(), int(g["cents"].sum()), int(g["ms"].max()))
-                for c, g in df.groupby("customer")}
-
-    reported: list[int] = []
-    new = s.namespace + "-p2"
-    result = await replay(s, new, processes=2, progress=reported.append)
-    assert (result.records, result.applied, sum(reported)) == (4_000, len(df), 4_000)
-    store = store_for(s.model_copy(update={"namespace": new}))
-    try:
-        rebuilt = {}
-        for p in range(4):
-            async for page in store.iter_customers(p):
-                rebuilt.update({c.customer_id: (c.state.frequency, c.state.monetary_minor,
-                                                c.state.last_purchase_ms) for c in page})
-        offsets = await store.partition_meta(range(4))
-    finally:
-        await store.client.aclose()
-    assert rebuilt == expected
-    assert sum(offset + 1 for offset, _ in offsets.values()) == 4_000
-
-    with pytest.raises(ValueError, match="already holds state"):  # refused before any process
-        await replay(s, new, processes=2)
-    two = s.model_copy(update={"partitions": 2})  # a process's failure is the replay's
-    with pytest.raises(ValueError, match="has 4 partitions but RFM_PARTITIONS is 2"):
-        await replay(two, s.namespace + "-p2b", processes=2)
