@@ -117,3 +117,9 @@ def alias_key(name: str) -> str:
     """Key naming the namespace a configured namespace name resolves to (set by
     ``rfm-stream replay --switch``): ``rfm:alias:<name>``."""
     return f"rfm:alias:{name}"
+
+
+def replay_claim_key(namespace: str) -> str:
+    """Key a replay sets (``SET NX``) before it writes into ``namespace``, so that a second
+    replay started at the same moment is refused: ``rfm:replay:<namespace>``."""
+    return f"rfm:replay:{namespace}"

@@ -241,6 +241,7 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
 def replay(namespace: str, from_time: str | None, changes_topic: str | None,
            switch: bool, processes: int) -> None:
     """Rebuild state from the purchases topic into a new namespace, in event time."""
+    import redis.exceptions
     from tqdm import tqdm
 
     from stream.allocator import settle_gc
@@ -258,8 +259,12 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
                                 switch, bar.update, processes=processes,
                                 alias=configured.namespace))
-    except (*_kafka_errors(), ValueError) as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:  # a refusal: nothing was written
+        raise click.ClickException(str(exc)) from exc
+    except (*_kafka_errors(), RuntimeError, redis.exceptions.RedisError) as exc:
+        raise click.ClickException(
+            f"{type(exc).__name__}: {exc} (what was applied stays in {namespace!r}: replay "
+            "into a new namespace)") from exc
     click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
                f"--from, {s.dead_letters:,} dead letters; {s.changes:,} segment changes"
                f"{' published to ' + changes_topic if changes_topic else ' (not published)'}")

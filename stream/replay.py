@@ -23,7 +23,7 @@ from typing import Any, cast
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from state.keys import alias_key
+from state.keys import alias_key, replay_claim_key
 from stream.kafka_io import BatchSender, Message, bootstrap_of, compact, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
@@ -149,22 +149,46 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     """
     if namespace == settings.namespace:
         raise ValueError("replay into a new namespace, not the live one")
-    groups = partition_groups(settings.partitions, processes)
-    if len(groups) == 1:
-        summary = await _replay(settings, namespace, None, from_ms, changes_topic, progress,
-                                batch)
-    else:
-        summary = await _in_processes(settings, namespace, groups, from_ms, changes_topic,
-                                      progress, batch)
-    if switch:
-        from stream.runner import store_for
+    from stream.runner import store_for
 
-        store = store_for(settings)
+    groups = partition_groups(settings.partitions, processes)
+    store = store_for(settings.model_copy(update={"namespace": namespace}))
+    try:
+        await _claim(store, namespace, settings.partitions)
         try:
+            if len(groups) == 1:
+                summary = await _replay(settings, namespace, None, from_ms, changes_topic,
+                                        progress, batch)
+            else:
+                summary = await _in_processes(settings, namespace, groups, from_ms,
+                                              changes_topic, progress, batch)
+        except BaseException:
+            meta = await store.partition_meta(range(settings.partitions))
+            if all(offset < 0 for offset, _ in meta.values()):  # nothing written: free again
+                await store.client.delete(replay_claim_key(namespace))
+            raise
+        if switch:
             await store.client.set(alias_key(alias or settings.namespace), namespace)
-        finally:
-            await store.client.aclose()
+    finally:
+        await store.client.aclose()
     return summary
+
+
+async def _claim(store: Any, namespace: str, partitions: int) -> None:
+    """Refuse a namespace that holds state, then claim it (``SET NX``): of two replays
+    started at once into one namespace, the second is refused here.
+
+    Raises
+    ------
+    ValueError
+        When the namespace holds state or another replay claimed it.
+    """
+    applied = await store.partition_meta(range(partitions))
+    if any(offset >= 0 for offset, _ in applied.values()):
+        raise ValueError(f"namespace {namespace!r} already holds state: replay into a new one")
+    if not await store.client.set(replay_claim_key(namespace), str(time.time()), nx=True):
+        raise ValueError(f"namespace {namespace!r} is the target of another replay (started or "
+                         "failed): replay into a new one")
 
 
 async def _in_processes(settings: Settings, namespace: str, groups: list[list[int]],
@@ -182,10 +206,7 @@ async def _in_processes(settings: Settings, namespace: str, groups: list[list[in
     store = store_for(settings.model_copy(update={"namespace": namespace}))
     ctx = multiprocessing.get_context("spawn")
     running: list[tuple[Any, Any, list[int]]] = []
-    try:  # refuse before starting anything (each process checks its own partitions again)
-        applied = await store.partition_meta(range(settings.partitions))
-        if any(offset >= 0 for offset, _ in applied.values()):
-            raise ValueError(f"namespace {namespace!r} already holds state: replay into a new one")
+    try:
         if changes_topic:
             await create_topics(bootstrap_of(settings.kafka_url), {changes_topic: 1})
         for group in groups:
@@ -215,6 +236,9 @@ async def _in_processes(settings: Settings, namespace: str, groups: list[list[in
             if process.is_alive():
                 process.terminate()  # SIGTERM to its PID
             process.join(10)
+            if process.is_alive():  # stopped (SIGSTOP) or deaf to SIGTERM
+                process.kill()
+                process.join(10)
             receive.close()
         await store.client.aclose()
 

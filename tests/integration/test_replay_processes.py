@@ -97,7 +97,7 @@ async def test_a_replay_in_two_processes_rebuilds_every_customer_of_every_partit
 
 async def test_a_killed_replay_process_fails_the_replay_and_the_others_are_stopped(settings):
     """A breaker killed one process of a pool, which started another and waited forever."""
-    s, _ = await loaded(settings)
+    s, _ = await loaded(settings, len(cdnow_rows()))  # all of CDNOW: no process done early
     killed: list[int] = []
 
     def kill_one(_: int) -> None:
@@ -109,6 +109,43 @@ async def test_a_killed_replay_process_fails_the_replay_and_the_others_are_stopp
     with pytest.raises(RuntimeError, match=r"exited with code -9 before reporting"):
         await replay(s, s.namespace + "-k", processes=2, progress=kill_one)
     assert killed and multiprocessing.active_children() == []
+
+
+async def test_a_stopped_replay_process_is_killed_when_the_replay_fails(settings):
+    """A breaker's case: SIGTERM stays pending on a stopped process, and the parent waited for
+    it forever."""
+    s, _ = await loaded(settings, len(cdnow_rows()))
+    done: list[int] = []
+
+    def stop_one_kill_the_other(_: int) -> None:
+        if not done:
+            first, second = multiprocessing.active_children()[:2]
+            done.extend([first.pid, second.pid])
+            os.kill(first.pid, signal.SIGSTOP)
+            os.kill(second.pid, signal.SIGKILL)
+
+    with pytest.raises(RuntimeError, match=r"exited with code -9 before reporting"):
+        await replay(s, s.namespace + "-s", processes=2, progress=stop_one_kill_the_other)
+    assert done and multiprocessing.active_children() == []
+    assert not any(alive(pid) for pid in done)
+
+
+async def test_of_two_replays_started_at_once_into_one_namespace_one_is_refused(settings):
+    """A breaker's case: both passed the check for state and each applied half the records."""
+    s, _ = await loaded(settings)
+    new = s.namespace + "-twice"
+    results = await asyncio.gather(replay(s, new, processes=2), replay(s, new),
+                                   return_exceptions=True)
+    refused = [r for r in results if isinstance(r, ValueError)]
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) == 1 and len(done) == 1, results
+    assert "another replay" in str(refused[0]) or "already holds state" in str(refused[0])
+    assert done[0].applied == done[0].records == ROWS
+    # a refusal before anything was written leaves the namespace free
+    two = s.model_copy(update={"partitions": 2})
+    with pytest.raises(ValueError, match="has 4 partitions"):
+        await replay(two, s.namespace + "-free", processes=2)
+    assert (await replay(s, s.namespace + "-free", processes=2)).applied == ROWS
 
 
 def test_an_error_that_cannot_be_pickled_reaches_the_parent_as_its_type_and_message(
