@@ -131,8 +131,8 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     else they are counted and dropped; live topics are never written. ``switch``: when done,
     make ``namespace`` the one the name ``alias`` (default ``settings.namespace``: pass the
     configured name when ``settings`` were resolved through an earlier switch) resolves to
-    (workers pick it up when they restart). ``progress``: called with the number of records applied since its
-    last call. ``processes``: replay the partitions in this many processes (at most one per
+    (workers pick it up when they restart). ``progress``: called with the number of records
+    applied since its last call. ``processes``: replay the partitions in this many processes (at most one per
     partition; :func:`partition_groups`), as that many workers of one consumer group would
     apply them; each process is one interpreter, so it uses as many cores. Recency, frequency
     and monetary per customer are the same in any case; with several partitions the stored
@@ -160,7 +160,7 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
                 summary = await _replay(settings, namespace, None, from_ms, changes_topic,
                                         progress, batch)
             else:
-                summary = await _in_processes(settings, namespace, groups, from_ms,
+                summary = await _in_processes(store, settings, namespace, groups, from_ms,
                                               changes_topic, progress, batch)
         except BaseException:
             meta = await store.partition_meta(range(settings.partitions))
@@ -191,8 +191,8 @@ async def _claim(store: Any, namespace: str, partitions: int) -> None:
                          "failed): replay into a new one")
 
 
-async def _in_processes(settings: Settings, namespace: str, groups: list[list[int]],
-                        from_ms: int | None, changes_topic: str | None,
+async def _in_processes(store: Any, settings: Settings, namespace: str,
+                        groups: list[list[int]], from_ms: int | None, changes_topic: str | None,
                         progress: Callable[[int], None] | None, batch: int) -> ReplaySummary:
     """:func:`_replay` of each group of partitions in a process of its own (spawned: a fresh
     interpreter, nothing of this one's event loop or threads), which sends back its summary
@@ -201,9 +201,6 @@ async def _in_processes(settings: Settings, namespace: str, groups: list[list[in
     is gone stops itself (:func:`_exit_with_parent`)."""
     import multiprocessing
 
-    from stream.runner import store_for
-
-    store = store_for(settings.model_copy(update={"namespace": namespace}))
     ctx = multiprocessing.get_context("spawn")
     running: list[tuple[Any, Any, list[int]]] = []
     try:
@@ -240,7 +237,6 @@ async def _in_processes(settings: Settings, namespace: str, groups: list[list[in
                 process.kill()
                 process.join(10)
             receive.close()
-        await store.client.aclose()
 
 
 def _outcome(receive: Any, process: Any, group: list[int]) -> ReplaySummary:
