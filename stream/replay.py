@@ -305,11 +305,8 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
     # changes published nowhere are counted, not serialised into the outbox (dead letters of a
     # replay are dropped: the live worker dead-lettered them)
     services.processor.outbox = bool(changes_topic)
+    # replay() refused a namespace with state and claimed this one (_claim) before calling
     own = list(range(settings.partitions)) if partitions is None else partitions
-    applied = await services.store.partition_meta(own)
-    if any(offset >= 0 for offset, _ in applied.values()):
-        await services.store.client.aclose()
-        raise ValueError(f"namespace {namespace!r} already holds state: replay into a new one")
     bootstrap = bootstrap_of(settings.kafka_url)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 group_id=None, auto_offset_reset="earliest")
