@@ -106,23 +106,17 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
     the pandas oracle and the de-duplicated segment changes (cluster ids and model versions
     included: the trainer's snapshots are committed with partition 0's steps) equal an
     uninterrupted run's."""
-    common = dict(partitions=1, scoring_mode="quintiles")
+    # a short session: each restarted worker's join waits for it (LOCAL_STACK.md)
+    common = dict(partitions=1, scoring_mode="quintiles", session_timeout_s=2.0,
+                  heartbeat_interval_s=0.5)
     calm = crash_settings(stack, unique + "calm", **common)
     crash = crash_settings(stack, unique + "crash", **common)
     calm_targets, crash_targets = await load(calm), await load(crash)
 
-    worker = start_worker(calm, tmp_path / "calm.log")
-    store = store_for(calm)
-    try:
-        await wait_applied(store, calm_targets, [worker], timeout_s=300)
-        await wait_outbox_empty(calm)
-    finally:
-        worker.stop()
-        await store.client.aclose()
-
+    # the uninterrupted run beside the crashed one (the second core), not before it
     rng = random.Random(20261201)
-    workers: list[WorkerProcess] = []
-    store = store_for(crash)
+    workers: list[WorkerProcess] = [start_worker(calm, tmp_path / "calm.log")]
+    calm_store, store = store_for(calm), store_for(crash)
     try:
         for i in range(5):
             workers.append(start_worker(crash, tmp_path / f"crash{i}.log"))
@@ -133,11 +127,14 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
         assert await applied_total(crash) < len(ROWS), "the kills came too late to matter"
         workers.append(start_worker(crash, tmp_path / "crash-final.log"))
         await wait_applied(store, crash_targets, workers[-1:], timeout_s=300)
+        await wait_applied(calm_store, calm_targets, workers[:1], timeout_s=300)
         await wait_outbox_empty(crash)
+        await wait_outbox_empty(calm)
     finally:
         for w in workers:
             w.stop()
         await store.client.aclose()
+        await calm_store.client.aclose()
 
     oracle = cdnow_state()
     assert await final_state(crash) == oracle
