@@ -33,16 +33,19 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import benchkit
+import msgpack
 import numpy as np
 import redis.asyncio as aioredis
 from aiokafka.partitioner import murmur2
+from redis.client import NEVER_DECODE
 
 from state.keys import PartitionKeys
-from state.rfm import MS_PER_DAY, StateEvent, apply_event
+from state.rfm import MS_PER_DAY, CustomerState, StateEvent, apply_event
 from state.store import CustomerWrite, RedisStore, StoredCustomer
 from stream import localstack
 from stream.scoring import Thresholds
@@ -60,26 +63,15 @@ def partition_for(customer_id: str) -> int:
     return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
-async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int, scoring: str
-                   ) -> int:
-    """Write ``n`` customers through ``RedisStore.commit``; returns the orders written."""
+def customer_states(n: int, uuid_ids: bool) -> Iterator[tuple[str, CustomerState]]:
+    """The benchmark's ``n`` customers, ``(customer id, state)``: ``1 + Poisson(7)`` orders
+    each (one purchase event per order, times spread over the two years before ``AS_OF``,
+    amounts 5-200 USD), folded with ``state.rfm.apply_event``. Deterministic (seed 42)."""
     rng = np.random.default_rng(42)
     orders = 1 + rng.poisson(7, n)
     ids = random.Random(42)
-    settings = Settings()
-    thresholds = Thresholds.fixed(settings.fixed_thresholds())
-    if scoring == "quintiles":  # anchored at the as-of time: no due times
-        thresholds = replace(thresholds, version="q", anchor_ms=AS_OF)
-    table = SegmentTable.load()
-    seq = dict.fromkeys(range(PARTITIONS), -1)
-    pending: dict[int, list[CustomerWrite]] = defaultdict(list)
     order_no = 0
-
-    async def commit(p: int) -> None:
-        seq[p] = await store.commit(p, seq[p], {"wm": AS_OF, "asof": AS_OF}, pending.pop(p), [])
-
     for i in range(n):
-        cid = f"c{i:07d}"
         k = int(orders[i])
         times = np.sort(rng.integers(AS_OF - SPAN_MS, AS_OF, k))
         amounts = rng.integers(500, 20_000, k)
@@ -94,6 +86,26 @@ async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int, scorin
             order_no += 1
             state, _ = apply_event(state, StateEvent(eid, oid, "purchase", amount, t))
         assert state is not None and state.last_purchase_ms is not None
+        yield f"c{i:07d}", state
+
+
+async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int, scoring: str
+                   ) -> int:
+    """Write ``n`` customers through ``RedisStore.commit``; returns the orders written."""
+    settings = Settings()
+    thresholds = Thresholds.fixed(settings.fixed_thresholds())
+    if scoring == "quintiles":  # anchored at the as-of time: no due times
+        thresholds = replace(thresholds, version="q", anchor_ms=AS_OF)
+    table = SegmentTable.load()
+    seq = dict.fromkeys(range(PARTITIONS), -1)
+    pending: dict[int, list[CustomerWrite]] = defaultdict(list)
+
+    async def commit(p: int) -> None:
+        seq[p] = await store.commit(p, seq[p], {"wm": AS_OF, "asof": AS_OF}, pending.pop(p), [])
+
+    written = 0
+    for i, (cid, state) in enumerate(customer_states(n, uuid_ids)):
+        written += state.frequency  # one purchase event per order: every order counts
         last, f, m = state.last_purchase_ms, state.frequency, state.monetary_minor
         scores = thresholds.score(thresholds.scoring_days(last, AS_OF), f, m)
         customer = StoredCustomer(cid, state, table.lookup(*scores).name, i % 5, scores, last)
@@ -106,7 +118,7 @@ async def populate(store: RedisStore, n: int, uuid_ids: bool, batch: int, scorin
             print(f"  {i + 1:,} customers written", flush=True)
     for p in list(pending):
         await commit(p)
-    return order_no
+    return written
 
 
 async def usage(client: aioredis.Redis, key: str) -> int:
@@ -134,8 +146,9 @@ async def breakdown(client: aioredis.Redis, store: RedisStore, n: int, sample: i
     note = f"customer value: {await client.type(keys[0])} ({await client.object('encoding', keys[0])})"
     if await client.type(keys[0]) == "string":
         lengths = [await client.strlen(key) for key in keys]
+        raw = await client.execute_command("GET", keys[0], **{NEVER_DECODE: []})
         note += (f", {sum(lengths) / len(lengths):.0f} bytes of payload on average (STRLEN), "
-                 f"e.g. {await client.get(keys[0])}")
+                 f"e.g. MessagePack {msgpack.unpackb(raw)}")
     return parts, note
 
 

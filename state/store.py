@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from state.codec import StoredCustomer, decode, encode, opt_int
@@ -72,8 +73,14 @@ def _queue_mget(pipe: Any, keys: PartitionKeys, customer_ids: Sequence[str]) -> 
     in the order of ``customer_ids``)."""
     starts = range(0, len(customer_ids), 1000)
     for i in starts:
-        pipe.mget([keys.customer(c) for c in customer_ids[i:i + 1000]])
+        _mget_bytes(pipe, [keys.customer(c) for c in customer_ids[i:i + 1000]])
     return len(starts)
+
+
+def _mget_bytes(client: Any, names: list[str]) -> Any:
+    """``MGET`` of customer values as bytes (MessagePack, ``state.codec``), on a client or
+    pipeline created with ``decode_responses=True``: the reply skips the text decoding."""
+    return client.execute_command("MGET", *names, keys=names, **{NEVER_DECODE: []})
 
 
 def _script_text(name: str) -> str:
@@ -171,10 +178,10 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-CommitRow = tuple[str, str, "tuple[int, int, int] | None", "str | None", str, str]
+CommitRow = tuple[str, str, "tuple[int, int, int] | None", "bytes | None", str, str]
 
 
-def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str]]]:
+def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
     """The customers' part of a commit as ``commit.lua`` sends it: rows ``(id, due, population,
     value, old segment, new segment)`` (due ``""``: none; population None: not scored; value
     None: a due-only write, keeping the earlier of two due times) gathered by command into
@@ -186,9 +193,9 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str]]]:
     A segment a write moves from or to is in the run's changes even when they net to zero
     (HINCRBY by 0 creates the field, as the writes one by one did).
     """
-    runs: list[list[list[str]]] = []
+    runs: list[list[list[str | bytes]]] = []
     seen: set[str] = set()
-    run: list[list[str]] = []
+    run: list[list[str | bytes]] = []
     delta: dict[str, int] = {}
     for cid, due, pop, value, old, new in rows:
         if not run or cid in seen:
@@ -230,11 +237,12 @@ def commit_payload(meta: Mapping[str, str], rows: Iterable[CommitRow], key_prefi
     """``commit.lua``'s ARGV[2] (MessagePack): the meta fields to set, the customers' rows
     gathered by :func:`commit_runs`, the customers' key prefix, the outbox entries ``(kind,
     text, record key or None)`` and the model snapshot ``(version, JSON)`` or None. What is
-    absent travels as false (a nil would end a Lua array)."""
+    absent travels as false (a nil would end a Lua array). The customers' values (bytes) travel
+    as MessagePack raw strings: Redis's Lua cmsgpack reads no bin type."""
     return msgpack.packb({
         "meta": meta, "runs": commit_runs(rows), "keyprefix": key_prefix,
         "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
-        "model": list(model) if model else False})
+        "model": list(model) if model else False}, use_bin_type=False)  # values: bytes
 
 
 _PROBES = 32  # probes per search and round of RedisStore.order_statistics
@@ -694,7 +702,7 @@ class RedisStore:
         while True:
             cursor, names = await self.client.scan(cursor, match=k.customer_pattern, count=count)
             if names:
-                values = await self.client.mget(names)
+                values = await _mget_bytes(self.client, names)
                 page = [decode(name[prefix_len:], v)
                         for name, v in zip(names, values, strict=True)]
                 yield [c for c in page if c is not None]

@@ -11,8 +11,10 @@
 local id = ARGV[1]
 local value = redis.call('GET', KEYS[7])
 local seg = nil
-if value then  -- the stored value is [format, segment, ...] (state/codec.py)
-  local ok, stored = pcall(cjson.decode, value)
+if value then  -- the stored value is [format, segment, ...] (state/codec.py): MessagePack,
+  -- or JSON text (formats 1-2) when it starts with '['
+  local decoder = string.sub(value, 1, 1) == '[' and cjson.decode or cmsgpack.unpack
+  local ok, stored = pcall(decoder, value)
   if ok and type(stored) == 'table' and type(stored[2]) == 'string' then seg = stored[2] end
 end
 local existed = redis.call('DEL', KEYS[7])

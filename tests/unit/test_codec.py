@@ -1,11 +1,13 @@
-"""The stored customer value: compact ids, day-resolution order times, and format 1 values
-(full ids, times in ms) still read."""
+"""The stored customer value: compact ids, day-resolution order times, MessagePack, and the
+JSON formats 1 (full ids, times in ms) and 2 still read."""
 
 from __future__ import annotations
 
+import msgpack
 import orjson
+import pytest
 
-from state.codec import decode, encode
+from state.codec import StoredCustomer, decode, encode
 from state.rfm import StateEvent, Window, apply_event, frequency_monetary, id_key
 
 DAY = 86_400_000
@@ -31,7 +33,7 @@ def test_ids_starting_with_hash_never_collide_with_kept_short_ids():
     assert id_key("o1") == "o1" and id_key("x" * 13) == "x" * 13 and id_key("x" * 14) != "x" * 14
 
 
-def test_format_1_values_are_read_converted_and_rewritten_as_format_2():
+def test_format_1_values_are_read_converted_and_rewritten_as_format_3():
     t = 20_000 * DAY + 5 * 3_600_000
     v1 = orjson.dumps([1, "New Customers", None, 1, 1000, 0, t, t, [E1], [[O1, 1000, 0, t]],
                        [], 555, t, None])
@@ -41,10 +43,30 @@ def test_format_1_values_are_read_converted_and_rewritten_as_format_2():
     assert again is False  # the event stored in format 1 is recognised
     s, ok = apply_event(s, StateEvent(E2, O1, "refund", 1000, t + DAY))
     assert ok and s.frequency == 0  # and so is the order
-    stored = orjson.loads(encode(c))
-    assert stored[0] == 2 and stored[8] == [id_key(E1)] and stored[9] == [[id_key(O1), 1000, 0,
+    stored = msgpack.unpackb(encode(c))
+    assert stored[0] == 3 and stored[8] == [id_key(E1)] and stored[9] == [[id_key(O1), 1000, 0,
                                                                             20_000]]
     assert decode("c1", encode(c)) == c
+
+
+def test_format_2_json_values_read_as_the_same_customer_in_format_3():
+    t = 20_000 * DAY
+    s, _ = apply_event(None, StateEvent(E1, O1, "purchase", 1234, t), window=Window(60, 30))
+    c = StoredCustomer("c1", s, "Champions", 3, (5, 4, 1), t, "purchase")
+    v2 = orjson.dumps([2, "Champions", 3, 1, 1234, 0, t, t, [id_key(E1)],
+                       [[id_key(O1), 1234, 0, 20_000]], [[20_000 // 30, 1, 1234, 0]], 541, t,
+                       "purchase"])
+    assert decode("c1", v2) == c and decode("c1", v2.decode()) == c  # bytes or text
+    v3 = encode(c)
+    assert v3[:1] == b"\x9e" and decode("c1", v3) == c
+    assert len(v3) < len(v2) * 0.8  # integers and ids without digits and quotes
+
+
+@pytest.mark.parametrize("value", [b"[2,1]", b"\x9e\x03", b"\xc1", b"[9" + b",0" * 13 + b"]",
+                                   msgpack.packb([4] + [None] * 13), b"not a value"])
+def test_malformed_or_unknown_values_raise_value_error(value):
+    with pytest.raises(ValueError, match="customer 'c1'"):
+        decode("c1", value)
 
 
 def test_day_resolution_keeps_window_buckets_of_the_order():

@@ -1,0 +1,152 @@
+"""Redis memory per customer of candidate layouts, against the 500 bytes/customer target: a
+design study of layouts the service does not use (yet), on ``bench/redis_memory.py``'s
+customers (8 orders each on average). Prints figures; asserts nothing.
+
+    .venv/bin/python bench/memory_layouts.py [--customers 200000]
+
+Each layout is written into a fresh redis-server from ``stream.localstack`` (one partition's
+keys; ``INFO memory`` ``used_memory`` after minus before, per customer):
+
+``json``      the service's layout until format 3 (its population part): the customer value
+              as JSON text (formats 1-2 of ``state.codec``) in a string per customer, three
+              sorted sets (last purchase, frequency, monetary) of customer ids.
+``today``     the same with the value in MessagePack (format 3), as the service stores it
+              now; ``bench/redis_memory.py`` measures the real thing, with every key.
+``digests``   ``today`` with every id (event and order) as an 8-byte digest (BLAKE2b) in
+              MessagePack's binary type, instead of ``state.rfm.id_key`` text (short ids
+              kept as they are, long ones as a 13-character digest). Redis 6.2's Lua
+              ``cmsgpack`` reads no binary type: ``forget.lua`` would have to find the
+              segment another way.
+``hashed``    ``digests``'s values as fields of hashes of ~200 customers each (Redis's compact
+              listpack/ziplist encoding, "Memory optimization" in the Redis docs), instead of
+              a key per customer. Needs ``hash-max-ziplist-value`` (``-listpack-`` in Redis 7)
+              above the largest value: 1024 here, set with ``CONFIG SET``.
+``binned``    ``hashed`` with the populations as sets of customer ids per bin (day of the
+              last purchase, frequency, 2% monetary bin) and one count hash per dimension,
+              instead of three sorted sets. The counts locate the bin of each quintile
+              bound; the bound within it, and the customers a threshold move re-scores, come
+              from the members of the bins it crosses, read with their values (more reads
+              per refresh than the sorted sets' range queries).
+
+What each layout would cost the worker (encoding time, Redis calls, configuration) is not
+measured here: docs/performance.md, "Tenth pass", says what is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import benchkit
+import msgpack
+import orjson
+import redis
+from redis_memory import AS_OF, MS_PER_DAY, TARGET, customer_states
+
+from state.codec import encode
+from state.rfm import CustomerState
+from state.store import StoredCustomer
+from stream import localstack
+
+LAYOUTS = ("json", "today", "digests", "hashed", "binned")
+PER_HASH = 200  # customers per hash in the hashed layouts
+MONETARY_BIN = 1.02  # ratio between a monetary bin's bounds
+
+
+def digest(text: str) -> bytes:
+    """An id as 8 bytes (BLAKE2b-64): collisions ~n^2 / 2^65, negligible for 32 ids."""
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def customer(cid: str, s: CustomerState) -> StoredCustomer:
+    """The benchmark's customer as the service stores it (a segment, cluster and scores)."""
+    return StoredCustomer(cid, s, "Champions", 0, (5, 5, 5), s.last_purchase_ms)
+
+
+def digest_value(s: CustomerState) -> bytes:
+    """The state as MessagePack with the fields of ``state.codec``, ids as 8-byte digests
+    (event ids in one byte string)."""
+    return msgpack.packb([
+        3, "Champions", 0, s.frequency, s.purchases_minor, s.refunds_minor,
+        s.last_purchase_ms, s.first_purchase_ms, b"".join(map(digest, s.recent_event_ids)),
+        [[digest(o.order_id), o.bought_minor, o.refunded_minor, o.first_day] for o in s.orders],
+        [list(b) for b in s.buckets], 555, s.last_purchase_ms, None])
+
+
+VALUES: dict[str, Callable[[str, CustomerState], bytes]] = {
+    "json": lambda cid, s: orjson.dumps([2, *msgpack.unpackb(encode(customer(cid, s)))[1:]]),
+    "today": lambda cid, s: encode(customer(cid, s)),
+}
+
+
+def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerState]],
+          n: int) -> float:
+    """Write the customers in ``layout``; returns the mean value length (bytes)."""
+    value = VALUES.get(layout, lambda _cid, s: digest_value(s))
+    hashes = max(1, n // PER_HASH)
+    pipe = r.pipeline(transaction=False)
+    length = 0
+    for i, (cid, s) in enumerate(customers):
+        v = value(cid, s)
+        length += len(v)
+        last, f, m = s.last_purchase_ms or 0, s.frequency, s.monetary_minor
+        if layout in ("json", "today", "digests"):
+            pipe.set(f"rfm:mem:{{p0}}:c:{cid}", v)
+        else:
+            h = int.from_bytes(digest(cid)[:4], "little") % hashes
+            pipe.hset(f"rfm:mem:{{p0}}:h:{h}", cid, v)
+        if layout == "binned":
+            bins = {"r": last // MS_PER_DAY, "f": f,
+                    "m": int(math.log(max(m, 1)) / math.log(MONETARY_BIN))}
+            for dim, b in bins.items():
+                pipe.sadd(f"rfm:mem:{{p0}}:{dim}:{b}", cid)
+                pipe.hincrby(f"rfm:mem:{{p0}}:n:{dim}", b, 1)
+        else:
+            pipe.zadd("rfm:mem:{p0}:z:last", {cid: last})
+            pipe.zadd("rfm:mem:{p0}:z:freq", {cid: f})
+            pipe.zadd("rfm:mem:{p0}:z:mon", {cid: m})
+        if i % 2000 == 1999:
+            pipe.execute()
+    pipe.execute()
+    return length / n
+
+
+def measure(layout: str, n: int) -> tuple[float, float, str]:
+    """(bytes per customer, mean value length, the customer keys' encoding) of ``layout``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = localstack.start_redis(Path(tmp))
+        r = redis.Redis(host=localstack.LOOPBACK, port=server.port, socket_timeout=600)
+        try:
+            r.config_set("hash-max-ziplist-value", 1024)
+            r.config_set("hash-max-ziplist-entries", 512)
+            before = int(r.info("memory")["used_memory"])
+            length = write(r, layout, customer_states(n, uuid_ids=False), n)
+            used = int(r.info("memory")["used_memory"]) - before
+            key = next(r.scan_iter(match="rfm:mem:{p0}:[ch]:*", count=1000))
+            encoding = r.object("encoding", key).decode()
+        finally:
+            r.close()
+            server.stop()
+    return used / n, length, encoding
+
+
+def main(n: int) -> None:
+    print(benchkit.machine())
+    print(f"Redis memory of candidate layouts: {n:,} customers of bench/redis_memory.py "
+          f"(8 orders each on average, ids pos-<n>), one partition, as-of {AS_OF} ms")
+    for layout in LAYOUTS:
+        per, length, encoding = measure(layout, n)
+        verdict = "met" if per <= TARGET else "not met"
+        print(f"  {layout:<8}{per:>8.1f} B per customer  (value {length:.0f} B, customer keys "
+              f"{encoding}); target <= {TARGET}: {verdict}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--customers", type=int, default=200_000)
+    main(ap.parse_args().customers)
