@@ -8,6 +8,7 @@ import asyncio
 import itertools
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -345,3 +346,42 @@ async def test_order_statistics_match_brute_force_on_wide_random_values(stack):
         again = await store.order_statistics(range(3), as_of, ranks, hint=shifted(by))
         assert again == stats, by
     await store.client.aclose()
+
+
+def format_2(c: StoredCustomer) -> bytes:
+    """The JSON value the store wrote before format 3 (format 2, by its documented fields)."""
+    s, sc = c.state, c.scores
+    return orjson.dumps([2, c.segment, c.cluster, s.frequency, s.purchases_minor,
+                         s.refunds_minor, s.last_purchase_ms, s.first_purchase_ms,
+                         list(s.recent_event_ids), [list(o) for o in s.orders],
+                         [list(b) for b in s.buckets],
+                         None if sc is None else int("".join(map(str, sc))), c.changed_ms,
+                         c.held_cause])
+
+
+async def test_json_values_of_before_format_3_are_read_rewritten_and_forgotten(stack):
+    """A namespace written by the JSON formats: its customers read back as they were, a
+    commit rewrites one in MessagePack beside the others, and forget uncounts the segment of
+    a JSON value as of a MessagePack one."""
+    store = new_store(stack.redis_url)
+    k = store.keys(0)
+    old = {cid: bought(cid, DAY * (i + 1), frequency=i + 1).customer._replace(
+        segment=seg, scores=(5, i + 1, 3)) for i, (cid, seg) in
+        enumerate([("a", "Champions"), ("b", "At Risk"), ("c", "Ça «marche»")])}
+    for cid, c in old.items():
+        await store.client.set(k.customer(cid), format_2(c))
+        await store.client.hincrby(k.segcount, c.segment, 1)
+    try:
+        assert await store.read_customers(0, "abc") == old
+        a2 = bought("a", 9 * DAY).customer._replace(segment="Loyal")
+        await store.commit(0, -1, {}, [CustomerWrite("a", None, a2, (9 * DAY, 1, 100),
+                                                     "Champions")], [])
+        raw = await store.client.execute_command("MGET", *(k.customer(c) for c in "abc"),
+                                                 NEVER_DECODE=[])
+        assert raw[0][:1] == b"\x9e" and [v[:1] for v in raw[1:]] == [b"[", b"["]
+        assert await store.read_customers(0, "abc") == {**old, "a": a2}
+        for cid in "abc":
+            await store.forget(0, cid)
+        assert await store.segment_counts([0]) == {}
+    finally:
+        await store.client.aclose()
