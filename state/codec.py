@@ -22,8 +22,9 @@ One value instead of a hash of fields: a step reads and writes whole customers, 
 string costs less memory and CPU (one parse, no per-field encoding) than a hash. MessagePack
 instead of JSON: integers take 1-9 bytes instead of their digits and strings need no quotes,
 so a customer with 8 orders takes ~290 bytes instead of ~414 (``bench/redis_memory.py``).
-A value is told apart by its first byte: ``[`` is JSON (formats 1-2), MessagePack's 14-element
-array is ``0x9e``.
+A value is told apart by its first byte: MessagePack's 14-element array is ``0x9e``, anything
+else is read as JSON (formats 1-2). Releases before format 3 read JSON only: ``encode`` still
+writes format 2 when asked (``RFM_STATE_FORMAT=2``, README "Upgrading").
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import orjson
 from state.rfm import MS_PER_DAY, Bucket, CustomerState, Order, id_key
 
 FORMAT = 3
+MSGPACK_ARRAY = b"\x9e"  # the first byte of a format-3 value: a 14-element array
 
 
 class StoredCustomer(NamedTuple):
@@ -60,14 +62,26 @@ def opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)  # type: ignore[arg-type]
 
 
-def encode(c: StoredCustomer) -> bytes:
-    """The stored value of a customer (see the module docstring)."""
+def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
+    """The stored value of a customer (see the module docstring) in format ``fmt``: 3, or 2
+    (JSON text: what releases before format 3 read, for a rolling upgrade from them).
+
+    Raises
+    ------
+    ValueError
+        When ``fmt`` is neither 2 nor 3.
+    """
     s, sc = c.state, c.scores
-    return msgpack.packb([
-        FORMAT, c.segment, c.cluster, s.frequency, s.purchases_minor, s.refunds_minor,
-        s.last_purchase_ms, s.first_purchase_ms, s.recent_event_ids, s.orders, s.buckets,
-        None if sc is None else sc[0] * 100 + sc[1] * 10 + sc[2], c.changed_ms, c.held_cause],
-        use_bin_type=False)  # the formats Redis's Lua cmsgpack reads (state/lua/forget.lua)
+    fields = [fmt, c.segment, c.cluster, s.frequency, s.purchases_minor, s.refunds_minor,
+              s.last_purchase_ms, s.first_purchase_ms, s.recent_event_ids, s.orders, s.buckets,
+              None if sc is None else sc[0] * 100 + sc[1] * 10 + sc[2], c.changed_ms,
+              c.held_cause]
+    if fmt == FORMAT:  # raw strings: the formats Redis's Lua cmsgpack reads (forget.lua)
+        return msgpack.packb(fields, use_bin_type=False)
+    if fmt == 2:  # orjson writes named tuples only as plain tuples
+        fields[9:11] = list(map(tuple, s.orders)), list(map(tuple, s.buckets))
+        return orjson.dumps(fields)
+    raise ValueError(f"stored format {fmt!r}: 2 or {FORMAT}")
 
 
 def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None:
@@ -82,19 +96,20 @@ def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None
     if not value:
         return None
     try:
-        if isinstance(value, str) or value[:1] == b"[":  # JSON: formats 1 and 2
+        if isinstance(value, str) or value[:1] != MSGPACK_ARRAY:  # JSON: formats 1 and 2
             fields = orjson.loads(value)
         else:
             fields = msgpack.unpackb(value)
         (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc) = fields
+        if fmt == 1:  # full ids, order times in ms
+            ev = [id_key(e) for e in ev]
+            orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]
+        elif fmt not in (2, FORMAT):
+            raise ValueError(f"stored format {fmt!r}, expected {FORMAT}")
+        state = CustomerState(f, buy, ref, last, first, tuple(ev),
+                              tuple(map(Order._make, orders)), tuple(map(Bucket._make, buckets)))
+        scores = None if sc is None else (sc // 100, sc // 10 % 10, sc % 10)
     except (orjson.JSONDecodeError, TypeError, ValueError, msgpack.UnpackException) as exc:
-        raise ValueError(f"customer {customer_id!r}: malformed stored value ({exc})") from exc
-    if fmt == 1:  # full ids, order times in ms
-        ev = [id_key(e) for e in ev]
-        orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]
-    elif fmt not in (2, FORMAT):
-        raise ValueError(f"customer {customer_id!r}: stored format {fmt!r}, expected {FORMAT}")
-    state = CustomerState(f, buy, ref, last, first, tuple(ev), tuple(map(Order._make, orders)),
-                          tuple(map(Bucket._make, buckets)))
-    return StoredCustomer(customer_id, state, seg, cl,
-                          None if sc is None else (sc // 100, sc // 10 % 10, sc % 10), chg, hc)
+        raise ValueError(f"customer {customer_id!r}: malformed stored value "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return StoredCustomer(customer_id, state, seg, cl, scores, chg, hc)

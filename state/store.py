@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
-from state.codec import StoredCustomer, decode, encode, opt_int
+from state.codec import FORMAT, StoredCustomer, decode, encode, opt_int
 from state.keys import PartitionKeys, model_keys
 from state.rfm import MS_PER_DAY
 
@@ -291,12 +291,17 @@ class RedisStore:
         cache of that partition is dropped). Saves reading and decoding hot customers; bounded
         (over the bound, the least recently committed customers of the largest partition cache
         are dropped first).
+    write_format
+        Format of the customer values written (``state.codec``): 3, or 2 for a rolling upgrade
+        from releases that read only format 2. Both are read.
     """
 
-    def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0):
+    def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0,
+                 write_format: int = FORMAT):
         self.client = client
         self.namespace = namespace
         self.cache_customers = cache_customers
+        self.write_format = write_format
         self._cache: dict[int, _PartitionCache] = {}
         PartitionKeys(namespace, 0)  # validates the namespace
         self._commit = client.register_script(_script_text("commit.lua"))
@@ -416,7 +421,8 @@ class RedisStore:
         payload = commit_payload(
             {**{f: str(v) for f, v in meta.items()}, "tok": token},
             ((w.customer_id, _opt(w.due_ms), w.population,
-              None if w.customer is None else encode(w.customer), w.previous_segment or "",
+              None if w.customer is None else encode(w.customer, self.write_format),
+              w.previous_segment or "",
               "" if w.customer is None else w.customer.segment or "") for w in writes),
             k.customer(""), outbox, (str(model[0]), model[1]) if model else None)
         args = [expected_seq, payload]

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
                                      "(vs. the wall clock) are dead letters (seconds)")
     recent_event_ids: int = Field(32, ge=1, description="Event ids remembered per customer")
     recent_order_ids: int = Field(32, ge=1, description="Order ids remembered per customer")
+    state_format: int = Field(3, ge=2, le=3, description="Format of the customer values "
+                              "written: 3 (MessagePack), or 2 (JSON) while workers of a release "
+                              "before format 3 may still run (both are read)")
 
     # --- scoring
     scoring_mode: Literal["quintiles", "fixed"] = Field(

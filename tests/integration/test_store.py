@@ -380,6 +380,13 @@ async def test_json_values_of_before_format_3_are_read_rewritten_and_forgotten(s
                                                  NEVER_DECODE=[])
         assert raw[0][:1] == b"\x9e" and [v[:1] for v in raw[1:]] == [b"[", b"["]
         assert await store.read_customers(0, "abc") == {**old, "a": a2}
+        # a store asked to (RFM_STATE_FORMAT=2, a rolling upgrade) writes format 2 again
+        json_writer = RedisStore(store.client, store.namespace, write_format=2)
+        b2 = bought("b", 8 * DAY).customer._replace(segment="Loyal", scores=(4, 1, 1))
+        await json_writer.commit(0, 0, {}, [CustomerWrite("b", None, b2, (8 * DAY, 1, 100),
+                                                          "At Risk")], [])
+        assert await store.client.execute_command("GET", k.customer("b"),
+                                                  NEVER_DECODE=[]) == format_2(b2)
         for cid in "abc":
             await store.forget(0, cid)
         assert await store.segment_counts([0]) == {}

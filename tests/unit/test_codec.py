@@ -62,7 +62,21 @@ def test_format_2_json_values_read_as_the_same_customer_in_format_3():
     assert len(v3) < len(v2) * 0.8  # integers and ids without digits and quotes
 
 
-@pytest.mark.parametrize("value", [b"[2,1]", b"\x9e\x03", b"\xc1", b"[9" + b",0" * 13 + b"]",
+def test_format_2_is_still_written_when_asked_as_the_releases_before_format_3_read_it():
+    t = 20_000 * DAY
+    s, _ = apply_event(None, StateEvent(E1, O1, "purchase", 1234, t))
+    c = StoredCustomer("c1", s, "Champions", 3, (5, 4, 1), t, None)
+    # the JSON of format 2, by its documented fields
+    assert orjson.loads(encode(c, 2)) == [2, "Champions", 3, 1, 1234, 0, t, t, [id_key(E1)],
+                                          [[id_key(O1), 1234, 0, 20_000]], [], 541, t, None]
+    assert decode("c1", encode(c, 2)) == c
+    with pytest.raises(ValueError, match="2 or 3"):
+        encode(c, 1)
+
+
+@pytest.mark.parametrize("value", [b"[2,1]", b"\x9e\x03", b"\xc1", b"\x91" * 2000,
+                                   msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [], 5, [], None,
+                                                  None, None]), b"[9" + b",0" * 13 + b"]",
                                    msgpack.packb([4] + [None] * 13), b"not a value"])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
