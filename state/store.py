@@ -15,6 +15,7 @@ published segments, due times, outbox entries) is there.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ from redis.exceptions import ResponseError
 from state.codec import FORMAT, StoredCustomer, decode, encode, opt_int
 from state.keys import PartitionKeys, model_keys
 from state.rfm import MS_PER_DAY
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -81,6 +84,20 @@ def _mget_bytes(client: Any, names: list[str]) -> Any:
     """``MGET`` of customer values as bytes (MessagePack, ``state.codec``), on a client or
     pipeline created with ``decode_responses=True``: the reply skips the text decoding."""
     return client.execute_command("MGET", *names, keys=names, **{NEVER_DECODE: []})
+
+
+def _due_customer(customer_id: str, value: bytes | None) -> StoredCustomer | None:
+    """A due customer read for a step of other customers' events: None, as if erased, when
+    its value cannot be decoded (an error is logged). Every step reads the due customers, so
+    one unreadable value would otherwise fail all of its partition's records; this way the step
+    drops its due time and goes on, the value stays as it is, and the customer's own events
+    still fail (``processing_error`` dead letters, re-sendable once the value is repaired)."""
+    try:
+        return decode(customer_id, value)
+    except ValueError:
+        log.exception("due customer %r has an unreadable stored value: its due time is dropped",
+                      customer_id)
+        return None
 
 
 def _script_text(name: str) -> str:
@@ -365,7 +382,8 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             _queue_mget(pipe, k, unknown)
             values = [v for part in await pipe.execute() for v in part]
-            due_hits.update((cid, decode(cid, v)) for cid, v in zip(unknown, values, strict=True))
+            due_hits.update((cid, _due_customer(cid, v))
+                            for cid, v in zip(unknown, values, strict=True))
         customers.update(due_hits)
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
