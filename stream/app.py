@@ -492,15 +492,20 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
 
 async def customer_json(services: Services, customer_id: str) -> tuple[dict[str, Any], int]:
-    """One customer's state, scores at the watermark, segment and cluster; (body, status)."""
+    """One customer's state, scores at the watermark, segment and cluster; (body, status):
+    404 for an unknown customer, 500 when its stored value cannot be decoded."""
     settings = services.settings
     # the default partitioner's choice first; a producer may have partitioned otherwise
     first = partition_for(customer_id, settings.partitions)
     found = None
-    for partition in [first, *(p for p in range(settings.partitions) if p != first)]:
-        found = await services.store.read_customer(partition, customer_id)
-        if found is not None:
-            break
+    try:
+        for partition in [first, *(p for p in range(settings.partitions) if p != first)]:
+            found = await services.store.read_customer(partition, customer_id)
+            if found is not None:
+                break
+    except ValueError as exc:  # a value written by hand, or by a bug
+        return {"error": "unreadable stored value", "customer_id": customer_id,
+                "detail": str(exc)}, 500
     if found is None:
         return {"error": "unknown customer", "customer_id": customer_id}, 404
     st = found.state

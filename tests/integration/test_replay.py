@@ -155,6 +155,11 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     after_store = store_for(s.model_copy(update={"namespace": new}))
     assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
     assert (await cli("customer", cid)).exit_code == 1
+    other = sorted(live[0])[1]  # a value written by hand: a clean error, no traceback
+    await after_store.client.set(after_store.keys(0).customer(other), b"\x9e\x03 junk")
+    broken = await cli("customer", other)
+    assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit)
+    assert json.loads(broken.output)["error"] == "unreadable stored value"
     # the tombstone waits in the outbox until the partition's owner publishes it
     entries = [(e.kind, e.value) for e in await after_store.outbox_read(0)]
     assert entries == [("t", cid)]
