@@ -84,6 +84,25 @@ def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
     raise ValueError(f"stored format {fmt!r}: 2 or {FORMAT}")
 
 
+_INT, _OPT_INT, _OPT_STR = {int}, {int, type(None)}, {str, type(None)}  # int: not bool
+
+
+def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: object,
+           first: object, ev: object, orders: object, buckets: object, sc: object,
+           chg: object, hc: object) -> bool:
+    """Whether decoded fields have their types (see the module docstring), so that a value
+    written by hand or by a bug fails here, as malformed, and not later in a step of other
+    customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
+    customer's own events, whose failure stays theirs: checking their items too would double
+    the cost of a decode)."""
+    return ({type(f), type(buy), type(ref)} <= _INT
+            and {type(cl), type(last), type(first), type(sc), type(chg)} <= _OPT_INT
+            and {type(seg), type(hc)} <= _OPT_STR
+            and type(ev) is list and type(orders) is list and type(buckets) is list
+            and all(type(b) is list and len(b) == 4 and set(map(type, b)) <= _INT
+                    for b in buckets))
+
+
 def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None:
     """A customer from its stored value (format 3, or the JSON formats 1-2); None when there
     is none.
@@ -101,6 +120,8 @@ def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None
         else:
             fields = msgpack.unpackb(value)
         (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc) = fields
+        if not _typed(seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc):
+            raise TypeError("a field of the wrong type")
         if fmt == 1:  # full ids, order times in ms
             ev = [id_key(e) for e in ev]
             orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]

@@ -227,7 +227,11 @@ async def test_a_population_that_falls_below_the_minimum_is_rescored_with_fixed_
         await s.store.client.aclose()
 
 
-async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_customers(settings):
+@pytest.mark.parametrize("bad", [
+    b"\x9e\x03 not MessagePack",
+    b'[2,"Champions",null,1,100,0,"abc",0,[],[],[],555,null,null]'])  # last purchase: text
+async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_customers(settings,
+                                                                                      bad):
     """A due customer whose stored value cannot be decoded (written by hand, or by a bug) is
     read by every step of its partition: the step drops its due time and applies the other
     customers' records; its value stays, and its own record still fails (the worker then
@@ -239,13 +243,13 @@ async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_custo
         await proc.process(0, [raw(0, "alice", purchase(0, "alice", "2024-01-01"))], now_ms=NOW)
         k = store.keys(0)
         assert await store.client.zscore(k.due, "alice") is not None  # her R moves at a bound
-        await store.client.set(k.customer("alice"), b"\x9e\x03 not MessagePack")
+        await store.client.set(k.customer("alice"), bad)
         out = await proc.process(0, [raw(1, "bob", purchase(1, "bob", "2025-06-01"))], now_ms=NOW)
         assert (out.applied, out.dead_letters) == (1, [])
         assert (await store.read_customer(0, "bob")).state.frequency == 1
         assert await store.client.zscore(k.due, "alice") is None
-        assert await store.client.execute_command("GET", k.customer("alice"), NEVER_DECODE=[]) == \
-            b"\x9e\x03 not MessagePack"
+        assert await store.client.execute_command("GET", k.customer("alice"),
+                                                  NEVER_DECODE=[]) == bad
         with pytest.raises(ValueError, match="alice"):
             await proc.process(0, [raw(2, "alice", purchase(2, "alice", "2025-07-01"))], now_ms=NOW)
     finally:

@@ -75,6 +75,11 @@ def test_format_2_is_still_written_when_asked_as_the_releases_before_format_3_re
 
 
 @pytest.mark.parametrize("value", [b"[2,1]", b"\x9e\x03", b"\xc1", b"\x91" * 2000,
+                                   b'[2,"Champions",null,1,100,0,"abc",0,[],[],[],555,null,null]',
+                                   b'[2,null,null,1,100,0,5,5,{},[],[],null,null,null]',
+                                   b'[2,null,null,1,100,0,5,5,[],[["o",1,0]],[],null,null,null]',
+                                   b'[2,null,null,true,100,0,5,5,[],[],[],null,null,null]',
+                                   b'[2,null,null,1,100,0,5,5,[],[],[[1,2,3,"4"]],null,null,7]',
                                    msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [], 5, [], None,
                                                   None, None]), b"[9" + b",0" * 13 + b"]",
                                    msgpack.packb([4] + [None] * 13), b"not a value"])
