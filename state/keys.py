@@ -123,3 +123,9 @@ def replay_claim_key(namespace: str) -> str:
     """Key a replay sets (``SET NX``) before it writes into ``namespace``, so that a second
     replay started at the same moment is refused: ``rfm:replay:<namespace>``."""
     return f"rfm:replay:{namespace}"
+
+
+def replay_frontier_key(namespace: str) -> str:
+    """Hash where the processes of one replay into ``namespace`` publish each partition's
+    event-time frontier (``stream.interleave``): ``rfm:replay:<namespace>:frontier``."""
+    return f"rfm:replay:{namespace}:frontier"

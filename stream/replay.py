@@ -4,7 +4,11 @@ A replay reads every partition of the topic from its beginning to the end it had
 replay started, with no consumer group (nothing is committed to Kafka; the new namespace's
 applied offsets are the replay's progress), and applies the records through the same batch
 processor as the worker, in offset order per partition: in event time, so the watermark drives
-recency and a replay of one partition gives the same state and changes every time.
+recency and a replay of one partition gives the same state and changes every time. Across
+partitions, records are released in event time (``stream.interleave``, within
+``RFM_REPLAY_MAX_SKEW_S``; across processes through Redis), so the partitions move through history
+together, as a live worker applies them: the clustering model, trained by partition 0, is
+there for the others' customers when it would be live.
 
 ``--from`` (an event time) cannot seek: the local broker's ``offsets_for_times`` answers with
 write times (LOCAL_STACK.md), so the replay reads from the beginning and records whose event
@@ -14,6 +18,7 @@ time is earlier only advance the applied offset.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +28,8 @@ from typing import Any, cast
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from state.keys import alias_key, replay_claim_key
+from state.keys import alias_key, replay_claim_key, replay_frontier_key
+from stream.interleave import EventTimeMerge
 from stream.kafka_io import BatchSender, Message, bootstrap_of, compact, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
@@ -135,11 +141,10 @@ async def replay(settings: Settings, namespace: str, from_ms: int | None = None,
     applied since its last call. ``processes``: replay the partitions in this many processes (at most one per
     partition; :func:`partition_groups`), as that many workers of one consumer group would
     apply them; each process is one interpreter, so it uses as many cores. Recency, frequency
-    and monetary per customer are the same in any case; with several partitions the stored
-    segments and the changes depend on when each partition's threshold refreshes saw the
-    others (README "Limits"), in one process or several: partitions in other processes drift
-    further apart in event time (CDNOW, 4 partitions: ~65,000 changes in one process, ~79,000
-    in two).
+    and monetary per customer are the same in any case. The partitions move through event
+    time together (``settings.replay_max_skew_s``, ``stream.interleave``), in one process or
+    several; the stored segments and the changes still depend on when each partition's threshold
+    refreshes saw the others, so they vary a little between runs (README "Replay and backfill").
 
     Raises
     ------
@@ -237,6 +242,7 @@ async def _in_processes(store: Any, settings: Settings, namespace: str,
                 process.kill()
                 process.join(10)
             receive.close()
+        await store.client.delete(replay_frontier_key(namespace))  # after the processes
 
 
 def _outcome(receive: Any, process: Any, group: list[int]) -> ReplaySummary:
@@ -336,12 +342,25 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
         ends = await _ends(bootstrap, tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        done = {tp for tp in tps if ends[tp] == 0}
+        # the partitions move through event time together, as a live worker applies them
+        merge: EventTimeMerge[Any] = EventTimeMerge(range(settings.partitions),
+                                                    settings.replay_max_skew_s * 1000)
+        for tp in tps:
+            if ends[tp] == 0:
+                merge.exhaust(tp.partition)
+        others = [p for p in range(settings.partitions) if p not in own]
+        frontiers = replay_frontier_key(namespace)
+        by_partition = {tp.partition: tp for tp in tps}
+
+        async def exchange_frontiers() -> None:
+            """Publish this process's frontiers in Redis; read those of the others."""
+            pipe = services.store.client.pipeline(transaction=False)
+            pipe.hset(frontiers, mapping={str(p): repr(merge.frontier(p)) for p in own})
+            pipe.hmget(frontiers, [str(p) for p in others])
+            for p, value in zip(others, (await pipe.execute())[1], strict=True):
+                merge.set_frontier(p, float(value) if value is not None else -math.inf)
 
         async def one(tp: TopicPartition, msgs: list[Any]) -> None:
-            msgs = [m for m in msgs if m.offset < ends[tp]]
-            if not msgs:
-                return
             # the processor checks that offsets follow on from the namespace's (GapError)
             raws = [RawRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in msgs]
             skip = ({m.offset for m in msgs if _event_ms(m.value) < from_ms}
@@ -355,20 +374,31 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
             for d in result.dead_letters:
                 summary.dead_letter_reasons[d.reason] = (
                     summary.dead_letter_reasons.get(d.reason, 0) + 1)
-            await _drain(services.store, tp.partition, producer, changes_topic)
+            if changes_topic:  # else nothing was written to the outbox
+                await _drain(services.store, tp.partition, producer, changes_topic)
             if progress:
                 progress(len(msgs))
-            if msgs[-1].offset + 1 >= ends[tp]:
-                done.add(tp)
 
-        while len(done) < len(tps):
-            fetched = await consumer.getmany(*[tp for tp in tps if tp not in done],
-                                             timeout_ms=1000, max_records=batch)
-            # partitions concurrently: one plans while another waits for Redis
-            await asyncio.gather(*(one(tp, msgs) for tp, msgs in fetched.items()))
-            for tp in tps:
-                if tp not in done and await consumer.position(tp) >= ends[tp]:
-                    done.add(tp)
+        while not all(merge.drained(tp.partition) for tp in tps):
+            need = [tp for tp in tps
+                    if merge.empty(tp.partition) and not merge.exhausted(tp.partition)]
+            if need:
+                fetched = await consumer.getmany(*need, timeout_ms=1000, max_records=batch)
+                for tp, msgs in fetched.items():
+                    msgs = [m for m in msgs if m.offset < ends[tp]]
+                    merge.add(tp.partition, msgs, [m.timestamp for m in msgs])
+                for tp in need:
+                    if await consumer.position(tp) >= ends[tp]:
+                        merge.exhaust(tp.partition)
+            if others:
+                await exchange_frontiers()
+            ready = merge.release()
+            if ready:  # partitions concurrently: one plans while another waits for Redis
+                await asyncio.gather(*(one(by_partition[p], msgs) for p, msgs in ready.items()))
+            elif not need:  # waiting for another process's partitions to catch up
+                await asyncio.sleep(0.005)
+        if others:  # drained: the others no longer wait for these partitions
+            await exchange_frontiers()
         for p in own:
             await _drain(services.store, p, producer, changes_topic)
     finally:

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
                                "(s; 0: off)")
     rescore_spacing_ms: int = Field(10, ge=0, description="Event time between two re-scores "
                                     "after a threshold refresh (rate limit of cause=rescore)")
+    replay_max_skew_s: float = Field(604800.0, gt=0, description="Event time a replayed "
+                                     "partition may run ahead of the next record of any other "
+                                     "(s): the partitions move through history together")
     window_days: int = Field(0, ge=0, description="Count frequency and monetary over the last "
                              "N days only (0: all time); a multiple of window_bucket_days")
     window_bucket_days: int = Field(30, ge=1, description="Window bucket width (days)")

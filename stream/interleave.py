@@ -1,0 +1,118 @@
+"""Event-time interleaving of a replay's partitions.
+
+A live worker applies every partition as its records arrive, so the partitions move through
+event time together. A replay reads history that is all there at once: left alone, the
+partitions a consumer happens to fetch first run ahead of the others by months of event time
+(in one process or across processes). What is shared between partitions then sees a
+different history from the live one: the clustering model is trained by partition 0
+(``stream.trainer``), so customers of partitions that ran ahead were scored before any model
+existed and kept no cluster (over half of CDNOW's customers in 4 partitions, in some runs).
+
+:class:`EventTimeMerge` releases buffered records so that no partition applies a record
+whose event time is past what another partition has fetched: a k-way merge of the
+partitions in event time, by batches. Each partition's **frontier** is the event time of the
+last record fetched from it (its running maximum: the records still to come are at or after
+it), ``+inf`` once it has nothing left. A record of partition ``p`` is released when its
+event time is at most the smallest frontier of the *other* partitions. The partition with the
+smallest frontier can always release its whole buffer, so the merge never stalls; frontiers
+of partitions in other processes come from them (published in Redis by the replay).
+
+Event times here are record timestamps (epoch ms): ``rfm-stream load`` writes each event's
+time there. Records produced live carry their produce time, close to their event time; the
+order only paces the partitions, it changes no partition's own result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class EventTimeMerge(Generic[T]):
+    """Buffers of records per partition, released in event-time order across partitions.
+
+    ``partitions``: every partition of the topic (those of other processes included, whose
+    frontiers are then given with :meth:`set_frontier`). A partition nobody reported yet has
+    frontier ``-inf``: nothing of the others is released before each was fetched once.
+    ``slack_ms``: how far (ms of event time) past the others' frontiers a partition may go.
+
+    >>> m = EventTimeMerge([0, 1], slack_ms=5)
+    >>> m.add(0, ["a", "b", "c"], [10, 20, 30])
+    >>> m.release()  # partition 1 not fetched yet: it could still bring event time 0
+    {}
+    >>> m.add(1, ["x", "y"], [15, 25])
+    >>> m.release()  # 0 up to 1's next (15) + 5; 1 up to 0's next (10) + 5
+    {0: ['a', 'b'], 1: ['x']}
+    >>> m.release()  # 0 up to 1's next (25) + 5; 1 up to 0's next (30) + 5
+    {0: ['c'], 1: ['y']}
+    >>> m.add(0, ["d"], [50])
+    >>> m.release(), m.frontier(1)  # 1 may still bring records at 25 (its last fetched)
+    ({}, 25)
+    >>> m.exhaust(1)
+    >>> m.release(), m.drained(0), m.drained(1)  # 1 has no more: 0 releases all it has
+    ({0: ['d']}, False, True)
+    """
+
+    def __init__(self, partitions: Iterable[int], slack_ms: float = 0):
+        self.slack_ms = slack_ms
+        self._fetched: dict[int, float] = {p: -math.inf for p in partitions}
+        self._buffers: dict[int, deque[tuple[float, T]]] = {p: deque() for p in self._fetched}
+        self._exhausted: set[int] = set()
+
+    def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
+        """Buffer ``records`` fetched from ``partition`` (in offset order), with their event
+        times (epoch ms; a time below an earlier one counts as the earlier one)."""
+        wm, buffer = self._fetched[partition], self._buffers[partition]
+        for record, t in zip(records, times_ms, strict=True):
+            wm = max(wm, t)
+            buffer.append((wm, record))
+        self._fetched[partition] = wm
+
+    def exhaust(self, partition: int) -> None:
+        """Nothing more will be fetched from ``partition`` (what is buffered stays)."""
+        self._exhausted.add(partition)
+
+    def set_frontier(self, partition: int, frontier_ms: float) -> None:
+        """The frontier of a partition this merge does not buffer (another process's)."""
+        self._fetched[partition] = frontier_ms
+
+    def frontier(self, partition: int) -> float:
+        """Event time (epoch ms) at or after which the records still to be released from
+        ``partition`` lie; ``+inf`` when it is drained, ``-inf`` before its first fetch."""
+        if self.drained(partition):
+            return math.inf
+        buffer = self._buffers[partition]
+        return buffer[0][0] if buffer else self._fetched[partition]
+
+    def empty(self, partition: int) -> bool:
+        """Whether ``partition`` has nothing buffered."""
+        return not self._buffers[partition]
+
+    def exhausted(self, partition: int) -> bool:
+        """Whether nothing more will be fetched from ``partition``."""
+        return partition in self._exhausted
+
+    def drained(self, partition: int) -> bool:
+        """Whether ``partition`` is exhausted and has nothing buffered."""
+        return partition in self._exhausted and not self._buffers[partition]
+
+    def release(self) -> dict[int, list[T]]:
+        """Take, per partition, the buffered records whose event time is at most the smallest
+        frontier of the other partitions plus the slack (partitions with none are left out)."""
+        frontiers = {p: self.frontier(p) for p in self._fetched}
+        out: dict[int, list[T]] = {}
+        for p, buffer in self._buffers.items():
+            if not buffer:
+                continue
+            limit = min((f for q, f in frontiers.items() if q != p),
+                        default=math.inf) + self.slack_ms
+            taken: list[T] = []
+            while buffer and buffer[0][0] <= limit:
+                taken.append(buffer.popleft()[1])
+            if taken:
+                out[p] = taken
+        return out
