@@ -43,7 +43,7 @@ from state.store import ConflictError, RedisStore
 from stream.allocator import freeze_gc
 from stream.fastpath import BatchTransport
 from stream.faustconf import faust_options
-from stream.kafka_io import BatchSender, bootstrap_of, key_partition, read_range
+from stream.kafka_io import BatchSender, client_options, key_partition, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
@@ -232,14 +232,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
                                          settings.customer_segments_topic,
                                          settings.dead_letter_topic)
-    bootstrap = bootstrap_of(settings.kafka_url)
+    kafka = client_options(settings)  # the re-read of a gap connects as the worker does
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment()
                 if tp.topic == settings.purchases_topic}
 
     runner = PartitionRunner(
-        services, lambda p, start, end: read_range(bootstrap, settings.purchases_topic, p,
+        services, lambda p, start, end: read_range(kafka, settings.purchases_topic, p,
                                                    start, end))
     process = runner.process
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from stream import cdnow, localstack
 from stream.export import ExportRow, scored_customers, write_csv, write_jsonl
-from stream.kafka_io import Message, bootstrap_of, compact, create_topics, produce, read_all
+from stream.kafka_io import Message, client_options, compact, create_topics, produce, read_all
 from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
 from stream.segments import SegmentTable
 from stream.settings import Settings
@@ -52,13 +52,13 @@ async def load_cdnow(settings: Settings, rows: Sequence[cdnow.CdnowRow], show: b
     """Produce CDNOW rows into the purchases topic; returns ``{partition: last offset}``."""
     with tqdm(total=len(rows), desc="load purchases", unit="ev", disable=not show,
               mininterval=1.0) as bar:
-        return await produce(bootstrap_of(settings.kafka_url), settings.purchases_topic,
+        return await produce(client_options(settings), settings.purchases_topic,
                              cdnow_messages(rows), progress=bar.update)
 
 
 async def ensure_topics(settings: Settings) -> None:
     """Create the purchases, dead-letter, segment-changes and customer-segments topics."""
-    await create_topics(bootstrap_of(settings.kafka_url), {
+    await create_topics(client_options(settings), {
         settings.purchases_topic: settings.partitions, settings.dead_letter_topic: 1,
         settings.segment_changes_topic: 1, settings.customer_segments_topic: 1},
         compacted={settings.customer_segments_topic})
@@ -98,10 +98,10 @@ async def export(settings: Settings, out_dir: Path) -> DemoResult:
     """Write customers.csv and segment_changes.jsonl; return what the report needs."""
     rows, as_of, model = await scored_customers(settings)
     write_csv(rows, out_dir / "customers.csv")
-    bootstrap = bootstrap_of(settings.kafka_url)
-    changes = await read_all(bootstrap, settings.segment_changes_topic)
+    kafka = client_options(settings)
+    changes = await read_all(kafka, settings.segment_changes_topic)
     n_changes = write_jsonl((v for *_, v in changes), out_dir / "segment_changes.jsonl")
-    dead = await read_all(bootstrap, settings.dead_letter_topic, idle_s=0.5)
+    dead = await read_all(kafka, settings.dead_letter_topic, idle_s=0.5)
     return DemoResult(rows, n_changes, len(dead), datetime.fromtimestamp(as_of / 1000, UTC),
                       int(model["version"]) if model else 0)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import faust
 
+from stream.kafka_io import ssl_context
 from stream.settings import Settings
 
 
@@ -17,10 +18,7 @@ def broker_credentials(settings: Settings) -> Any:
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None
-    import ssl
-
-    context = (ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
-               if protocol.endswith("SSL") else None)
+    context = ssl_context(settings) if protocol.endswith("SSL") else None
     if protocol == "SSL":
         return faust.SSLCredentials(context)
     password = settings.kafka_sasl_password
@@ -28,7 +26,6 @@ def broker_credentials(settings: Settings) -> Any:
         username=settings.kafka_sasl_username,
         password=password.get_secret_value() if password else None,
         mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
-
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,18 +18,58 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from stream.settings import Settings
+
+Kafka = str | Mapping[str, Any]
+"""Where a client connects: a bootstrap string (``host:port,...``, PLAINTEXT, as the tests and
+benchmarks on loopback use), or the aiokafka client arguments of :func:`client_options`."""
+
 
 def bootstrap_of(kafka_url: str) -> str:
     """``kafka://h1:9092;h2:9092`` -> ``h1:9092,h2:9092``."""
     return ",".join(u.split("://", 1)[-1] for u in kafka_url.replace(";", ",").split(","))
 
 
-async def create_topics(bootstrap: str, topics: dict[str, int],
+def client_options(settings: Settings) -> dict[str, Any]:
+    """aiokafka client arguments for the settings' Kafka: bootstrap servers and the security
+    the worker's faust app uses (``RFM_KAFKA_SECURITY_PROTOCOL``, SASL mechanism and
+    credentials, CA file), for the clients outside faust (``load``, ``replay``, the demo, the
+    worker's re-read of offsets Redis is missing).
+
+    >>> client_options(Settings(kafka_url="kafka://a:9092;b:9092"))
+    {'bootstrap_servers': 'a:9092,b:9092', 'security_protocol': 'PLAINTEXT'}
+    """
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap_of(settings.kafka_url),
+                               "security_protocol": protocol}
+    if protocol.endswith("SSL"):
+        options["ssl_context"] = ssl_context(settings)
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=password.get_secret_value() if password else None)
+    return options
+
+
+def ssl_context(settings: Settings) -> Any:
+    """The TLS context of SSL and SASL_SSL connections: the system's CAs, or
+    ``RFM_KAFKA_SSL_CAFILE``."""
+    import ssl
+
+    return ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+
+
+def _client(kafka: Kafka) -> dict[str, Any]:
+    return {"bootstrap_servers": kafka} if isinstance(kafka, str) else dict(kafka)
+
+
+async def create_topics(kafka: Kafka, topics: dict[str, int],
                         compacted: Iterable[str] = ()) -> None:
     """Create topics ``{name: partitions}`` (replication 1; ``compacted`` ones with
     ``cleanup.policy=compact``); existing ones are left as they are."""
     compact = set(compacted)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**_client(kafka))
     await admin.start()
     try:
         for name, partitions in topics.items():
@@ -106,7 +146,7 @@ class BatchSender:
         return asyncio.gather(*futures)
 
 
-async def produce(bootstrap: str, topic: str, messages: Iterable[Message],
+async def produce(kafka: Kafka, topic: str, messages: Iterable[Message],
                   progress: Callable[[int], None] | None = None, window: int = 5000,
                   compression: str | None = None) -> dict[int, int]:
     """Produce messages (batched, acks=all, ``compression``: none, ``gzip``, ``snappy``,
@@ -117,7 +157,7 @@ async def produce(bootstrap: str, topic: str, messages: Iterable[Message],
     dict
         ``{partition: highest acknowledged offset}``.
     """
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, acks="all",
+    producer = AIOKafkaProducer(**_client(kafka), linger_ms=10, acks="all",
                                 max_batch_size=256 * 1024, compression_type=compression)
     await producer.start()
     last: dict[int, int] = {}
@@ -142,7 +182,7 @@ async def produce(bootstrap: str, topic: str, messages: Iterable[Message],
     return last
 
 
-async def read_all(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: float = 60.0
+async def read_all(kafka: Kafka, topic: str, idle_s: float = 2.0, timeout_s: float = 60.0
                    ) -> list[tuple[int, int, bytes | None, bytes]]:
     """Read every record of a topic from the beginning to its current end.
 
@@ -150,7 +190,7 @@ async def read_all(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: f
     reached when every partition's position has met its high watermark (from fetch responses)
     and nothing new arrived for ``idle_s`` seconds.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(**_client(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     out: list[tuple[int, int, bytes | None, bytes]] = []
@@ -186,7 +226,7 @@ async def read_all(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: f
     return out
 
 
-async def read_range(bootstrap: str, topic: str, partition: int, start: int, end: int,
+async def read_range(kafka: Kafka, topic: str, partition: int, start: int, end: int,
                      timeout_s: float = 30.0) -> list[tuple[int, bytes | None, bytes | None]]:
     """Records ``(offset, key, value)`` of one partition with ``start <= offset < end``.
 
@@ -201,7 +241,7 @@ async def read_range(bootstrap: str, topic: str, partition: int, start: int, end
         When the range could not be read to its end within ``timeout_s`` (never a partial
         answer: the caller would take missing records for holes).
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(**_client(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     out: list[tuple[int, bytes | None, bytes | None]] = []

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from state.keys import alias_key, replay_claim_key, replay_frontier_key
 from stream.interleave import EventTimeMerge
-from stream.kafka_io import BatchSender, Message, bootstrap_of, compact, create_topics, produce
+from stream.kafka_io import BatchSender, Message, client_options, compact, create_topics, produce
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
 from stream.settings import Settings
@@ -82,7 +82,7 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
     if not file_order:
         messages.sort(key=lambda m: m.timestamp_ms or 0)
     if not dry_run and messages:
-        await produce(bootstrap_of(settings.kafka_url), topic or settings.purchases_topic,
+        await produce(client_options(settings), topic or settings.purchases_topic,
                       messages, progress=progress)
     return summary
 
@@ -210,7 +210,7 @@ async def _in_processes(store: Any, settings: Settings, namespace: str,
     running: list[tuple[Any, Any, list[int]]] = []
     try:
         if changes_topic:
-            await create_topics(bootstrap_of(settings.kafka_url), {changes_topic: 1})
+            await create_topics(client_options(settings), {changes_topic: 1})
         for group in groups:
             receive, send = ctx.Pipe(duplex=False)
             process = ctx.Process(target=_replay_process, daemon=True, args=(
@@ -313,14 +313,14 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
     services.processor.outbox = bool(changes_topic)
     # replay() refused a namespace with state and claimed this one (_claim) before calling
     own = list(range(settings.partitions)) if partitions is None else partitions
-    bootstrap = bootstrap_of(settings.kafka_url)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    kafka = client_options(settings)
+    consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False,
                                 group_id=None, auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all") if changes_topic \
+    producer = AIOKafkaProducer(**kafka, acks="all") if changes_topic \
         else None
     summary = ReplaySummary()
     if changes_topic:  # one partition, like segment-changes: consumers read it in order
-        await create_topics(bootstrap, {changes_topic: 1})
+        await create_topics(kafka, {changes_topic: 1})
     await consumer.start()
     # let aiokafka's no-group routine start: stopping the consumer before it ran raises
     # CancelledError out of stop() (aiokafka 0.14), which would hide a refusal below
@@ -339,7 +339,7 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
             raise ValueError(f"topic {settings.purchases_topic!r} has {len(parts)} partitions "
                              f"but RFM_PARTITIONS is {settings.partitions}: they must be equal")
         tps = [tp for tp in tps if tp.partition in own]
-        ends = await _ends(bootstrap, tps)
+        ends = await _ends(kafka, tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         # the partitions move through event time together, as a live worker applies them
@@ -409,10 +409,10 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
     return summary
 
 
-async def _ends(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+async def _ends(kafka: dict[str, Any], tps: list[TopicPartition]) -> dict[TopicPartition, int]:
     """The end offset of each partition as of now, from fetch responses of a consumer of its
     own (the local broker's ListOffsets is wrong: LOCAL_STACK.md)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False,
                                 group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     ends: dict[TopicPartition, int] = {}

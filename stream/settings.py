@@ -61,7 +61,7 @@ class Settings(BaseSettings):
                                  description="Redis URL (redis:// or rediss://; may hold a password)")
     namespace: str = Field("live", description="State key namespace (rfm:<namespace>:...)")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security protocol of the worker")
+        "PLAINTEXT", description="Kafka security protocol of every client (worker, load, replay)")
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
