@@ -190,6 +190,10 @@ class Settings(BaseSettings):
         if not all(1 <= t <= MAX_GC_THRESHOLD for t in self.gc_thresholds):
             raise ValueError(f"gc_thresholds must all be in 1..{MAX_GC_THRESHOLD:,} (0 or huge "
                              f"values turn collection off), got {self.gc_thresholds}")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs "
+                             "kafka_sasl_username and kafka_sasl_password")
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
         return self

@@ -17,10 +17,11 @@ from stream.kafka_io import client_options
 from stream.settings import Settings
 
 
-def secured(protocol: str) -> Settings:
-    return Settings(kafka_url="kafka://k1:9093;k2:9093", kafka_security_protocol=protocol,
-                    kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="rfm",
-                    kafka_sasl_password=SecretStr("s3cret"))
+def secured(protocol: str, **override) -> Settings:
+    return Settings(**{"kafka_url": "kafka://k1:9093;k2:9093",
+                       "kafka_security_protocol": protocol,
+                       "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": "rfm",
+                       "kafka_sasl_password": SecretStr("s3cret"), **override})
 
 
 def test_sasl_ssl_gives_the_aiokafka_clients_the_mechanism_credentials_and_tls():
@@ -65,3 +66,10 @@ async def test_aiokafka_accepts_the_options_and_faust_gets_the_same_security(pro
         assert isinstance(credentials, faust.SASLCredentials)
         assert (credentials.username, credentials.password, credentials.mechanism.value) == (
             "rfm", "s3cret", "SCRAM-SHA-512")
+
+
+@pytest.mark.parametrize("missing", ["kafka_sasl_username", "kafka_sasl_password"])
+def test_sasl_without_credentials_is_refused_with_the_settings(missing):
+    with pytest.raises(ValueError, match="SASL_SSL needs kafka_sasl_username and kafka_sasl_"):
+        secured("SASL_SSL", **{missing: None})
+    assert secured("SSL", **{missing: None}).kafka_security_protocol == "SSL"  # no SASL
