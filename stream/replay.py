@@ -386,7 +386,10 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
                 fetched = await consumer.getmany(*need, timeout_ms=1000, max_records=batch)
                 for tp, msgs in fetched.items():
                     msgs = [m for m in msgs if m.offset < ends[tp]]
-                    merge.add(tp.partition, msgs, [m.timestamp for m in msgs])
+                    # record timestamps as event times (a record without one counts as the
+                    # one before it: running maxima)
+                    merge.add(tp.partition, msgs,
+                              [-1 if m.timestamp is None else m.timestamp for m in msgs])
                 for tp in need:
                     if await consumer.position(tp) >= ends[tp]:
                         merge.exhaust(tp.partition)
