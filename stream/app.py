@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from stream.outbox import OutboxPublisher
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
 from stream.segments import SegmentTable
 from stream.settings import Settings
+from stream.timeline import utc
 from stream.validation import REASONS
 
 log = logging.getLogger("rfm_stream")
@@ -509,21 +511,44 @@ async def customer_json(services: Services, customer_id: str) -> tuple[dict[str,
     if found is None:
         return {"error": "unknown customer", "customer_id": customer_id}, 404
     st = found.state
+    segment = services.processor.table.segments.get(found.segment or "")
     body: dict[str, Any] = {
         "customer_id": customer_id, "partition": partition, "frequency": st.frequency,
+        "monetary": units(st.monetary_minor, settings.currency_decimals),
+        "currency": settings.currency, "last_purchase_at": iso(st.last_purchase_ms),
+        "first_purchase_at": iso(st.first_purchase_ms), "segment": found.segment,
+        "strategy": segment.strategy if segment else None, "cluster": found.cluster,
         "monetary_minor": st.monetary_minor, "last_purchase_ms": st.last_purchase_ms,
-        "first_purchase_ms": st.first_purchase_ms, "segment": found.segment,
-        "cluster": found.cluster}
+        "first_purchase_ms": st.first_purchase_ms}
     as_of = await services.store.as_of(range(settings.partitions))
     if st.last_purchase_ms is not None and as_of is not None:
         thresholds = await services.processor.current_thresholds(partition)
         days = recency_days(st.last_purchase_ms, as_of)
         f, m = frequency_monetary(st, as_of, services.processor.policy.window)
         r, fs, ms = thresholds.score(thresholds.scoring_days(st.last_purchase_ms, as_of), f, m)
-        body.update(as_of_ms=as_of, recency_days=days, frequency_in_window=f,
+        body.update(as_of=iso(as_of), as_of_ms=as_of, recency_days=days, frequency_in_window=f,
+                    monetary_in_window=units(m, settings.currency_decimals),
                     monetary_minor_in_window=m, r_score=r, f_score=fs, m_score=ms,
                     thresholds_version=thresholds.version)
     return body, 200
+
+
+def units(minor: float, decimals: int) -> str:
+    """An amount in minor units as a decimal string of currency units.
+
+    >>> units(123456, 2), units(5, 0), units(0, 3)
+    ('1234.56', '5', '0.000')
+    """
+    return str(Decimal(minor).scaleb(-decimals))
+
+
+def iso(ms: int | None) -> str | None:
+    """An epoch-ms time as ISO-8601 UTC text ending in ``Z`` (None stays None).
+
+    >>> iso(1_700_000_000_123), iso(None)
+    ('2023-11-14T22:13:20.123000Z', None)
+    """
+    return None if ms is None else utc(ms).isoformat().replace("+00:00", "Z")
 
 
 settings = Settings()

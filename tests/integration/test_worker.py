@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tomllib
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import orjson
 from pydantic import SecretStr
 
+import stream
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.runner import start_worker, store_for, wait_applied
@@ -112,6 +115,13 @@ async def test_dead_letters_duplicates_and_metrics(settings, tmp_path):
         assert customers[cid].frequency == len(mine)
         assert customers[cid].monetary_minor == 1000 * len(mine)
     assert c3["frequency"] == len([e for e in good if e["customer_id"] == "c3"])
+    # readable units, hand-worked: c3's purchases are events 3, 10, 17 and 24 (10.00 USD each,
+    # on 2024-01-(1 + n % 28)); the strategy is the shipped table's for its segment
+    assert (c3["monetary"], c3["currency"], c3["first_purchase_at"], c3["last_purchase_at"]) == (
+        "40.00", "USD", "2024-01-04T00:00:00Z", "2024-01-25T00:00:00Z")
+    shipped = tomllib.loads((Path(stream.__file__).parent / "segments.toml").read_text())
+    assert c3["strategy"] == next(s["strategy"] for s in shipped["segment"]
+                                  if s["name"] == c3["segment"])
     assert odd["frequency"] == 1 and odd["customer_id"] == "ab{c}/d"
     assert [(customers[f"z-{c}"].frequency, customers[f"z-{c}"].monetary_minor)
             for c in codecs] == [(1, 500)] * len(codecs)
