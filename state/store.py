@@ -717,9 +717,18 @@ class RedisStore:
         """Full state of one customer, or None when unknown."""
         return (await self.read_customers(partition, [customer_id]))[customer_id]
 
-    async def iter_customers(self, partition: int, count: int = 1000
+    async def iter_customers(self, partition: int, count: int = 1000,
+                             unreadable: list[tuple[str, str]] | None = None
                              ) -> AsyncIterator[list[StoredCustomer]]:
-        """All customers of a partition, in pages (SCAN)."""
+        """All customers of a partition, in pages (SCAN).
+
+        Raises
+        ------
+        ValueError
+            For a stored value that cannot be decoded (written by hand or by a bug), unless
+            ``unreadable`` is given: such customers are then left out and listed there as
+            ``(customer id, reason)``.
+        """
         k = self.keys(partition)
         prefix_len = len(k.customer(""))
         cursor = 0
@@ -727,8 +736,14 @@ class RedisStore:
             cursor, names = await self.client.scan(cursor, match=k.customer_pattern, count=count)
             if names:
                 values = await _mget_bytes(self.client, names)
-                page = [decode(name[prefix_len:], v)
-                        for name, v in zip(names, values, strict=True)]
+                page = []
+                for name, v in zip(names, values, strict=True):
+                    try:
+                        page.append(decode(name[prefix_len:], v))
+                    except ValueError as exc:
+                        if unreadable is None:
+                            raise
+                        unreadable.append((name[prefix_len:], str(exc)))
                 yield [c for c in page if c is not None]
             if cursor == 0:
                 return

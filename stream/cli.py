@@ -321,16 +321,29 @@ def segments() -> None:
 @click.option("--as-of", default=None, metavar="ISO-TIME",
               help="Score at this time [default: the watermark].")
 def export(out: Path, as_of: str | None) -> None:
-    """Export every customer scored at one as-of time (recency, scores, segment, cluster)."""
+    """Export every customer scored at one as-of time (recency, scores, segment, cluster).
+
+    A customer whose stored value cannot be decoded (written by hand or by a bug) is left out
+    of the file and named on stderr, and the command then exits with 1.
+    """
     from stream.export import export_customers
 
     settings = _settings()
+    unreadable: list[tuple[str, str]] = []
     try:
-        n, t = _run(export_customers(settings, out, _epoch_ms(as_of)))
+        n, t = _run(export_customers(settings, out, _epoch_ms(as_of), unreadable))
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{n:,} customers scored at {datetime.fromtimestamp(t / 1000, UTC).isoformat()} "
                f"-> {out}")
+    if unreadable:
+        click.echo(f"Error: {len(unreadable):,} stored customer value(s) could not be decoded "
+                   "and are not in the file:", err=True)
+        for customer_id, reason in unreadable[:20]:
+            click.echo(f"  {customer_id!r}: {reason}", err=True)
+        if len(unreadable) > 20:
+            click.echo(f"  ... and {len(unreadable) - 20:,} more", err=True)
+        sys.exit(1)
 
 
 @main.command()

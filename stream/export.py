@@ -74,11 +74,14 @@ def score_all(customers: Sequence[StoredCustomer], as_of_ms: int, table: Segment
             for i, c in enumerate(buyers)]
 
 
-async def load_customers(store: RedisStore, partitions: Iterable[int]) -> list[StoredCustomer]:
-    """Every stored customer of the namespace."""
+async def load_customers(store: RedisStore, partitions: Iterable[int],
+                         unreadable: list[tuple[str, str]] | None = None
+                         ) -> list[StoredCustomer]:
+    """Every stored customer of the namespace (``unreadable``: see
+    :meth:`RedisStore.iter_customers`)."""
     out: list[StoredCustomer] = []
     for p in partitions:
-        async for page in store.iter_customers(p):
+        async for page in store.iter_customers(p, unreadable=unreadable):
             out.extend(page)
     return out
 
@@ -119,10 +122,13 @@ def write_jsonl(values: Iterable[bytes], path: Path) -> int:
     return n
 
 
-async def scored_customers(settings: Settings, as_of_ms: int | None = None
+async def scored_customers(settings: Settings, as_of_ms: int | None = None,
+                           unreadable: list[tuple[str, str]] | None = None
                            ) -> tuple[list[ExportRow], int, dict[str, Any] | None]:
     """Every stored customer scored at ``as_of_ms`` (default: the latest as-of time of the
-    partitions): ``(rows, as-of time, model snapshot or None)``.
+    partitions): ``(rows, as-of time, model snapshot or None)``. With ``unreadable``, a
+    customer whose stored value cannot be decoded is left out and listed there as
+    ``(customer id, reason)``; without it, it raises ``ValueError``.
 
     Raises
     ------
@@ -137,7 +143,7 @@ async def scored_customers(settings: Settings, as_of_ms: int | None = None
         t = as_of_ms if as_of_ms is not None else await store.as_of(parts)
         if t is None:
             raise RuntimeError("no event was applied: nothing to export")
-        customers = await load_customers(store, parts)
+        customers = await load_customers(store, parts, unreadable)
         model = await load_model(store)
     finally:
         await store.client.aclose()
@@ -147,10 +153,12 @@ async def scored_customers(settings: Settings, as_of_ms: int | None = None
     return rows, t, model
 
 
-async def export_customers(settings: Settings, out: Path, as_of_ms: int | None = None
+async def export_customers(settings: Settings, out: Path, as_of_ms: int | None = None,
+                           unreadable: list[tuple[str, str]] | None = None
                            ) -> tuple[int, int]:
-    """Score every customer at ``as_of_ms`` (see :func:`scored_customers`) and write them to
-    ``out`` (``.csv`` or ``.parquet``); returns (rows, as-of).
+    """Score every customer at ``as_of_ms`` (see :func:`scored_customers`, also for
+    ``unreadable``) and write them to ``out`` (``.csv`` or ``.parquet``); returns (rows,
+    as-of).
 
     Raises
     ------
@@ -161,7 +169,7 @@ async def export_customers(settings: Settings, out: Path, as_of_ms: int | None =
     """
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ValueError(f"export to .csv or .parquet, not {out.suffix!r}")
-    rows, t, _ = await scored_customers(settings, as_of_ms)
+    rows, t, _ = await scored_customers(settings, as_of_ms, unreadable)
     if out.suffix.lower() == ".csv":
         return write_csv(rows, out), t
     import pyarrow as pa

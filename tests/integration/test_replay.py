@@ -5,6 +5,7 @@ change stream; the CLI's customer, segments, export and forget commands."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import gzip
 import json
 from datetime import UTC
@@ -160,6 +161,14 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     broken = await cli("customer", other)
     assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit)
     assert json.loads(broken.output)["error"] == "unreadable stored value"
+    # the export writes every other customer, names the unreadable one, and fails
+    partial = await cli("export", "--out", str(tmp_path / "partial.csv"))
+    assert partial.exit_code == 1 and isinstance(partial.exception, SystemExit)
+    assert "1 stored customer value(s) could not be decoded" in partial.stderr
+    assert repr(other) in partial.stderr and "Traceback" not in partial.output
+    with open(tmp_path / "partial.csv", newline="") as f:
+        written = {row["customer_id"] for row in csv.DictReader(f)}
+    assert written == set(live[0]) - {cid, other}
     # the tombstone waits in the outbox until the partition's owner publishes it
     entries = [(e.kind, e.value) for e in await after_store.outbox_read(0)]
     assert entries == [("t", cid)]
