@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Coroutine
@@ -254,6 +255,12 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
 
     settle_gc(settings.gc_thresholds, settings.gc_freeze)  # the worker's GC settings
+    # SIGTERM stops a replay as Ctrl-C does: its processes stopped, its claim released if
+    # nothing was written, the partial namespace named
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    except ValueError:  # not the main thread (an embedding program): its own signals apply
+        previous = None
     try:
         with tqdm(desc="replay", unit="ev") as bar:
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
@@ -261,10 +268,14 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
                                 alias=configured.namespace))
     except ValueError as exc:  # a refusal: nothing was written
         raise click.ClickException(str(exc)) from exc
-    except (*_kafka_errors(), RuntimeError, redis.exceptions.RedisError) as exc:
-        raise click.ClickException(
-            f"{type(exc).__name__}: {exc} (what was applied stays in {namespace!r}: replay "
-            "into a new namespace)") from exc
+    except (*_kafka_errors(), RuntimeError, TimeoutError, redis.exceptions.RedisError,
+            KeyboardInterrupt) as exc:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            f"{type(exc).__name__}: {exc}"
+        raise click.ClickException(f"{what} ({_left_behind(settings, namespace)})") from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(f"{s.records:,} records: {s.applied:,} applied, {s.skipped_before_from:,} before "
                f"--from, {s.dead_letters:,} dead letters; {s.changes:,} segment changes"
                f"{' published to ' + changes_topic if changes_topic else ' (not published)'}")
@@ -272,6 +283,27 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
         click.echo(f"  dead letters ({reason}): {n:,} (not re-sent to the dead-letter topic)")
     if switch:
         click.echo(f"{configured.namespace!r} now resolves to {namespace!r}: restart the workers")
+
+
+def _left_behind(settings: Any, namespace: str) -> str:
+    """What a failed or interrupted replay left in ``namespace``, for its error message."""
+    from stream.runner import store_for
+
+    async def written() -> bool:
+        store = store_for(settings.model_copy(update={"namespace": namespace}))
+        try:
+            meta = await store.partition_meta(range(settings.partitions))
+            return any(offset >= 0 for offset, _ in meta.values())
+        finally:
+            await store.client.aclose()
+
+    try:
+        wrote = _run(asyncio.wait_for(written(), 5))
+    except Exception:  # noqa: BLE001 - Redis may be what failed
+        return f"what was applied, if anything, stays in {namespace!r}: replay into a new namespace"
+    if wrote:
+        return f"what was applied stays in {namespace!r}: replay into a new namespace"
+    return f"nothing was written: {namespace!r} can be replayed into again"
 
 
 @main.command()

@@ -64,13 +64,24 @@ def _client(kafka: Kafka) -> dict[str, Any]:
     return {"bootstrap_servers": kafka} if isinstance(kafka, str) else dict(kafka)
 
 
+async def started(client: Any) -> Any:
+    """``client.start()`` (an aiokafka consumer, producer or admin client), closed again when
+    it fails (a connection or security error), so that no "Unclosed ..." warning follows the
+    error; returns the client."""
+    try:
+        await client.start()
+    except BaseException:
+        await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
+        raise
+    return client
+
+
 async def create_topics(kafka: Kafka, topics: dict[str, int],
                         compacted: Iterable[str] = ()) -> None:
     """Create topics ``{name: partitions}`` (replication 1; ``compacted`` ones with
     ``cleanup.policy=compact``); existing ones are left as they are."""
     compact = set(compacted)
-    admin = AIOKafkaAdminClient(**_client(kafka))
-    await admin.start()
+    admin = await started(AIOKafkaAdminClient(**_client(kafka)))
     try:
         for name, partitions in topics.items():
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -159,7 +170,7 @@ async def produce(kafka: Kafka, topic: str, messages: Iterable[Message],
     """
     producer = AIOKafkaProducer(**_client(kafka), linger_ms=10, acks="all",
                                 max_batch_size=256 * 1024, compression_type=compression)
-    await producer.start()
+    await started(producer)
     last: dict[int, int] = {}
     try:
         futures = []
@@ -192,7 +203,7 @@ async def read_all(kafka: Kafka, topic: str, idle_s: float = 2.0, timeout_s: flo
     """
     consumer = AIOKafkaConsumer(**_client(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
+    await started(consumer)
     out: list[tuple[int, int, bytes | None, bytes]] = []
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -243,7 +254,7 @@ async def read_range(kafka: Kafka, topic: str, partition: int, start: int, end: 
     """
     consumer = AIOKafkaConsumer(**_client(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
+    await started(consumer)
     out: list[tuple[int, bytes | None, bytes | None]] = []
     try:
         tp = TopicPartition(topic, partition)

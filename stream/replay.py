@@ -18,6 +18,7 @@ time is earlier only advance the applied offset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
@@ -27,10 +28,11 @@ from typing import Any, cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.exceptions import RedisError
 
 from state.keys import alias_key, replay_claim_key, replay_frontier_key
 from stream.interleave import EventTimeMerge
-from stream.kafka_io import BatchSender, Message, client_options, compact, create_topics, produce
+from stream.kafka_io import BatchSender, Message, client_options, compact, create_topics, produce, started
 from stream.loaders import Loaded
 from stream.pipeline import RawRecord
 from stream.settings import Settings
@@ -242,7 +244,10 @@ async def _in_processes(store: Any, settings: Settings, namespace: str,
                 process.kill()
                 process.join(10)
             receive.close()
-        await store.client.delete(replay_frontier_key(namespace))  # after the processes
+        # after the processes; a Redis that does not answer must not hide the replay's own
+        # error (the key expires a day after its last write anyway)
+        with contextlib.suppress(RedisError):
+            await store.client.delete(replay_frontier_key(namespace))
 
 
 def _outcome(receive: Any, process: Any, group: list[int]) -> ReplaySummary:
@@ -321,12 +326,16 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
     summary = ReplaySummary()
     if changes_topic:  # one partition, like segment-changes: consumers read it in order
         await create_topics(kafka, {changes_topic: 1})
-    await consumer.start()
+    await started(consumer)
     # let aiokafka's no-group routine start: stopping the consumer before it ran raises
     # CancelledError out of stop() (aiokafka 0.14), which would hide a refusal below
     await asyncio.sleep(0)
     if producer:
-        await producer.start()
+        try:
+            await started(producer)
+        except BaseException:
+            await consumer.stop()
+            raise
     try:
         parts = sorted(consumer.partitions_for_topic(settings.purchases_topic) or [])
         if not parts:
@@ -356,8 +365,9 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
             """Publish this process's frontiers in Redis; read those of the others."""
             pipe = services.store.client.pipeline(transaction=False)
             pipe.hset(frontiers, mapping={str(p): repr(merge.frontier(p)) for p in own})
+            pipe.expire(frontiers, 86_400)  # gone a day after a replay whose parent was killed
             pipe.hmget(frontiers, [str(p) for p in others])
-            for p, value in zip(others, (await pipe.execute())[1], strict=True):
+            for p, value in zip(others, (await pipe.execute())[2], strict=True):
                 merge.set_frontier(p, float(value) if value is not None else -math.inf)
 
         async def one(tp: TopicPartition, msgs: list[Any]) -> None:
@@ -412,27 +422,32 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
     return summary
 
 
+ENDS_TIMEOUT_S = 30.0  # for the end offsets a replay stops at
+
+
 async def _ends(kafka: dict[str, Any], tps: list[TopicPartition]) -> dict[TopicPartition, int]:
     """The end offset of each partition as of now, from fetch responses of a consumer of its
     own (the local broker's ListOffsets is wrong: LOCAL_STACK.md)."""
-    consumer = AIOKafkaConsumer(**kafka, enable_auto_commit=False,
-                                group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
+    consumer = await started(AIOKafkaConsumer(**kafka, enable_auto_commit=False,
+                                              group_id=None, auto_offset_reset="earliest"))
     ends: dict[TopicPartition, int] = {}
     try:
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        for _ in range(50):
+        deadline = time.monotonic() + ENDS_TIMEOUT_S
+        while len(ends) < len(tps) and time.monotonic() < deadline:
             await consumer.getmany(*tps, timeout_ms=200, max_records=1)
             for tp in tps:
                 hw = consumer.highwater(tp)
                 if hw is not None:
                     ends[tp] = hw
-            if len(ends) == len(tps):
-                break
     finally:
         await consumer.stop()
-    return {tp: ends.get(tp, 0) for tp in tps}
+    if len(ends) < len(tps):  # not 0: the replay would skip them and "succeed" with nothing
+        missing = sorted(tp.partition for tp in tps if tp not in ends)
+        raise TimeoutError(f"the end offsets of partitions {missing} were not read within "
+                           f"{ENDS_TIMEOUT_S:g} s (the broker did not answer the fetches)")
+    return ends
 
 
 def _event_ms(value: bytes | None) -> float:

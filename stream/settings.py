@@ -194,6 +194,14 @@ class Settings(BaseSettings):
                 self.kafka_sasl_username and self.kafka_sasl_password):
             raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs "
                              "kafka_sasl_username and kafka_sasl_password")
+        if self.kafka_security_protocol.endswith("SSL") and self.kafka_ssl_cafile:
+            import ssl
+
+            try:  # refused here with the path, not by the first client that connects
+                ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"kafka_ssl_cafile {self.kafka_ssl_cafile!r} cannot be "
+                                 f"used: {exc}") from None
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError("heartbeat_interval_s must be below session_timeout_s")
         return self

@@ -78,3 +78,22 @@ async def test_the_model_trained_by_partition_0_scores_the_other_partition_when_
     clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert clusters[:40] == [None] * 40
     assert None not in clusters[100:]
+
+
+async def test_end_offsets_not_read_fail_the_replay_instead_of_counting_as_empty(
+        settings, monkeypatch):
+    """A breaker stalled the broker while a replay read the partitions' ends: they counted
+    as 0, and the replay "succeeded" with 0 records (with ``--switch`` the live name would
+    then resolve to an empty namespace). A partition whose end no fetch answers (here one
+    that does not exist) must fail it."""
+    from aiokafka import TopicPartition
+
+    from stream import replay as replay_module
+    from stream.kafka_io import client_options
+
+    await ensure_topics(settings)  # its purchases topic has RFM_PARTITIONS partitions
+    monkeypatch.setattr(replay_module, "ENDS_TIMEOUT_S", 1.0)
+    tps = [TopicPartition(settings.purchases_topic, 0),
+           TopicPartition(settings.purchases_topic, 99)]
+    with pytest.raises(TimeoutError, match=r"end offsets of partitions \[99\] were not read"):
+        await replay_module._ends(client_options(settings), tps)

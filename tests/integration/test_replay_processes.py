@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from state.keys import replay_frontier_key
 from stream import cdnow
 from stream.demo import cdnow_messages, ensure_topics
 from stream.kafka_io import bootstrap_of, produce
@@ -171,7 +172,10 @@ def test_an_error_that_cannot_be_pickled_reaches_the_parent_as_its_type_and_mess
 
 
 async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_path):
-    """A breaker's case: SIGTERM to the parent left both processes replaying to the end."""
+    """A breaker's case: SIGTERM to the parent left both processes replaying to the end.
+    Another: it then left its frontier key in Redis and said nothing. SIGTERM now stops a
+    replay as Ctrl-C does: the processes stopped, the frontier key removed, the namespace's
+    fate told."""
     s, _ = await loaded(settings, len(cdnow_rows()))  # all of CDNOW: longer than the test
     env = {**os.environ, "RFM_KAFKA_URL": s.kafka_url,
            "RFM_REDIS_URL": s.redis_url.get_secret_value(), "RFM_NAMESPACE": s.namespace,
@@ -189,8 +193,11 @@ async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_pat
                        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             await asyncio.sleep(0.1)
         assert len(spawned) == 2, (tmp_path / "replay.log").read_text()
-        parent.send_signal(signal.SIGTERM)  # no finally of the parent runs
-        parent.wait(30)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 1
+        said = (tmp_path / "replay.log").read_text()
+        assert ("Error: interrupted (what was applied stays in" in said
+                or "Error: interrupted (nothing was written" in said), said
         deadline = time.monotonic() + 5
         while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -198,6 +205,7 @@ async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_pat
         store = store_for(s.model_copy(update={"namespace": s.namespace + "-t"}))
         try:  # they stopped, not finished
             applied = sum(o + 1 for o, _ in (await store.partition_meta(range(4))).values())
+            assert not await store.client.exists(replay_frontier_key(s.namespace + "-t"))
         finally:
             await store.client.aclose()
         assert applied < len(cdnow_rows())

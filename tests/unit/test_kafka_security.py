@@ -73,3 +73,13 @@ def test_sasl_without_credentials_is_refused_with_the_settings(missing):
     with pytest.raises(ValueError, match="SASL_SSL needs kafka_sasl_username and kafka_sasl_"):
         secured("SASL_SSL", **{missing: None})
     assert secured("SSL", **{missing: None}).kafka_security_protocol == "SSL"  # no SASL
+
+
+def test_a_ca_file_that_cannot_be_used_is_refused_with_its_path(tmp_path):
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path, not_pem):
+        with pytest.raises(ValueError, match=f"kafka_ssl_cafile '{path}' cannot be used"):
+            secured("SASL_SSL", kafka_ssl_cafile=str(path))
+    # not used without TLS: not checked
+    assert secured("SASL_PLAINTEXT", kafka_ssl_cafile=str(not_pem)).kafka_ssl_cafile
