@@ -235,3 +235,27 @@ async def test_a_second_switch_moves_the_configured_name(settings):
         assert done.exit_code == 0, done.output
         assert f"{s.namespace!r} now resolves to {target!r}" in done.output
         assert resolve_namespace(s).namespace == target
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_a_replay_ends_at_the_as_of_of_all_partitions_final_watermarks(settings,
+                                                                             processes):
+    """A fresh user found a CDNOW replay's partitions ending at as-of 1998-06-24 to 06-28
+    where live reaches 06-30: each partition's last step scored at the minimum of the
+    watermarks at that moment. The oracle: each partition's latest event time (the rows'
+    own times, partitioned as the producer does), and the minimum of those."""
+    from stream.app import partition_for
+
+    s, rows = await loaded(settings)
+    latest: dict[int, int] = {}
+    for r in rows:
+        p = partition_for(r.customer_id, 4)
+        latest[p] = max(latest.get(p, 0), int(r.occurred_at.timestamp() * 1000))
+    new = f"{s.namespace}-asof{processes}"
+    await replay(s, new, processes=processes)
+    store = store_for(s.model_copy(update={"namespace": new}))
+    try:
+        as_of = [int(await store.client.hget(store.keys(p).meta, "asof")) for p in range(4)]
+    finally:
+        await store.client.aclose()
+    assert as_of == [min(latest.values())] * 4
