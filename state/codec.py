@@ -110,10 +110,12 @@ def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None
     Raises
     ------
     ValueError
-        When the value is malformed or of an unknown format version.
+        When the value is empty, malformed or of an unknown format version.
     """
-    if not value:
+    if value is None:
         return None
+    if not value:
+        raise ValueError(f"customer {customer_id!r}: an empty stored value")
     try:
         if isinstance(value, str) or value[:1] != MSGPACK_ARRAY:  # JSON: formats 1 and 2
             fields = orjson.loads(value)

@@ -713,10 +713,6 @@ class RedisStore:
                 totals[seg] = totals.get(seg, 0) + int(n)
         return {s: n for s, n in totals.items() if n}
 
-    async def read_customer(self, partition: int, customer_id: str) -> StoredCustomer | None:
-        """Full state of one customer, or None when unknown."""
-        return (await self.read_customers(partition, [customer_id]))[customer_id]
-
     async def iter_customers(self, partition: int, count: int = 1000,
                              unreadable: list[tuple[str, str]] | None = None
                              ) -> AsyncIterator[list[StoredCustomer]]:
@@ -736,9 +732,13 @@ class RedisStore:
             cursor, names = await self.client.scan(cursor, match=k.customer_pattern, count=count)
             if names:
                 values = await _mget_bytes(self.client, names)
+                nil = [n for n, v in zip(names, values, strict=True) if v is None]
+                kinds = await self._not_strings(nil)
                 page = []
                 for name, v in zip(names, values, strict=True):
                     try:
+                        if name in kinds:
+                            raise ValueError(kinds[name])
                         page.append(decode(name[prefix_len:], v))
                     except ValueError as exc:
                         if unreadable is None:
@@ -747,6 +747,34 @@ class RedisStore:
                 yield [c for c in page if c is not None]
             if cursor == 0:
                 return
+
+    async def _not_strings(self, names: list[str]) -> dict[str, str]:
+        """Of keys that ``MGET`` answered nil for, those that exist with another Redis type
+        (a hash or list written by hand): ``{key: reason}``. Keys deleted meanwhile are left
+        out."""
+        if not names:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.type(name)
+        return {name: f"key {name!r}: a Redis {kind}, not a stored customer value"
+                for name, kind in zip(names, await pipe.execute(), strict=True)
+                if kind not in ("none", "string")}
+
+    async def read_customer(self, partition: int, customer_id: str) -> StoredCustomer | None:
+        """Full state of one customer, or None when unknown.
+
+        Raises
+        ------
+        ValueError
+            When its stored value cannot be decoded, or its key holds another Redis type.
+        """
+        found = (await self.read_customers(partition, [customer_id]))[customer_id]
+        if found is None:
+            name = self.keys(partition).customer(customer_id)
+            if reason := (await self._not_strings([name])).get(name):
+                raise ValueError(reason)
+        return found
 
     async def forget(self, partition: int, customer_id: str) -> tuple[bool, int]:
         """Erase a customer from a partition (state, population, due time, segment count, and

@@ -22,6 +22,17 @@ import click
 T = TypeVar("T")
 
 
+def _as_ctrl_c(signum: int, frame: Any) -> None:
+    """A SIGTERM handler that does what Ctrl-C does: SIGINT's handler (asyncio's, which
+    cancels the main task, or Python's default), and KeyboardInterrupt when SIGINT is ignored
+    (a job started with ``&`` from a script, or under ``nohup``)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
@@ -258,7 +269,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     # SIGTERM stops a replay as Ctrl-C does: its processes stopped, its claim released if
     # nothing was written, the partial namespace named
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        previous = signal.signal(signal.SIGTERM, _as_ctrl_c)
     except ValueError:  # not the main thread (an embedding program): its own signals apply
         previous = None
     try:

@@ -156,19 +156,25 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     after_store = store_for(s.model_copy(update={"namespace": new}))
     assert cid not in after and counts.get(live[0][cid].segment, 0) == before - 1
     assert (await cli("customer", cid)).exit_code == 1
-    other = sorted(live[0])[1]  # a value written by hand: a clean error, no traceback
-    await after_store.client.set(after_store.keys(0).customer(other), b"\x9e\x03 junk")
-    broken = await cli("customer", other)
-    assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit)
-    assert json.loads(broken.output)["error"] == "unreadable stored value"
-    # the export writes every other customer, names the unreadable one, and fails
+    # values written by hand (junk, empty, another Redis type): a clean error, no traceback
+    junk, empty, hashed = sorted(live[0])[1:4]
+    await after_store.client.set(after_store.keys(0).customer(junk), b"\x9e\x03 junk")
+    await after_store.client.set(after_store.keys(0).customer(empty), b"")
+    await after_store.client.delete(after_store.keys(0).customer(hashed))
+    await after_store.client.hset(after_store.keys(0).customer(hashed), "f", "1")
+    for other in (junk, empty, hashed):
+        broken = await cli("customer", other)
+        assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit)
+        assert json.loads(broken.output)["error"] == "unreadable stored value", other
+    # the export writes every other customer, names the unreadable ones, and fails
     partial = await cli("export", "--out", str(tmp_path / "partial.csv"))
     assert partial.exit_code == 1 and isinstance(partial.exception, SystemExit)
-    assert "1 stored customer value(s) could not be decoded" in partial.stderr
-    assert repr(other) in partial.stderr and "Traceback" not in partial.output
+    assert "3 stored customer value(s) could not be decoded" in partial.stderr
+    assert all(repr(c) in partial.stderr for c in (junk, empty, hashed))
+    assert "Traceback" not in partial.output
     with open(tmp_path / "partial.csv", newline="") as f:
         written = {row["customer_id"] for row in csv.DictReader(f)}
-    assert written == set(live[0]) - {cid, other}
+    assert written == set(live[0]) - {cid, junk, empty, hashed}
     # the tombstone waits in the outbox until the partition's owner publishes it
     entries = [(e.kind, e.value) for e in await after_store.outbox_read(0)]
     assert entries == [("t", cid)]

@@ -171,11 +171,18 @@ def test_an_error_that_cannot_be_pickled_reaches_the_parent_as_its_type_and_mess
         replay_module._outcome(pipe_out, process, [1])
 
 
-async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_path):
+def ignore_sigint() -> None:
+    """What a shell does to a job it starts with ``&`` when job control is off."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_path, sigint):
     """A breaker's case: SIGTERM to the parent left both processes replaying to the end.
     Another: it then left its frontier key in Redis and said nothing. SIGTERM now stops a
     replay as Ctrl-C does: the processes stopped, the frontier key removed, the namespace's
-    fate told."""
+    fate told. A third: a replay started in the background by a script (SIGINT ignored)
+    finished despite SIGTERM."""
     s, _ = await loaded(settings, len(cdnow_rows()))  # all of CDNOW: longer than the test
     env = {**os.environ, "RFM_KAFKA_URL": s.kafka_url,
            "RFM_REDIS_URL": s.redis_url.get_secret_value(), "RFM_NAMESPACE": s.namespace,
@@ -183,7 +190,8 @@ async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_pat
     log = (tmp_path / "replay.log").open("w")
     parent = subprocess.Popen([sys.executable, "-m", "stream", "replay", "--namespace",
                                s.namespace + "-t", "--processes", "2"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT,
+                              preexec_fn=None if sigint == "default" else ignore_sigint)
     spawned: list[int] = []
     try:
         deadline = time.monotonic() + 60

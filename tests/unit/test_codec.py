@@ -82,7 +82,7 @@ def test_format_2_is_still_written_when_asked_as_the_releases_before_format_3_re
                                    b'[2,null,null,1,100,0,5,5,[],[],[[1,2,3,"4"]],null,null,7]',
                                    msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [], 5, [], None,
                                                   None, None]), b"[9" + b",0" * 13 + b"]",
-                                   msgpack.packb([4] + [None] * 13), b"not a value"])
+                                   msgpack.packb([4] + [None] * 13), b"not a value", b""])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
