@@ -32,7 +32,7 @@ REASONS = (
     "oversized", "missing_value", "not_utf8", "not_json", "not_object", "missing_field",
     "invalid_customer_id", "invalid_amount", "invalid_timestamp", "unknown_event_type",
     "invalid_field", "unsupported_currency", "key_mismatch", "future_event_time",
-    "processing_error",
+    "unsupported_schema_version", "processing_error",
 )
 MAX_AMOUNT_MINOR = 10**13  # per event; sums stay exact in Redis's Lua numbers below 2**53
 
@@ -41,6 +41,7 @@ _FIELD_REASONS = {
     "amount": "invalid_amount",
     "occurred_at": "invalid_timestamp",
     "type": "unknown_event_type",
+    "schema_version": "unsupported_schema_version",
 }
 
 

@@ -66,6 +66,8 @@ def test_good_event_reduced_exactly():
     (with_(type="gift"), b"c1", "unknown_event_type"),
     (with_(currency="EUR"), b"c1", "unsupported_currency"),
     (with_(quantity="many"), b"c1", "invalid_field"),
+    (with_(schema_version=2), b"c1", "unsupported_schema_version"),
+    (with_(schema_version=0), b"c1", "unsupported_schema_version"),
     (with_(), b"someone-else", "key_mismatch"),
     (with_(), None, "key_mismatch"),
     (b"{" + b" " * 70000 + b"}", b"c1", "oversized"),
