@@ -2,7 +2,7 @@
 design study of layouts the service does not use (yet), on ``bench/redis_memory.py``'s
 customers (8 orders each on average). Prints figures; asserts nothing.
 
-    .venv/bin/python bench/memory_layouts.py [--customers 200000]
+    .venv/bin/python bench/memory_layouts.py [--customers 200000] [--layouts today chunked ...]
 
 Each layout is written into a fresh redis-server from ``stream.localstack`` (one partition's
 keys; ``INFO memory`` ``used_memory`` after minus before, per customer):
@@ -28,6 +28,18 @@ keys; ``INFO memory`` ``used_memory`` after minus before, per customer):
               from the members of the bins it crosses, read with their values (more reads
               per refresh than the sorted sets' range queries).
 
+``chunked``   ``today``'s values (a key per customer, no Redis setting changed), with each
+              population (last purchase, frequency, monetary) as sorted sets of at most
+              ``CHUNK`` customers holding consecutive runs of the population in (value, id)
+              order (kept in Redis's compact listpack/ziplist encoding by the default
+              ``zset-max-ziplist-entries 128``), each dimension with an index sorted set
+              (chunk -> lowest value) and a count hash (chunk -> size). Counts up to a bound
+              stay exact: the sizes of the chunks wholly below it plus one ``ZCOUNT`` in the
+              one chunk that straddles it. A worker would split a chunk that outgrows
+              ``CHUNK`` (a B-tree of small sorted sets) and merge small neighbours; this study
+              writes the chunks of the final population.
+``chunked-digests``  ``chunked`` with ``digests``'s values.
+
 What each layout would cost the worker (encoding time, Redis calls, configuration) is not
 measured here: docs/performance.md, "Tenth pass", says what is known.
 """
@@ -51,7 +63,8 @@ from state.rfm import CustomerState
 from state.store import StoredCustomer
 from stream import localstack
 
-LAYOUTS = ("json", "today", "digests", "hashed", "binned")
+LAYOUTS = ("json", "today", "digests", "hashed", "binned", "chunked", "chunked-digests")
+CHUNK = 100  # customers per population chunk in the chunked layouts
 PER_HASH = 200  # customers per hash in the hashed layouts
 MONETARY_BIN = 1.02  # ratio between a monetary bin's bounds
 
@@ -85,15 +98,17 @@ VALUES: dict[str, Callable[[str, CustomerState], bytes]] = {
 def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerState]],
           n: int) -> float:
     """Write the customers in ``layout``; returns the mean value length (bytes)."""
-    value = VALUES.get(layout, lambda _cid, s: digest_value(s))
+    value = VALUES.get(layout.removeprefix("chunked-").replace("chunked", "today"),
+                       lambda _cid, s: digest_value(s))
     hashes = max(1, n // PER_HASH)
     pipe = r.pipeline(transaction=False)
     length = 0
+    population: list[tuple[str, int, int, int]] = []
     for i, (cid, s) in enumerate(customers):
         v = value(cid, s)
         length += len(v)
         last, f, m = s.last_purchase_ms or 0, s.frequency, s.monetary_minor
-        if layout in ("json", "today", "digests"):
+        if layout in ("json", "today", "digests", "chunked", "chunked-digests"):
             pipe.set(f"rfm:mem:{{p0}}:c:{cid}", v)
         else:
             h = int.from_bytes(digest(cid)[:4], "little") % hashes
@@ -104,6 +119,8 @@ def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerSt
             for dim, b in bins.items():
                 pipe.sadd(f"rfm:mem:{{p0}}:{dim}:{b}", cid)
                 pipe.hincrby(f"rfm:mem:{{p0}}:n:{dim}", b, 1)
+        elif layout.startswith("chunked"):
+            population.append((cid, last, f, m))
         else:
             pipe.zadd("rfm:mem:{p0}:z:last", {cid: last})
             pipe.zadd("rfm:mem:{p0}:z:freq", {cid: f})
@@ -111,7 +128,24 @@ def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerSt
         if i % 2000 == 1999:
             pipe.execute()
     pipe.execute()
+    if population:
+        write_chunks(r, population)
     return length / n
+
+
+def write_chunks(r: redis.Redis, population: list[tuple[str, int, int, int]]) -> None:
+    """The chunked populations of ``(id, last purchase ms, frequency, monetary minor)``."""
+    pipe = r.pipeline(transaction=False)
+    for dim, col in (("r", 1), ("f", 2), ("m", 3)):
+        ordered = sorted(population, key=lambda row: (row[col], row[0]))
+        for c in range(0, len(ordered), CHUNK):
+            rows = ordered[c:c + CHUNK]
+            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:{c // CHUNK}", {row[0]: row[col] for row in rows})
+            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:idx", {c // CHUNK: rows[0][col]})
+            pipe.hset(f"rfm:mem:{{p0}}:{dim}:n", c // CHUNK, len(rows))
+            if c % 20_000 == 0:
+                pipe.execute()
+    pipe.execute()
 
 
 def measure(layout: str, n: int) -> tuple[float, float, str]:
@@ -127,20 +161,23 @@ def measure(layout: str, n: int) -> tuple[float, float, str]:
             used = int(r.info("memory")["used_memory"]) - before
             key = next(r.scan_iter(match="rfm:mem:{p0}:[ch]:*", count=1000))
             encoding = r.object("encoding", key).decode()
+            if layout.startswith("chunked"):
+                chunk = r.object("encoding", "rfm:mem:{p0}:m:0").decode()
+                encoding += f"; population chunks {chunk}"
         finally:
             r.close()
             server.stop()
     return used / n, length, encoding
 
 
-def main(n: int) -> None:
+def main(n: int, layouts: list[str]) -> None:
     print(benchkit.machine())
     print(f"Redis memory of candidate layouts: {n:,} customers of bench/redis_memory.py "
           f"(8 orders each on average, ids pos-<n>), one partition, as-of {AS_OF} ms")
-    for layout in LAYOUTS:
+    for layout in layouts:
         per, length, encoding = measure(layout, n)
         verdict = "met" if per <= TARGET else "not met"
-        print(f"  {layout:<8}{per:>8.1f} B per customer  (value {length:.0f} B, customer keys "
+        print(f"  {layout:<16}{per:>8.1f} B per customer  (value {length:.0f} B, customer keys "
               f"{encoding}); target <= {TARGET}: {verdict}")
 
 
@@ -148,4 +185,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--customers", type=int, default=200_000)
-    main(ap.parse_args().customers)
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    args = ap.parse_args()
+    main(args.customers, args.layouts)
