@@ -23,12 +23,15 @@ import asyncio
 import math
 import tempfile
 import time
+import urllib.request
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import benchkit
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream import localstack
 from stream.demo import ensure_topics, local_settings
@@ -89,6 +92,41 @@ class Receiver:
                         self.changes.setdefault(cid, now - self.sent[cid])
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(settings: Settings) -> Samples:
+    """The worker's Prometheus samples (``/metrics``), by (sample name, labels)."""
+    url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def worker_time(before: Samples, after: Samples) -> None:
+    """Where the worker's time went between two scrapes: its batch processing time
+    (percentiles from the histogram's buckets: each figure is the bucket's upper bound) and
+    its Redis calls by kind (count, mean, total)."""
+    p = "rfm_processing_latency_seconds"
+    buckets = sorted((float(dict(labels)["le"]), v - before.get((name, labels), 0.0))
+                     for (name, labels), v in after.items() if name == p + "_bucket")
+    total = buckets[-1][1] if buckets else 0
+    cells = []
+    for q in (50, 99):
+        bound = next((le for le, n in buckets if n >= total * q / 100), math.inf)
+        cells.append(f"p{q} <= {bound * 1000:g} ms")
+    print(f"  worker batches while producing: {total:,.0f}, {', '.join(cells)}")
+    calls: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for (name, labels), v in after.items():
+        if name in ("rfm_redis_call_seconds_count", "rfm_redis_call_seconds_sum"):
+            calls[dict(labels)["call"]][name.endswith("_sum")] += v - before.get((name, labels), 0)
+    for call, (count, seconds) in sorted(calls.items(), key=lambda kv: -kv[1][1]):
+        if count:
+            print(f"    redis {call:<12}{count:>8,.0f} calls, mean {seconds / count * 1000:6.2f} ms,"
+                  f" total {seconds:6.2f} s")
+
+
 async def measure(settings: Settings, worker: WorkerProcess, rate: float,
                   seconds: float, drain: float, warmup: int) -> None:
     bootstrap = bootstrap_of(settings.kafka_url)
@@ -107,6 +145,7 @@ async def measure(settings: Settings, worker: WorkerProcess, rate: float,
     parts = range(settings.partitions)
     try:
         applied0 = sum(o + 1 for o, _ in (await store.partition_meta(parts)).values())
+        before = await asyncio.to_thread(scrape, settings)
         started, n, futures = time.perf_counter(), 0, []
         while (elapsed := time.perf_counter() - started) < seconds:
             stamp = datetime.now(UTC)
@@ -125,6 +164,7 @@ async def measure(settings: Settings, worker: WorkerProcess, rate: float,
         while len(receiver.changes) < n and time.perf_counter() < deadline and worker.alive():
             await asyncio.sleep(0.1)
         waited = time.perf_counter() - started - produced_s
+        after = await asyncio.to_thread(scrape, settings)
     finally:
         reading.cancel()
         await producer.stop()
@@ -132,6 +172,7 @@ async def measure(settings: Settings, worker: WorkerProcess, rate: float,
         await store.client.aclose()
     report(settings, rate, seconds, n, produced_s, (applied1 - applied0) / produced_s,
            warmup + n - applied1, receiver, waited)
+    worker_time(before, after)
 
 
 def report(settings: Settings, rate: float, seconds: float, n: int, produced_s: float,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.ma  # noqa: F401 - np.median imports it on first use: at start-up, not in a step
 import numpy.typing as npt
 from river import cluster
 
@@ -326,10 +327,12 @@ def match_ids(previous: ClusterModel | None, current: ClusterModel) -> dict[int,
     >>> match_ids(a, b)
     {0: 1, 1: 0}
     """
-    from scipy.optimize import linear_sum_assignment
-
     if previous is None or len(previous.ids) != len(current.ids):
         return {i: i for i in current.ids}
+    # imported here: scipy.optimize is ~430 modules and 0.3-0.6 s, which the event loop of
+    # the worker training its first model waited for (a model is re-created only when its
+    # parameters change)
+    from scipy.optimize import linear_sum_assignment
     old, new = previous.centroids_original(), current.centroids_original()
     cost = ((new[:, None, :] - old[None, :, :]) ** 2).sum(axis=2)
     rows, cols = linear_sum_assignment(cost)
