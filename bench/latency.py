@@ -59,6 +59,9 @@ class Receiver:
         self.settings, self.sent = settings, sent
         self.raw: dict[str, float] = {}
         self.changes: dict[str, float] = {}
+        self.wall: dict[str, float] = {}  # produce time, epoch s
+        self.to_batch: dict[str, float] = {}  # produce -> the worker's step (emitted_at)
+        self.from_batch: dict[str, float] = {}  # emitted_at -> the change received
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.kafka_url),
                                          group_id=None, enable_auto_commit=False,
                                          auto_offset_reset="latest",
@@ -88,8 +91,12 @@ class Receiver:
                         self.raw.setdefault(cid, now - self.sent[cid])
                         continue
                     change = orjson.loads(r.value)
-                    if change["cause"] == "purchase" and change["cause_event_id"] == f"{cid}-e":
-                        self.changes.setdefault(cid, now - self.sent[cid])
+                    if (change["cause"] == "purchase" and change["cause_event_id"] == f"{cid}-e"
+                            and cid not in self.changes):
+                        self.changes[cid] = now - self.sent[cid]
+                        emitted = datetime.fromisoformat(change["emitted_at"]).timestamp()
+                        self.to_batch[cid] = emitted - self.wall[cid]
+                        self.from_batch[cid] = time.time() - emitted
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -153,6 +160,7 @@ async def measure(settings: Settings, worker: WorkerProcess, rate: float,
                 cid = f"lat{n:08d}"
                 value = purchase(cid, stamp)
                 sent[cid] = time.perf_counter()
+                receiver.wall[cid] = time.time()
                 futures.append(await producer.send(settings.purchases_topic, value,
                                                    key=cid.encode()))
                 n += 1
@@ -197,6 +205,8 @@ def report(settings: Settings, rate: float, seconds: float, n: int, produced_s: 
     print(f"  waited {waited:.1f} s after the last produce for the changes")
     print(f"  {'ms':<28}" + "".join(f"{'p' + str(q) if q < 100 else 'max':>9}" for q in QS))
     worker = row("worker: segment change", receiver.changes)
+    row("  produce -> worker's step", receiver.to_batch)
+    row("  worker's step -> received", receiver.from_batch)
     raw = row("ceiling: raw aiokafka record", receiver.raw)
     print(f"  (fetch_max_wait_ms: raw consumer {FETCH_WAIT_MS}, worker "
           f"{settings.fetch_max_wait_ms}; the local broker answers a fetch that found no data "
