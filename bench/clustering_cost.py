@@ -7,6 +7,7 @@ Prints figures; asserts nothing.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -57,4 +58,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
