@@ -52,11 +52,13 @@ def _settings(resolve: bool = True) -> Any:
     from redis.exceptions import RedisError
 
     from stream.runner import resolve_namespace
-    from stream.settings import Settings
+    from stream.settings import Settings, explain
 
     try:
         settings = Settings()
-    except (ValidationError, tomllib.TOMLDecodeError, OSError, ValueError) as exc:
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid settings:\n  {explain(exc)}") from exc
+    except (tomllib.TOMLDecodeError, OSError, ValueError) as exc:
         raise click.ClickException(f"invalid settings: {exc}") from exc
     if not resolve:
         return settings

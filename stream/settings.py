@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -242,3 +242,28 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, object]:
         """Settings safe to log (secrets masked)."""
         return self.model_dump(mode="json")
+
+
+def explain(exc: ValidationError) -> str:
+    """One line per invalid setting, named as the environment variable that sets it, e.g.
+    ``RFM_PARTITIONS = 'abc': Input should be a valid integer, ...`` (or as the key of the
+    ``RFM_CONFIG_FILE`` when no variable sets it). The value is shown except for secrets
+    (Redis URL, SASL password, HTTP token); checks across several settings have no single
+    name."""
+    env = {k.upper() for k in os.environ}
+    config = os.environ.get("RFM_CONFIG_FILE")
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(map(str, error.get("loc", ())))
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        if not field:
+            lines.append(message)
+            continue
+        name, where = f"RFM_{field.upper()}", ""
+        if config and name not in env:
+            name, where = field, f" (in {config})"
+        shown = Settings.model_fields.get(field.split(".")[0])
+        secret = shown is not None and "SecretStr" in str(shown.annotation)
+        value = "" if secret or "input" not in error else f" = {error['input']!r}"
+        lines.append(f"{name}{value}{where}: {message}")
+    return "\n  ".join(lines)

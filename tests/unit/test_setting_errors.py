@@ -1,0 +1,42 @@
+"""Invalid settings are named as the user set them: the environment variable (or the key of
+``RFM_CONFIG_FILE``), the value given unless it is a secret, and the reason, one line each
+(pydantic's own text took 3-4 lines per error, with field names and a URL)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from stream.settings import Settings, explain
+
+
+def error_text(monkeypatch, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    return explain(caught.value)
+
+
+def test_each_invalid_variable_gets_one_line_with_its_name_and_value(monkeypatch):
+    text = error_text(monkeypatch, RFM_PARTITIONS="abc", RFM_SCORING_MODE="foo")
+    lines = text.split("\n  ")
+    assert len(lines) == 2
+    assert lines[0].startswith("RFM_PARTITIONS = 'abc': ") and "integer" in lines[0]
+    assert lines[1].startswith("RFM_SCORING_MODE = 'foo': ") and "'quintiles'" in lines[1]
+    assert "pydantic.dev" not in text
+
+
+def test_a_config_file_value_is_named_by_its_key_and_file(monkeypatch, tmp_path):
+    config = tmp_path / "rfm.toml"
+    config.write_text('batch_max = 0\n', encoding="utf-8")
+    text = error_text(monkeypatch, RFM_CONFIG_FILE=str(config))
+    assert text.startswith(f"batch_max = 0 (in {config}): ") and "greater than" in text
+
+
+def test_secrets_are_not_shown(monkeypatch, tmp_path):
+    config = tmp_path / "rfm.toml"  # a number where text is expected
+    config.write_text("kafka_sasl_password = 73917\n", encoding="utf-8")
+    text = error_text(monkeypatch, RFM_CONFIG_FILE=str(config))
+    assert text.startswith(f"kafka_sasl_password (in {config}): ")
+    assert "73917" not in text
