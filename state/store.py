@@ -87,16 +87,17 @@ def _mget_bytes(client: Any, names: list[str]) -> Any:
 
 
 def _due_customer(customer_id: str, value: bytes | None) -> StoredCustomer | None:
-    """A due customer read for a step of other customers' events: None, as if erased, when
-    its value cannot be decoded (an error is logged). Every step reads the due customers, so
-    one unreadable value would otherwise fail all of its partition's records; this way the step
-    drops its due time and goes on, the value stays as it is, and the customer's own events
-    still fail (``processing_error`` dead letters, re-sendable once the value is repaired)."""
+    """A customer read for a step of other customers' events (a due time, or a re-score after
+    a threshold refresh): None, as if erased, when its value cannot be decoded (an error is
+    logged). Such steps would otherwise fail all of the partition's records, and the worker
+    with them, again at each restart; this way the step drops its due time and goes on, the
+    value stays as it is, and the customer's own events still fail (``processing_error`` dead
+    letters, re-sendable once the value is repaired)."""
     try:
         return decode(customer_id, value)
-    except ValueError:
-        log.exception("due customer %r has an unreadable stored value: its due time is dropped",
-                      customer_id)
+    except ValueError as exc:
+        log.error("customer %r has an unreadable stored value, left as it is and not "
+                  "re-scored: %s", customer_id, exc)
         return None
 
 
@@ -392,9 +393,11 @@ class RedisStore:
             customers, dues, max_due > 0 and len(dues) >= max_due, opt_int(seen),
             opt_int(version))
 
-    async def read_customers(self, partition: int, customer_ids: Iterable[str]
-                             ) -> dict[str, StoredCustomer | None]:
-        """Several customers of one partition (None where unknown)."""
+    async def read_customers(self, partition: int, customer_ids: Iterable[str],
+                             others: bool = False) -> dict[str, StoredCustomer | None]:
+        """Several customers of one partition (None where unknown). ``others``: read for a
+        step of other customers' events (a re-score), so an unreadable value is logged and
+        read as None (see ``_due_customer``) instead of raising ValueError."""
         ids = list(dict.fromkeys(customer_ids))
         k = self.keys(partition)
         cache = self._cache.get(partition)
@@ -409,10 +412,11 @@ class RedisStore:
         if cache is not None:
             if replies[0] != cache.token:
                 self._cache.pop(partition, None)
-                return await self.read_customers(partition, ids)
+                return await self.read_customers(partition, ids, others)
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
-        out = {cid: decode(cid, v) for cid, v in zip(ask, values, strict=True)}
+        read = _due_customer if others else decode
+        out = {cid: read(cid, v) for cid, v in zip(ask, values, strict=True)}
         return {cid: out[cid] if cid in out else hits[cid] for cid in ids}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],

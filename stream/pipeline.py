@@ -231,7 +231,7 @@ class BatchProcessor:
             thresholds, text, rescore = await self._thresholds_for(view, first, now)
             if rescore:
                 missing = [c for c in rescore if c not in view.customers]
-                extra = await self.store.read_customers(partition, missing)
+                extra = await self.store.read_customers(partition, missing, others=True)
                 view = replace(view, customers={**extra, **view.customers})
             await self._refresh_model(view.model_version)
             trained = (await self._train_for(view, first, now)

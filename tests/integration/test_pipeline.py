@@ -254,3 +254,42 @@ async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_custo
             await proc.process(0, [raw(2, "alice", purchase(2, "alice", "2025-07-01"))], now_ms=NOW)
     finally:
         await store.client.aclose()
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x9e\x03 not MessagePack"])
+async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_others(settings,
+                                                                                       bad):
+    """A breaker's case: a customer whose stored value cannot be decoded was read, and raised,
+    when a threshold refresh re-scored it; the step failed, then each record alone, and the
+    worker exited (70) at every restart, its whole partition stuck. Ten one-order customers
+    make quintiles (min_population 10); forgetting one makes the next refresh re-score them
+    all with the fixed thresholds. Now the unreadable one is left as it is and the others are
+    re-scored (oracle by hand: 40 days apart, the fixed recency bounds 30/90/180/365 days)."""
+    from datetime import UTC, datetime, timedelta
+
+
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "threshold_refresh_every": 1, "min_population": 10, "min_dwell_s": 0,
+        "rescore_spacing_ms": 0, "cache_customers": 0}))
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    records = [raw(n, f"c{n}", purchase(n, f"c{n}", (start + timedelta(days=40 * n)).date()
+                                        .isoformat())) for n in range(10)]
+    day360 = (start + timedelta(days=360)).date().isoformat()
+    records += [raw(n, "c9", purchase(n, "c9", day360, order="o9")) for n in (10, 11)]
+    try:
+        await s.processor.process(0, records, now_ms=NOW)
+        assert (await s.processor.current_thresholds(0)).anchor_ms is not None  # quintiles
+        k = s.store.keys(0)
+        await s.store.client.set(k.customer("c3"), bad)
+        assert (await s.store.forget(0, "c5"))[0]
+        out = await s.processor.process(
+            0, [raw(12, "c9", purchase(12, "c9", day360, order="o9"))], now_ms=NOW)
+        assert (out.applied, out.dead_letters) == (1, [])
+        assert (await s.processor.current_thresholds(0)).version == "fixed"
+        assert await s.store.client.execute_command("GET", k.customer("c3"),
+                                                    NEVER_DECODE=[]) == bad
+        # as-of: day 360; c0 bought on day 0 (360 days before: R = 2), c8 on day 320 (R = 4)
+        c0, c8 = (await s.store.read_customers(0, ["c0", "c8"])).values()
+        assert c0.scores[0] == 2 and c8.scores[0] == 4, (c0.scores, c8.scores)
+    finally:
+        await s.store.client.aclose()
