@@ -9,9 +9,9 @@
 -- KEYS[7] the customer's value  KEYS[8] outbox      ARGV[1] customer id
 -- Returns {existed (0|1), outbox entries removed}.
 local id = ARGV[1]
-local value = redis.call('GET', KEYS[7])
+local value = redis.pcall('GET', KEYS[7])  -- an error reply when the key holds another type
 local seg = nil
-if value then  -- the stored value is [format, segment, ...] (state/codec.py): MessagePack,
+if type(value) == 'string' then  -- the stored value is [format, segment, ...] (state/codec.py): MessagePack,
   -- or JSON text (formats 1-2) when it starts with '['
   local decoder = string.sub(value, 1, 1) == '[' and cjson.decode or cmsgpack.unpack
   local ok, stored = pcall(decoder, value)

@@ -192,6 +192,14 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     tombstones = [v for _, _, k, v in await await_read(s.customer_segments_topic)
                   if k == cid.encode()]
     assert tombstones and tombstones[-1] is None
+    # a customer key of another Redis type is erased too (forget.lua's GET failed: WRONGTYPE)
+    erased = await cli("forget", hashed)
+    assert erased.exit_code == 0 and "erased" in erased.output, erased.output
+    check = store_for(s.model_copy(update={"namespace": new}))
+    try:
+        assert not await check.client.exists(check.keys(0).customer(hashed))
+    finally:
+        await check.client.aclose()
 
 
 async def test_replay_refuses_a_topic_whose_partition_count_is_not_rfm_partitions(settings):
