@@ -85,12 +85,15 @@ def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
 
 
 _INT, _OPT_INT, _OPT_STR = {int}, {int, type(None)}, {str, type(None)}  # int: not bool
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time a datetime can hold
+MAX_MINOR = 2**63 - 1  # what an int64 column (the export) holds
 
 
 def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: object,
            first: object, ev: object, orders: object, buckets: object, sc: object,
            chg: object, hc: object) -> bool:
-    """Whether decoded fields have their types (see the module docstring), so that a value
+    """Whether decoded fields have their types (see the module docstring) and ranges (counts
+    and amounts in 0..2^63-1, times in 0..:data:`MAX_MS`), so that a value
     written by hand or by a bug fails here, as malformed, and not later in a step of other
     customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
     customer's own events, whose failure stays theirs: checking their items too would double
@@ -100,7 +103,9 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
             and {type(seg), type(hc)} <= _OPT_STR
             and type(ev) is list and type(orders) is list and type(buckets) is list
             and all(type(b) is list and len(b) == 4 and set(map(type, b)) <= _INT
-                    for b in buckets))
+                    for b in buckets)
+            and 0 <= f <= MAX_MINOR and 0 <= buy <= MAX_MINOR and 0 <= ref <= MAX_MINOR
+            and all(t is None or 0 <= t <= MAX_MS for t in (last, first, chg)))
 
 
 def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None:
@@ -123,7 +128,7 @@ def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None
             fields = msgpack.unpackb(value)
         (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc) = fields
         if not _typed(seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc):
-            raise TypeError("a field of the wrong type")
+            raise TypeError("a field of the wrong type or out of range")
         if fmt == 1:  # full ids, order times in ms
             ev = [id_key(e) for e in ev]
             orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]

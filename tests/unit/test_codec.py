@@ -82,7 +82,15 @@ def test_format_2_is_still_written_when_asked_as_the_releases_before_format_3_re
                                    b'[2,null,null,1,100,0,5,5,[],[],[[1,2,3,"4"]],null,null,7]',
                                    msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [], 5, [], None,
                                                   None, None]), b"[9" + b",0" * 13 + b"]",
-                                   msgpack.packb([4] + [None] * 13), b"not a value", b""])
+                                   msgpack.packb([4] + [None] * 13), b"not a value", b"",
+                                   # out of range (a breaker's: the export and the customer
+                                   # view failed with tracebacks)
+                                   msgpack.packb([3, None, None, 1, 2**63, 0, 1, 1, [], [], [],
+                                                  None, None, None]),
+                                   msgpack.packb([3, None, None, 1, 5, 0, 2**62, 1, [], [], [],
+                                                  None, None, None]),
+                                   msgpack.packb([3, None, None, -1, 5, 0, 1, 1, [], [], [],
+                                                  None, None, None])])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
