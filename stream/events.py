@@ -51,7 +51,7 @@ class PurchaseRecorded(BaseModel):
     quantity: int | None = Field(None, ge=0, description="Units bought (informational)")
     attributes: dict[str, AttributeValue] = Field(
         default_factory=dict, description="Free attributes, e.g. country or channel")
-    schema_version: int = Field(IN_SCHEMA_VERSION, ge=1, le=IN_SCHEMA_VERSION,
+    schema_version: int = Field(IN_SCHEMA_VERSION, ge=1, le=IN_SCHEMA_VERSION, strict=True,
                                 description="Version of this schema; a later version is "
                                 "dead-lettered (unsupported_schema_version) until the worker "
                                 "is upgraded")

@@ -88,7 +88,11 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def _reason_for(exc: ValidationError) -> Rejected:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # a later schema may change any field: its version is the reason to give, so that its
+    # dead letters can be found and re-sent once the worker reads that version
+    err = next((e for e in errors if tuple(e.get("loc") or ()) == ("schema_version",)),
+               errors[0])
     loc = err.get("loc") or ()
     field = str(loc[0]) if loc else ""
     etype = err.get("type", "")

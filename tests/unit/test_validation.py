@@ -68,6 +68,13 @@ def test_good_event_reduced_exactly():
     (with_(quantity="many"), b"c1", "invalid_field"),
     (with_(schema_version=2), b"c1", "unsupported_schema_version"),
     (with_(schema_version=0), b"c1", "unsupported_schema_version"),
+    (with_(schema_version="1"), b"c1", "unsupported_schema_version"),
+    (with_(schema_version=True), b"c1", "unsupported_schema_version"),
+    (with_(schema_version=1.0), b"c1", "unsupported_schema_version"),
+    # a later schema that also changed a field: the version is the reason (a breaker's case)
+    (with_(schema_version=2, amount={"value": 12, "currency": "USD"}), b"c1",
+     "unsupported_schema_version"),
+    (with_(schema_version=2, occurred_at=1700000000000), b"c1", "unsupported_schema_version"),
     (with_(), b"someone-else", "key_mismatch"),
     (with_(), None, "key_mismatch"),
     (b"{" + b" " * 70000 + b"}", b"c1", "oversized"),
