@@ -22,19 +22,45 @@ import click
 T = TypeVar("T")
 
 
+class _Running:
+    """The coroutine :func:`_run` runs, as a task, and whether a signal cancelled it."""
+
+    task: asyncio.Task[Any] | None = None
+    interrupted = False
+
+
 def _as_ctrl_c(signum: int, frame: Any) -> None:
     """A SIGTERM handler that does what Ctrl-C does: SIGINT's handler (asyncio's, which
-    cancels the main task, or Python's default), and KeyboardInterrupt when SIGINT is ignored
-    (a job started with ``&`` from a script, or under ``nohup``)."""
+    cancels the main task, or Python's default). When SIGINT is ignored (a job started with
+    ``&`` from a script) asyncio installed no handler: the same, here (the first signal
+    cancels the task :func:`_run` runs, which then raises KeyboardInterrupt; another raises
+    it at once)."""
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
-    else:
+        return
+    task = _Running.task
+    if task is None or task.done() or _Running.interrupted:
         raise KeyboardInterrupt
+    _Running.interrupted = True
+    task.get_loop().call_soon_threadsafe(task.cancel)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run ``coro`` in a new event loop (``asyncio.run``); KeyboardInterrupt when
+    :func:`_as_ctrl_c` cancelled it."""
+    async def main() -> T:
+        _Running.task = asyncio.current_task()
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if _Running.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        _Running.task, _Running.interrupted = None, False
 
 
 def _settings(resolve: bool = True) -> Any:

@@ -206,6 +206,10 @@ async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_pat
         said = (tmp_path / "replay.log").read_text()
         assert ("Error: interrupted (what was applied stays in" in said
                 or "Error: interrupted (nothing was written" in said), said
+        # the background case raised KeyboardInterrupt inside the event loop: ~110 lines of
+        # "Task exception was never retrieved" from aiokafka's tasks followed the message
+        assert "Task exception was never retrieved" not in said, said
+        assert "Traceback" not in said and "was destroyed but it is pending" not in said, said
         deadline = time.monotonic() + 5
         while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -223,6 +227,38 @@ async def test_replay_processes_stop_when_the_parent_is_killed(settings, tmp_pat
                 os.kill(pid, signal.SIGKILL)
         parent.wait(30)
         log.close()
+
+
+async def test_a_background_replay_in_one_process_stops_cleanly_on_sigterm(settings, tmp_path):
+    """A breaker's case: a replay in one process started with SIGINT ignored (a script's
+    ``&`` job) raised KeyboardInterrupt inside its event loop on SIGTERM; its error message
+    came out, followed by ~60-110 lines of "Task exception was never retrieved" from aiokafka's
+    tasks (4 of 5 runs). Now SIGTERM cancels the replay's task, as asyncio does for Ctrl-C."""
+    s, _ = await loaded(settings, len(cdnow_rows()))
+    env = {**os.environ, "RFM_KAFKA_URL": s.kafka_url,
+           "RFM_REDIS_URL": s.redis_url.get_secret_value(), "RFM_NAMESPACE": s.namespace,
+           "RFM_PARTITIONS": "4", "RFM_PURCHASES_TOPIC": s.purchases_topic}
+    target = s.model_copy(update={"namespace": s.namespace + "-bg"})
+    store = store_for(target)
+    proc = subprocess.Popen([sys.executable, "-m", "stream", "replay", "--namespace",
+                             target.namespace], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # until it applies
+            if any(o >= 0 for o, _ in (await store.partition_meta(range(4))).values()):
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        said = proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        await store.client.aclose()
+    assert proc.returncode == 1, said
+    assert "Error: interrupted (what was applied stays in" in said, said
+    assert "Task exception was never retrieved" not in said and "Traceback" not in said, said
 
 
 async def test_a_second_switch_moves_the_configured_name(settings):
