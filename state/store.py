@@ -348,6 +348,13 @@ class RedisStore:
         The pipeline is not a transaction (it spans slots): another writer's commit may land
         between the script and the MGETs. A step planned from such a read is refused by
         :meth:`commit` (every writer moves the sequence read here first), and re-read.
+
+        Raises
+        ------
+        ValueError
+            When one of ``customer_ids`` has a stored value that cannot be decoded, or a key
+            of another Redis type (found by a second round trip, made only when some of the
+            customers have no value: new ones, or such keys).
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
@@ -375,6 +382,10 @@ class RedisStore:
                      for i in range(0, len(due_flat), 2))
         customers: dict[str, StoredCustomer | None] = {
             cid: decode(cid, v) for cid, v in zip(ask, named, strict=True)}
+        absent = {k.customer(cid): cid for cid, v in zip(ask, named, strict=True) if v is None}
+        if absent:  # new customers, or keys of another type (MGET answers nil for both)
+            for name, reason in (await self._not_strings(list(absent))).items():
+                raise ValueError(f"customer {absent[name]!r}: {reason}")
         customers.update(hits)
         # the due customers this store did not commit itself: a second round trip
         due_hits = {cid: cached.get(cid) for _, cid in dues if cid not in customers}

@@ -293,3 +293,26 @@ async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_
         assert c0.scores[0] == 2 and c8.scores[0] == 4, (c0.scores, c8.scores)
     finally:
         await s.store.client.aclose()
+
+
+async def test_a_customer_key_of_another_type_is_not_overwritten_as_a_new_customer(settings):
+    """A breaker's case: a customer key holding a hash (written by hand) was read as a new
+    customer (MGET answers nil for it) and overwritten: frequency back to 1, a change with no
+    previous segment, the segment counted twice. Now the customer's own record fails (the
+    worker dead-letters it as processing_error) and the key stays as it is."""
+    services = build_services(settings.model_copy(update={"partitions": 1, "cache_customers": 0}))
+    proc, store = services.processor, services.store
+    try:
+        await proc.process(0, [raw(0, "alice", purchase(0, "alice", "2024-01-01"))], now_ms=NOW)
+        k = store.keys(0)
+        await store.client.delete(k.customer("alice"))
+        await store.client.hset(k.customer("alice"), "f", "3")
+        with pytest.raises(ValueError, match="alice.*hash"):
+            await proc.process(0, [raw(1, "alice", purchase(1, "alice", "2024-02-01"))],
+                               now_ms=NOW)
+        assert await store.client.type(k.customer("alice")) == "hash"
+        out = await proc.process(0, [raw(1, "bob", purchase(1, "bob", "2024-02-01"))],
+                                 now_ms=NOW)  # a new customer is still new
+        assert out.applied == 1 and (await store.read_customer(0, "bob")).state.frequency == 1
+    finally:
+        await store.client.aclose()
