@@ -103,7 +103,7 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
             and {type(seg), type(hc)} <= _OPT_STR
             and type(ev) is list and type(orders) is list and type(buckets) is list
             and all(type(b) is list and len(b) == 4 and set(map(type, b)) <= _INT
-                    for b in buckets)
+                    and all(0 <= x <= MAX_MINOR for x in b) for b in buckets)
             and 0 <= f <= MAX_MINOR and 0 <= buy <= MAX_MINOR and 0 <= ref <= MAX_MINOR
             and all(t is None or 0 <= t <= MAX_MS for t in (last, first, chg)))
 
@@ -137,7 +137,8 @@ def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None
         state = CustomerState(f, buy, ref, last, first, tuple(ev),
                               tuple(map(Order._make, orders)), tuple(map(Bucket._make, buckets)))
         scores = None if sc is None else (sc // 100, sc // 10 % 10, sc % 10)
-    except (orjson.JSONDecodeError, TypeError, ValueError, msgpack.UnpackException) as exc:
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError,
+            msgpack.UnpackException) as exc:
         raise ValueError(f"customer {customer_id!r}: malformed stored value "
                          f"({type(exc).__name__}: {exc})") from exc
     return StoredCustomer(customer_id, state, seg, cl, scores, chg, hc)

@@ -90,7 +90,13 @@ def test_format_2_is_still_written_when_asked_as_the_releases_before_format_3_re
                                    msgpack.packb([3, None, None, 1, 5, 0, 2**62, 1, [], [], [],
                                                   None, None, None]),
                                    msgpack.packb([3, None, None, -1, 5, 0, 1, 1, [], [], [],
-                                                  None, None, None])])
+                                                  None, None, None]),
+                                   # a window bucket's counts out of range; format 1's ids
+                                   # not text (an AttributeError got through)
+                                   msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [], [],
+                                                  [[657, -5, 1100, 0]], None, None, None]),
+                                   b'[1,"Hibernating",null,1,1000,0,1,1,[{}],[],[],111,null,'
+                                   b'null]'])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
