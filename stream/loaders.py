@@ -191,8 +191,15 @@ def retail_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
 
 def event_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
     """A row already in the event layout, or mapped to it (``opts.mapping``); the worker
-    validates it fully. An ``event_id`` left out is the hash of the row."""
+    validates it fully. An ``event_id`` left out is the hash of the row. A row with a
+    ``schema_version`` other than 1 is rejected (``unsupported_schema_version``)."""
     mapping = opts.mapping or {}
+    version_column = mapping.get("schema_version", "schema_version")
+    if version_column in row:  # 1 (or "1": CSV has no numbers), as the worker reads it
+        version = row[version_column]
+        if not ((type(version) is int and version == 1) or version == "1"):
+            return Loaded(n, reason="unsupported_schema_version",
+                          detail=f"schema_version {version!r}: this release reads 1")
     event = {f: row.get(mapping.get(f, f)) for f in EVENT_FIELDS}
     event = {k: v for k, v in event.items() if v not in (None, "")}
     event.setdefault("currency", opts.currency)

@@ -117,3 +117,16 @@ def test_a_bad_row_is_rejected_alone_never_the_file(tmp_path):
     assert [(r.row, r.reason) for r in rows] == [(1, "invalid_timestamp"), (2, "invalid_field"),
                                                  (3, None)]
     assert rows[2].event["occurred_at"] == "2024-01-01T10:00:00+01:00"
+
+
+def test_a_row_of_another_schema_version_is_rejected(tmp_path):
+    """A breaker's case: the loader kept only the event fields, so rows of schema version 2
+    were produced as version 1 and applied."""
+    good = {"event_id": "e1", "customer_id": "c1", "order_id": "o1", "amount": "9.99",
+            "occurred_at": "2024-01-02T10:00:00Z"}
+    versions = [1, "1", 2, "2", None, True, 1.0]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps({**good, "event_id": f"e{i}", "schema_version": v})
+                              for i, v in enumerate(versions)) + "\n")
+    rows = list(load_file(path, LoadOptions("event", "UTC", "USD", 2)))
+    assert [r.reason for r in rows] == [None, None] + ["unsupported_schema_version"] * 5
