@@ -84,7 +84,10 @@ def _settings(resolve: bool = True) -> Any:
         settings = Settings()
     except ValidationError as exc:
         raise click.ClickException(f"invalid settings:\n  {explain(exc)}") from exc
-    except (tomllib.TOMLDecodeError, OSError, ValueError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # the config file's text
+        raise click.ClickException(
+            f"invalid settings: {os.environ.get('RFM_CONFIG_FILE')}: {exc}") from exc
+    except (OSError, ValueError) as exc:
         raise click.ClickException(f"invalid settings: {exc}") from exc
     if not resolve:
         return settings
@@ -155,6 +158,7 @@ def demo(out: str) -> None:
     """The whole pipeline on the CDNOW purchases, on an embedded broker and Redis."""
     from stream import demo as demo_mod
 
+    _settings(resolve=False)  # invalid settings: one line each, before anything starts
     sys.exit(demo_mod.main(out))
 
 

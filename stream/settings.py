@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -185,6 +186,13 @@ class Settings(BaseSettings):
             bounds = getattr(self, name)
             if list(bounds) != sorted(bounds):
                 raise ValueError(f"{name} must be ascending, got {bounds}")
+        try:  # what redis-py will parse: a scheme it knows, a numeric port (no value shown)
+            url = urlsplit(self.redis_url.get_secret_value())
+            url.port  # noqa: B018 - raises ValueError when not a number
+        except ValueError:
+            raise ValueError("redis_url: not a URL with a numeric port") from None
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if self.window_days and self.window_days % self.window_bucket_days:
             raise ValueError("window_days must be a multiple of window_bucket_days")
         if not all(1 <= t <= MAX_GC_THRESHOLD for t in self.gc_thresholds):

@@ -40,3 +40,12 @@ def test_secrets_are_not_shown(monkeypatch, tmp_path):
     text = error_text(monkeypatch, RFM_CONFIG_FILE=str(config))
     assert text.startswith(f"kafka_sasl_password (in {config}): ")
     assert "73917" not in text
+
+
+@pytest.mark.parametrize("url, says", [("foo://h:6379/0", "must start with redis://"),
+                                       ("redis://:pw@h:abc/0", "numeric port")])
+def test_a_malformed_redis_url_is_a_setting_error_that_shows_no_part_of_it(monkeypatch, url,
+                                                                            says):
+    """A breaker's case: every command failed with redis-py's traceback."""
+    text = error_text(monkeypatch, RFM_REDIS_URL=url)
+    assert says in text and "pw" not in text and "abc" not in text
