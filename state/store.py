@@ -86,7 +86,7 @@ def _mget_bytes(client: Any, names: list[str]) -> Any:
     return client.execute_command("MGET", *names, keys=names, **{NEVER_DECODE: []})
 
 
-def _due_customer(customer_id: str, value: bytes | None) -> StoredCustomer | None:
+def _customer_or_none(customer_id: str, value: bytes | None) -> StoredCustomer | None:
     """A customer read for a step of other customers' events (a due time, or a re-score after
     a threshold refresh): None, as if erased, when its value cannot be decoded (an error is
     logged). Such steps would otherwise fail all of the partition's records, and the worker
@@ -394,7 +394,7 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             _queue_mget(pipe, k, unknown)
             values = [v for part in await pipe.execute() for v in part]
-            due_hits.update((cid, _due_customer(cid, v))
+            due_hits.update((cid, _customer_or_none(cid, v))
                             for cid, v in zip(unknown, values, strict=True))
         customers.update(due_hits)
         return PartitionView(
@@ -408,7 +408,7 @@ class RedisStore:
                              others: bool = False) -> dict[str, StoredCustomer | None]:
         """Several customers of one partition (None where unknown). ``others``: read for a
         step of other customers' events (a re-score), so an unreadable value is logged and
-        read as None (see ``_due_customer``) instead of raising ValueError."""
+        read as None (see ``_customer_or_none``) instead of raising ValueError."""
         ids = list(dict.fromkeys(customer_ids))
         k = self.keys(partition)
         cache = self._cache.get(partition)
@@ -426,7 +426,7 @@ class RedisStore:
                 return await self.read_customers(partition, ids, others)
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
-        read = _due_customer if others else decode
+        read = _customer_or_none if others else decode
         out = {cid: read(cid, v) for cid, v in zip(ask, values, strict=True)}
         return {cid: out[cid] if cid in out else hits[cid] for cid in ids}
 

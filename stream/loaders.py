@@ -47,6 +47,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from stream import cdnow
+from stream.events import IN_SCHEMA_VERSION
 from stream.validation import epoch_ms
 
 FORMATS = ("event", "cdnow", "online-retail", "mapped")
@@ -197,9 +198,11 @@ def event_row(n: int, row: Mapping[str, Any], opts: LoadOptions) -> Loaded:
     version_column = mapping.get("schema_version", "schema_version")
     if version_column in row:  # 1 (or "1": CSV has no numbers), as the worker reads it
         version = row[version_column]
-        if not ((type(version) is int and version == 1) or version == "1"):
+        if not ((type(version) is int and version == IN_SCHEMA_VERSION)
+                or version == str(IN_SCHEMA_VERSION)):
             return Loaded(n, reason="unsupported_schema_version",
-                          detail=f"schema_version {version!r}: this release reads 1")
+                          detail=f"schema_version {version!r}: this release reads "
+                          f"{IN_SCHEMA_VERSION}")
     event = {f: row.get(mapping.get(f, f)) for f in EVENT_FIELDS}
     event = {k: v for k, v in event.items() if v not in (None, "")}
     event.setdefault("currency", opts.currency)
