@@ -10,14 +10,12 @@ keys; ``INFO memory`` ``used_memory`` after minus before, per customer):
 ``json``      the service's layout until format 3 (its population part): the customer value
               as JSON text (formats 1-2 of ``state.codec``) in a string per customer, three
               sorted sets (last purchase, frequency, monetary) of customer ids.
-``today``     the same with the value in MessagePack (format 3), as the service stores it
-              now; ``bench/redis_memory.py`` measures the real thing, with every key.
-``digests``   ``today`` with every id (event and order) as an 8-byte digest (BLAKE2b) in
-              MessagePack's binary type, instead of ``state.rfm.id_key`` text (short ids
-              kept as they are, long ones as a 13-character digest). Redis 6.2's Lua
-              ``cmsgpack`` reads no binary type: ``forget.lua`` would have to find the
-              segment another way.
-``hashed``    ``digests``'s values as fields of hashes of ~200 customers each (Redis's compact
+``format3``   the same with the value in MessagePack with ids as text (format 3: short ids
+              as they are, long ones as a 13-character digest), until 2026-12-03.
+``today``     the same with the value in format 4 (ids as 8-byte digests, orders as columns),
+              as the service stores it now; ``bench/redis_memory.py`` measures the real
+              thing, with every key.
+``hashed``    ``today``'s values as fields of hashes of ~200 customers each (Redis's compact
               listpack/ziplist encoding, "Memory optimization" in the Redis docs), instead of
               a key per customer. Needs ``hash-max-ziplist-value`` (``-listpack-`` in Redis 7)
               above the largest value: 1024 here, set with ``CONFIG SET``.
@@ -38,10 +36,9 @@ keys; ``INFO memory`` ``used_memory`` after minus before, per customer):
               one chunk that straddles it. A worker would split a chunk that outgrows
               ``CHUNK`` (a B-tree of small sorted sets) and merge small neighbours; this study
               writes the chunks of the final population.
-``chunked-digests``  ``chunked`` with ``digests``'s values.
 
 What each layout would cost the worker (encoding time, Redis calls, configuration) is not
-measured here: docs/performance.md, "Tenth pass", says what is known.
+measured here: docs/performance.md, "Tenth pass" and "Twelfth pass", says what is known.
 """
 
 from __future__ import annotations
@@ -54,16 +51,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import benchkit
-import msgpack
 import redis
 from redis_memory import AS_OF, MS_PER_DAY, TARGET, customer_states
 
 from state.codec import encode
-from state.rfm import CustomerState
+from state.rfm import CustomerState, Limits
 from state.store import StoredCustomer
 from stream import localstack
 
-LAYOUTS = ("json", "today", "digests", "hashed", "binned", "chunked", "chunked-digests")
+LAYOUTS = ("json", "format3", "today", "hashed", "binned", "chunked")
 CHUNK = 100  # customers per population chunk in the chunked layouts
 PER_HASH = 200  # customers per hash in the hashed layouts
 MONETARY_BIN = 1.02  # ratio between a monetary bin's bounds
@@ -79,27 +75,17 @@ def customer(cid: str, s: CustomerState) -> StoredCustomer:
     return StoredCustomer(cid, s, "Champions", 0, (5, 5, 5), s.last_purchase_ms)
 
 
-def digest_value(s: CustomerState) -> bytes:
-    """The state as MessagePack with the fields of ``state.codec``, ids as 8-byte digests
-    (event ids in one byte string)."""
-    return msgpack.packb([
-        3, "Champions", 0, s.frequency, s.purchases_minor, s.refunds_minor,
-        s.last_purchase_ms, s.first_purchase_ms, b"".join(map(digest, s.recent_event_ids)),
-        [[digest(o.order_id), o.bought_minor, o.refunded_minor, o.first_day] for o in s.orders],
-        [list(b) for b in s.buckets], 555, s.last_purchase_ms, None])
-
-
 VALUES: dict[str, Callable[[str, CustomerState], bytes]] = {
     "json": lambda cid, s: encode(customer(cid, s), 2),  # formats 1-2: JSON text
-    "today": lambda cid, s: encode(customer(cid, s)),
+    "format3": lambda cid, s: encode(customer(cid, s), 3),
 }
+TEXT_IDS = ("json", "format3")  # layouts whose values keep ids as text
 
 
 def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerState]],
           n: int) -> float:
     """Write the customers in ``layout``; returns the mean value length (bytes)."""
-    value = VALUES.get(layout.removeprefix("chunked-").replace("chunked", "today"),
-                       lambda _cid, s: digest_value(s))
+    value = VALUES.get(layout, lambda cid, s: encode(customer(cid, s)))
     hashes = max(1, n // PER_HASH)
     pipe = r.pipeline(transaction=False)
     length = 0
@@ -108,7 +94,7 @@ def write(r: redis.Redis, layout: str, customers: Iterator[tuple[str, CustomerSt
         v = value(cid, s)
         length += len(v)
         last, f, m = s.last_purchase_ms or 0, s.frequency, s.monetary_minor
-        if layout in ("json", "today", "digests", "chunked", "chunked-digests"):
+        if layout in ("json", "format3", "today", "chunked"):
             pipe.set(f"rfm:mem:{{p0}}:c:{cid}", v)
         else:
             h = int.from_bytes(digest(cid)[:4], "little") % hashes
@@ -157,7 +143,8 @@ def measure(layout: str, n: int) -> tuple[float, float, str]:
             r.config_set("hash-max-ziplist-value", 1024)
             r.config_set("hash-max-ziplist-entries", 512)
             before = int(r.info("memory")["used_memory"])
-            length = write(r, layout, customer_states(n, uuid_ids=False), n)
+            limits = Limits(text_ids=layout in TEXT_IDS)
+            length = write(r, layout, customer_states(n, uuid_ids=False, limits=limits), n)
             used = int(r.info("memory")["used_memory"]) - before
             key = next(r.scan_iter(match="rfm:mem:{p0}:[ch]:*", count=1000))
             encoding = r.object("encoding", key).decode()

@@ -45,7 +45,7 @@ from aiokafka.partitioner import murmur2
 from redis.client import NEVER_DECODE
 
 from state.keys import PartitionKeys
-from state.rfm import MS_PER_DAY, CustomerState, StateEvent, apply_event
+from state.rfm import MS_PER_DAY, CustomerState, Limits, StateEvent, apply_event
 from state.store import CustomerWrite, RedisStore, StoredCustomer
 from stream import localstack
 from stream.scoring import Thresholds
@@ -63,10 +63,12 @@ def partition_for(customer_id: str) -> int:
     return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
-def customer_states(n: int, uuid_ids: bool) -> Iterator[tuple[str, CustomerState]]:
+def customer_states(n: int, uuid_ids: bool, limits: Limits = Limits()
+                    ) -> Iterator[tuple[str, CustomerState]]:
     """The benchmark's ``n`` customers, ``(customer id, state)``: ``1 + Poisson(7)`` orders
     each (one purchase event per order, times spread over the two years before ``AS_OF``,
-    amounts 5-200 USD), folded with ``state.rfm.apply_event``. Deterministic (seed 42)."""
+    amounts 5-200 USD), folded with ``state.rfm.apply_event`` and ``limits`` (ids as text
+    for the older value formats). Deterministic (seed 42)."""
     rng = np.random.default_rng(42)
     orders = 1 + rng.poisson(7, n)
     ids = random.Random(42)
@@ -84,7 +86,7 @@ def customer_states(n: int, uuid_ids: bool) -> Iterator[tuple[str, CustomerState
                 oid = f"pos-{order_no}"
                 eid = oid + "-1"
             order_no += 1
-            state, _ = apply_event(state, StateEvent(eid, oid, "purchase", amount, t))
+            state, _ = apply_event(state, StateEvent(eid, oid, "purchase", amount, t), limits)
         assert state is not None and state.last_purchase_ms is not None
         yield f"c{i:07d}", state
 
@@ -148,7 +150,7 @@ async def breakdown(client: aioredis.Redis, store: RedisStore, n: int, sample: i
         lengths = [await client.strlen(key) for key in keys]
         raw = await client.execute_command("GET", keys[0], **{NEVER_DECODE: []})
         note += (f", {sum(lengths) / len(lengths):.0f} bytes of payload on average (STRLEN), "
-                 f"e.g. MessagePack {msgpack.unpackb(raw)}")
+                 f"e.g. MessagePack {msgpack.unpackb(raw, raw=True)}")
     return parts, note
 
 

@@ -2,29 +2,36 @@
 holding a compact MessagePack array, read with one ``GET`` (or ``MGET`` of a page, without
 the client's text decoding) and decoded with one ``msgpack.unpackb``:
 
-``[3, seg, cl, f, buy, ref, last, first, ev, o, w, sc, chg, hc]``
+``[4, seg, cl, f, buy, ref, last, first, ev, o, w, sc, chg, hc]``
 
-``3``                  format version (formats 1 and 2, the same array as JSON text, are still
-                       read: converted when decoded, rewritten as 3 by the next write; format 1
-                       had full ids and order times in ms)
+``4``                  format version (formats 1-3 are still read, converted when decoded,
+                       and rewritten as 4 by the customer's next write)
 ``seg`` ``cl``         the segment and cluster id last published (nil: none)
 ``f`` ``buy`` ``ref``  frequency, purchases and refunds (minor units), all-time
 ``last`` ``first``     last and first purchase (epoch ms, nil: none)
-``ev``                 recent event ids (``state.rfm.id_key`` form), newest first
-``o``                  recent orders ``[[order id, bought, refunded, first day], ...]``, newest
-                       first (id in ``id_key`` form, day since the epoch)
+``ev``                 recent event ids, newest first: their 8-byte ``state.rfm.id_key``
+                       digests, concatenated in one string
+``o``                  recent orders, newest first, as four columns ``[ids, bought, refunded,
+                       first days]``: the orders' 8-byte digests concatenated, then three
+                       arrays of integers (minor units, minor units, days since the epoch)
 ``w``                  window buckets ``[[index, orders, purchases, refunds], ...]``
 ``sc``                 the R, F, M scores at the last evaluation as one number, e.g. ``541``
 ``chg``                as-of time (epoch ms) of the last published change
 ``hc``                 cause of a change the flapping guard holds back, until it is published
 
 One value instead of a hash of fields: a step reads and writes whole customers, and a single
-string costs less memory and CPU (one parse, no per-field encoding) than a hash. MessagePack
-instead of JSON: integers take 1-9 bytes instead of their digits and strings need no quotes,
-so a customer with 8 orders takes ~290 bytes instead of ~414 (``bench/redis_memory.py``).
-A value is told apart by its first byte: MessagePack's 14-element array is ``0x9e``, anything
-else is read as JSON (formats 1-2). Releases before format 3 read JSON only: ``encode`` still
-writes format 2 when asked (``RFM_STATE_FORMAT=2``, README "Upgrading").
+string costs less memory and CPU (one parse, no per-field encoding) than a hash. A customer
+with 8 orders takes ~215 bytes (``bench/redis_memory.py``): format 3 (the same array with ids
+as text, or as ``#`` and a 72-bit digest in base64 when longer than 13 characters, and each
+order an array of its own) took ~300, the JSON text of formats 1-2 ~414. Digests are
+MessagePack raw strings, not the binary type, which Redis 6.2's Lua ``cmsgpack`` does not
+read (``forget.lua`` reads ``seg``).
+
+Formats are told apart by the first bytes: MessagePack's 14-element array is ``0x9e``, then
+the version (``0x03``, ``0x04``); anything else is read as JSON (formats 1-2). Releases before
+format 4 do not read it: ``encode`` still writes formats 2 and 3 when asked
+(``RFM_STATE_FORMAT``, README "Upgrading"), from a state that remembers ids as text
+(``state.rfm.Limits.text_ids``; ``decode(..., text_ids=True)``).
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from typing import NamedTuple
 import msgpack
 import orjson
 
-from state.rfm import MS_PER_DAY, Bucket, CustomerState, Order, id_key
+from state.rfm import ID_DIGEST_BYTES, MS_PER_DAY, Bucket, CustomerState, Order, id_key, id_text, text_to_key
 
-FORMAT = 3
-MSGPACK_ARRAY = b"\x9e"  # the first byte of a format-3 value: a 14-element array
+FORMAT = 4
+MSGPACK_ARRAY = b"\x9e"  # the first byte of a format-3 or -4 value: a 14-element array
+_FORMAT_4 = b"\x9e\x04"
 
 
 class StoredCustomer(NamedTuple):
@@ -63,25 +71,38 @@ def opt_int(value: str | None) -> int | None:
 
 
 def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
-    """The stored value of a customer (see the module docstring) in format ``fmt``: 3, or 2
-    (JSON text: what releases before format 3 read, for a rolling upgrade from them).
+    """The stored value of a customer (see the module docstring) in format ``fmt``: 4, or 3
+    or 2 (what releases before format 4 and 3 read, for a rolling upgrade from them).
 
     Raises
     ------
     ValueError
-        When ``fmt`` is neither 2 nor 3.
+        When ``fmt`` is not 2, 3 or 4, or the state remembers ids in the other form than
+        ``fmt`` stores (format 4: ``state.rfm.id_key`` digests; 2-3: ``id_text``).
     """
     s, sc = c.state, c.scores
+    orders = s.orders
     fields = [fmt, c.segment, c.cluster, s.frequency, s.purchases_minor, s.refunds_minor,
-              s.last_purchase_ms, s.first_purchase_ms, s.recent_event_ids, s.orders, s.buckets,
+              s.last_purchase_ms, s.first_purchase_ms, s.recent_event_ids, orders, s.buckets,
               None if sc is None else sc[0] * 100 + sc[1] * 10 + sc[2], c.changed_ms,
               c.held_cause]
-    if fmt == FORMAT:  # raw strings: the formats Redis's Lua cmsgpack reads (forget.lua)
-        return msgpack.packb(fields, use_bin_type=False)
+    if fmt not in (2, 3, FORMAT):
+        raise ValueError(f"stored format {fmt!r}: 2, 3 or {FORMAT}")
+    # a state's ids all have the form of its first (state.rfm.apply_event checks)
+    form = bytes if fmt == FORMAT else str
+    firsts = s.recent_event_ids[:1] + (orders[0][:1] if orders else ())
+    if any(type(i) is not form for i in firsts):
+        raise ValueError(f"customer {c.customer_id!r}: format {fmt} cannot store ids of the "
+                         f"other form ({'text' if fmt == FORMAT else 'digests'})")
+    if fmt == FORMAT:
+        fields[8] = b"".join(s.recent_event_ids)
+        ids, bought, refunded, days = zip(*orders, strict=True) if orders else ((), (), (), ())
+        fields[9] = [b"".join(ids), bought, refunded, days]
     if fmt == 2:  # orjson writes named tuples only as plain tuples
-        fields[9:11] = list(map(tuple, s.orders)), list(map(tuple, s.buckets))
+        fields[9:11] = list(map(tuple, orders)), list(map(tuple, s.buckets))
         return orjson.dumps(fields)
-    raise ValueError(f"stored format {fmt!r}: 2 or {FORMAT}")
+    # raw strings (also for digests): the formats Redis's Lua cmsgpack reads (forget.lua)
+    return msgpack.packb(fields, use_bin_type=False)
 
 
 _INT, _OPT_INT, _OPT_STR = {int}, {int, type(None)}, {str, type(None)}  # int: not bool
@@ -108,31 +129,68 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
             and all(t is None or 0 <= t <= MAX_MS for t in (last, first, chg)))
 
 
-def decode(customer_id: str, value: bytes | str | None) -> StoredCustomer | None:
-    """A customer from its stored value (format 3, or the JSON formats 1-2); None when there
-    is none.
+def _digests(blob: object) -> list[bytes]:
+    """Concatenated 8-byte digests, split; TypeError when malformed."""
+    if type(blob) is not bytes or len(blob) % ID_DIGEST_BYTES:
+        raise TypeError("malformed digests")
+    k = ID_DIGEST_BYTES
+    return [blob[i:i + k] for i in range(0, len(blob), k)]
+
+
+def _orders_4(o: object) -> list[tuple[bytes, int, int, int]]:
+    """Format 4's order columns as order rows; TypeError/ValueError when malformed."""
+    ids, bought, refunded, days = o  # type: ignore[misc]
+    if not len(ids) == len(bought) * ID_DIGEST_BYTES or not len(bought) == len(refunded) \
+            == len(days) or not set(map(type, bought + refunded + days)) <= _INT:
+        raise TypeError("malformed order columns")
+    return list(zip(_digests(ids), bought, refunded, days, strict=True))
+
+
+def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = False
+           ) -> StoredCustomer | None:
+    """A customer from its stored value (format 4, or formats 1-3); None when there is none.
+
+    ``text_ids``: remember ids in the text form formats 2-3 store (for a store that writes
+    those formats: ``state.rfm.Limits.text_ids``); else as ``state.rfm.id_key`` digests, to
+    which the ids of formats 1-3 are converted.
 
     Raises
     ------
     ValueError
-        When the value is empty, malformed or of an unknown format version.
+        When the value is empty, malformed or of an unknown format version, or of format 4
+        when ``text_ids`` is asked for (its digests have no text form).
     """
     if value is None:
         return None
     if not value:
         raise ValueError(f"customer {customer_id!r}: an empty stored value")
     try:
-        if isinstance(value, str) or value[:1] != MSGPACK_ARRAY:  # JSON: formats 1 and 2
-            fields = orjson.loads(value)
+        if isinstance(value, bytes) and value[:2] == _FORMAT_4:
+            if text_ids:
+                raise ValueError("format 4, which a worker writing formats 2-3 "
+                                 "(RFM_STATE_FORMAT) cannot write back")
+            (fmt, seg, cl, f, buy, ref, last, first, ev_raw, o, buckets, sc, chg, hc
+             ) = msgpack.unpackb(value, raw=True)
+            seg = seg if seg is None else seg.decode("utf-8")
+            hc = hc if hc is None else hc.decode("utf-8")
+            ev: list = _digests(ev_raw)
+            orders: list = _orders_4(o)
+        elif isinstance(value, str) or value[:1] != MSGPACK_ARRAY:  # JSON: formats 1 and 2
+            (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc
+             ) = orjson.loads(value)
         else:
-            fields = msgpack.unpackb(value)
-        (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc) = fields
+            (fmt, seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc
+             ) = msgpack.unpackb(value)
         if not _typed(seg, cl, f, buy, ref, last, first, ev, orders, buckets, sc, chg, hc):
             raise TypeError("a field of the wrong type or out of range")
         if fmt == 1:  # full ids, order times in ms
-            ev = [id_key(e) for e in ev]
-            orders = [(id_key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]
-        elif fmt not in (2, FORMAT):
+            key = id_text if text_ids else id_key
+            ev = [key(e) for e in ev]
+            orders = [(key(o), b, r, t // MS_PER_DAY) for o, b, r, t in orders]
+        elif fmt in (2, 3) and not text_ids:
+            ev = [text_to_key(e) for e in ev]
+            orders = [(text_to_key(o), b, r, d) for o, b, r, d in orders]
+        elif fmt not in (2, 3, FORMAT):
             raise ValueError(f"stored format {fmt!r}, expected {FORMAT}")
         state = CustomerState(f, buy, ref, last, first, tuple(ev),
                               tuple(map(Order._make, orders)), tuple(map(Bucket._make, buckets)))

@@ -23,9 +23,8 @@ Rules (README "RFM definitions"):
   than every kept bucket is left out of the windowed values, never out of the all-time ones).
 - **Idempotency**: an event whose ``event_id`` is among the customer's last
   ``limits.event_ids`` applied ids is skipped, so the same event published twice counts once.
-  Memory per customer is bounded by the limits and the window. Ids are remembered in their
-  compact form (:func:`id_key`: a long id by a 72-bit digest), and an order's time at day
-  resolution (all a window bucket needs).
+  Memory per customer is bounded by the limits and the window. Ids are remembered as 64-bit
+  digests (:func:`id_key`), and an order's time at day resolution (all a window bucket needs).
 """
 
 from __future__ import annotations
@@ -51,10 +50,14 @@ class Limits:
     order_ids
         How many recent purchase orders are kept (id, amount bought, amount refunded), so that
         several line events of one order count once and a full refund can remove it (>= 1).
+    text_ids
+        Remember ids in their :func:`id_text` form (what formats 2-3 of ``state.codec``
+        store: set for a store that writes those formats) instead of :func:`id_key`.
     """
 
     event_ids: int = 32
     order_ids: int = 32
+    text_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.event_ids < 1 or self.order_ids < 1:
@@ -118,34 +121,73 @@ class StateEvent(NamedTuple):
     occurred_ms: int
 
 
-ID_RAW_MAX = 13  # ids up to this long are kept as they are (a digest would not be shorter)
+ID_RAW_MAX = 13  # ids up to this long keep their text in formats 2-3 (a digest is no shorter)
+ID_DIGEST_BYTES = 8
+
+IdKey = bytes | str  # an id as a state remembers it: id_key (format 4) or id_text (formats 2-3)
 
 
-def id_key(value: str) -> str:
-    """The compact form of an event or order id that a customer's state remembers: the id
-    itself when it is at most :data:`ID_RAW_MAX` characters and does not start with ``#``, else
-    ``#`` and 12 URL-safe base64 characters of its 72-bit BLAKE2b digest (RFC 7693). Two
-    different long ids share a form with probability 2^-72 per pair: among the 32 ids a
-    customer remembers, a genuine event is taken for a duplicate about once in 10^20 events.
+def _blake2b_72(value: str) -> bytes:
+    return hashlib.blake2b(value.encode("utf-8"), digest_size=9).digest()
 
-    >>> id_key("pos-1234-1")
+
+def id_key(value: str) -> bytes:
+    """The form in which a customer's state remembers an event or order id: 8 bytes, the first
+    64 bits of the id's 72-bit BLAKE2b digest (RFC 7693; the digest that formats 2-3 of
+    ``state.codec`` kept for long ids, so that those convert: :func:`text_to_key`). Two
+    different ids share a key with probability 2^-64 per pair: among the 32 ids a customer
+    remembers, a genuine event is taken for a duplicate about once in 5 * 10^17 events.
+
+    >>> k = id_key("pos-1234-1")
+    >>> len(k), k == id_key("pos-1234-1"), k == id_key("pos-1234-2")
+    (8, True, False)
+    """
+    return _blake2b_72(value)[:ID_DIGEST_BYTES]
+
+
+def id_text(value: str) -> str:
+    """The text form of an id that formats 2-3 of ``state.codec`` store (written only while
+    ``RFM_STATE_FORMAT`` asks for those formats, during a rolling upgrade): the id itself when
+    it is at most :data:`ID_RAW_MAX` characters and does not start with ``#``, else ``#`` and
+    12 URL-safe base64 characters of its 72-bit BLAKE2b digest.
+
+    >>> id_text("pos-1234-1")
     'pos-1234-1'
-    >>> k = id_key("0b7e6a2c-5f1d-4c9a-9f7e-2d3b1a0c9e8f")
-    >>> len(k), k[0], k == id_key("0b7e6a2c-5f1d-4c9a-9f7e-2d3b1a0c9e8f")
+    >>> k = id_text("0b7e6a2c-5f1d-4c9a-9f7e-2d3b1a0c9e8f")
+    >>> len(k), k[0], k == id_text("0b7e6a2c-5f1d-4c9a-9f7e-2d3b1a0c9e8f")
     (13, '#', True)
     """
     if len(value) <= ID_RAW_MAX and not value.startswith("#"):
         return value
-    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=9).digest()
-    return "#" + base64.urlsafe_b64encode(digest).decode("ascii")
+    return "#" + base64.urlsafe_b64encode(_blake2b_72(value)).decode("ascii")
+
+
+def text_to_key(text: str) -> bytes:
+    """The :func:`id_key` of an id stored in the :func:`id_text` form.
+
+    >>> long_id = "0b7e6a2c-5f1d-4c9a-9f7e-2d3b1a0c9e8f"
+    >>> text_to_key(id_text(long_id)) == id_key(long_id), text_to_key("e1") == id_key("e1")
+    (True, True)
+
+    Raises
+    ------
+    ValueError
+        When ``text`` starts with ``#`` but is not a digest's text (formats 2-3 never hold one).
+    """
+    if not text.startswith("#"):
+        return id_key(text)
+    digest = base64.urlsafe_b64decode(text[1:].encode("ascii"))
+    if len(digest) != 9:
+        raise ValueError(f"{text!r} is not the text of a 72-bit digest")
+    return digest[:ID_DIGEST_BYTES]
 
 
 class Order(NamedTuple):
-    """A remembered purchase order: its :func:`id_key`, amounts bought and refunded (minor
-    units) and the day of its first line (days since the Unix epoch, UTC), which places it in
-    a window bucket."""
+    """A remembered purchase order: its id (:func:`id_key`, or :func:`id_text`), amounts
+    bought and refunded (minor units) and the day of its first line (days since the Unix
+    epoch, UTC), which places it in a window bucket."""
 
-    order_id: str
+    order_id: IdKey
     bought_minor: int
     refunded_minor: int
     first_day: int
@@ -178,7 +220,7 @@ class CustomerState(NamedTuple):
     refunds_minor: int = 0
     last_purchase_ms: int | None = None
     first_purchase_ms: int | None = None
-    recent_event_ids: tuple[str, ...] = ()
+    recent_event_ids: tuple[IdKey, ...] = ()
     orders: tuple[Order, ...] = ()
     buckets: tuple[Bucket, ...] = ()
 
@@ -225,7 +267,7 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
     event
         The event to apply.
     limits
-        Memory bounds (recent event ids, recent orders).
+        Memory bounds (recent event ids, recent orders) and the form of remembered ids.
     window
         When given, the event is also added to its window bucket.
 
@@ -234,6 +276,12 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
     (CustomerState, bool)
         The new state and whether the event was applied (False: a duplicate ``event_id``,
         the state is returned unchanged).
+
+    Raises
+    ------
+    TypeError
+        When ``state`` remembers ids in the other form than ``limits.text_ids`` asks for (a
+        store and a pipeline configured for different value formats).
 
     Examples
     --------
@@ -252,12 +300,16 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
     (0, 0, 1000)
     """
     current = state if state is not None else CustomerState()
-    event_id = id_key(event.event_id)
+    key = id_text if limits.text_ids else id_key
+    event_id = key(event.event_id)
+    if current.recent_event_ids and type(current.recent_event_ids[0]) is not type(event_id):
+        raise TypeError(f"the state remembers ids as {type(current.recent_event_ids[0])}, "
+                        f"the limits ask for {type(event_id)} (limits.text_ids)")
     if event_id in current.recent_event_ids:
         return current, False
     event_ids = ((event_id,) + current.recent_event_ids)[:limits.event_ids]
     t, amount = event.occurred_ms, event.amount_minor
-    order_id = id_key(event.order_id)
+    order_id = key(event.order_id)
     known = None
     for o in current.orders:
         if o.order_id == order_id:

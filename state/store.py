@@ -86,15 +86,16 @@ def _mget_bytes(client: Any, names: list[str]) -> Any:
     return client.execute_command("MGET", *names, keys=names, **{NEVER_DECODE: []})
 
 
-def _customer_or_none(customer_id: str, value: bytes | None) -> StoredCustomer | None:
+def _customer_or_none(customer_id: str, value: bytes | None, text_ids: bool = False
+                      ) -> StoredCustomer | None:
     """A customer read for a step of other customers' events (a due time, or a re-score after
     a threshold refresh): None, as if erased, when its value cannot be decoded (an error is
     logged). Such steps would otherwise fail all of the partition's records, and the worker
     with them, again at each restart; this way the step drops its due time and goes on, the
     value stays as it is, and the customer's own events still fail (``processing_error`` dead
-    letters, re-sendable once the value is repaired)."""
+    letters, re-sendable once the value is repaired). ``text_ids``: as ``decode``'s."""
     try:
-        return decode(customer_id, value)
+        return decode(customer_id, value, text_ids=text_ids)
     except ValueError as exc:
         log.error("customer %r has an unreadable stored value, left as it is and not "
                   "re-scored: %s", customer_id, exc)
@@ -310,8 +311,11 @@ class RedisStore:
         (over the bound, the least recently committed customers of the largest partition cache
         are dropped first).
     write_format
-        Format of the customer values written (``state.codec``): 3, or 2 for a rolling upgrade
-        from releases that read only format 2. Both are read.
+        Format of the customer values written (``state.codec``): 4, or 3 or 2 for a rolling
+        upgrade from releases that read only those. All are read, but a store writing 2 or 3
+        reads the customers it may write back with their ids as text
+        (``state.rfm.Limits.text_ids``, which its pipeline must set too), so a format-4 value
+        is unreadable for it (its digests have no text form).
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0,
@@ -320,6 +324,7 @@ class RedisStore:
         self.namespace = namespace
         self.cache_customers = cache_customers
         self.write_format = write_format
+        self.text_ids = write_format < FORMAT
         self._cache: dict[int, _PartitionCache] = {}
         PartitionKeys(namespace, 0)  # validates the namespace
         self._commit = client.register_script(_script_text("commit.lua"))
@@ -381,7 +386,7 @@ class RedisStore:
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
         customers: dict[str, StoredCustomer | None] = {
-            cid: decode(cid, v) for cid, v in zip(ask, named, strict=True)}
+            cid: decode(cid, v, text_ids=self.text_ids) for cid, v in zip(ask, named, strict=True)}
         absent = {k.customer(cid): cid for cid, v in zip(ask, named, strict=True) if v is None}
         if absent:  # new customers, or keys of another type (MGET answers nil for both)
             for name, reason in (await self._not_strings(list(absent))).items():
@@ -394,7 +399,7 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             _queue_mget(pipe, k, unknown)
             values = [v for part in await pipe.execute() for v in part]
-            due_hits.update((cid, _customer_or_none(cid, v))
+            due_hits.update((cid, _customer_or_none(cid, v, self.text_ids))
                             for cid, v in zip(unknown, values, strict=True))
         customers.update(due_hits)
         return PartitionView(
@@ -427,7 +432,7 @@ class RedisStore:
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
         read = _customer_or_none if others else decode
-        out = {cid: read(cid, v) for cid, v in zip(ask, values, strict=True)}
+        out = {cid: read(cid, v, text_ids=self.text_ids) for cid, v in zip(ask, values, strict=True)}
         return {cid: out[cid] if cid in out else hits[cid] for cid in ids}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],

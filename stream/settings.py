@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from state.codec import FORMAT as STATE_FORMAT
 from state.rfm import Limits, Window
 from stream.allocator import MAX_GC_THRESHOLD
 from stream.scoring import FixedThresholds, ScoringConfig
@@ -109,9 +110,10 @@ class Settings(BaseSettings):
                                      "(vs. the wall clock) are dead letters (seconds)")
     recent_event_ids: int = Field(32, ge=1, description="Event ids remembered per customer")
     recent_order_ids: int = Field(32, ge=1, description="Order ids remembered per customer")
-    state_format: int = Field(3, ge=2, le=3, description="Format of the customer values "
-                              "written: 3 (MessagePack), or 2 (JSON) while workers of a release "
-                              "before format 3 may still run (both are read)")
+    state_format: int = Field(STATE_FORMAT, ge=2, le=STATE_FORMAT,
+                              description="Format of the customer values written: 4, or 3 or 2 "
+                              "while workers of a release before format 4 or 3 may still run "
+                              "(all are read)")
 
     # --- scoring
     scoring_mode: Literal["quintiles", "fixed"] = Field(
@@ -216,7 +218,8 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.recent_event_ids, self.recent_order_ids)
+        return Limits(self.recent_event_ids, self.recent_order_ids,
+                      text_ids=self.state_format < STATE_FORMAT)
 
     def time_policy(self) -> TimePolicy:
         """How time moves scores: as-of mode, idleness, flapping guard, rescore rate, window."""

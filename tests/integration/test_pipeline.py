@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 
+import msgpack
 import pytest
+from redis.client import NEVER_DECODE
 
 from stream.app import build_services
 from stream.pipeline import RawRecord
@@ -316,3 +319,40 @@ async def test_a_customer_key_of_another_type_is_not_overwritten_as_a_new_custom
         assert out.applied == 1 and (await store.read_customer(0, "bob")).state.frequency == 1
     finally:
         await store.client.aclose()
+
+
+async def test_a_worker_writing_format_3_keeps_ids_as_text_and_refuses_format_4_values(settings):
+    """A rolling upgrade (RFM_STATE_FORMAT=3, README "Upgrading"): the new workers write what
+    the old ones read, format 3 with ids as text, and de-duplicate with workers of format 4;
+    a format-4 value fails the format-3 worker's records of that customer (dead-lettered as
+    processing_error) instead of being written back without its ids."""
+    base = settings.model_copy(update={"partitions": 1, "cache_customers": 0})
+    old, new = build_services(base.model_copy(update={"state_format": 3})), build_services(base)
+    k = old.store.keys(0)
+
+    async def stored() -> list:
+        value = await old.store.client.execute_command("GET", k.customer("alice"),
+                                                       **{NEVER_DECODE: []})
+        return msgpack.unpackb(value, raw=True)
+
+    try:
+        e0 = purchase(0, "alice", "2024-01-01")
+        await old.processor.process(0, [raw(0, "alice", e0)], now_ms=NOW)
+        day = (date(2024, 1, 1) - date(1970, 1, 1)).days
+        assert (await stored())[0] == 3 and (await stored())[8:10] == [[b"e0"],
+                                                                       [[b"o0", 1000, 0, day]]]
+        again = await old.processor.process(0, [raw(1, "alice", e0)], now_ms=NOW)
+        assert (again.applied, again.duplicates) == (0, 1)
+        again = await new.processor.process(0, [raw(2, "alice", e0)], now_ms=NOW)
+        assert (again.applied, again.duplicates) == (0, 1)  # format 3's text ids, converted
+        e3 = purchase(3, "alice", "2024-02-01")
+        out = await new.processor.process(0, [raw(3, "alice", e3)], now_ms=NOW)
+        assert out.applied == 1 and (await stored())[0] == 4
+        written = await stored()
+        with pytest.raises(ValueError, match="alice.*RFM_STATE_FORMAT"):
+            await old.processor.process(0, [raw(4, "alice", purchase(4, "alice", "2024-03-01"))],
+                                        now_ms=NOW)
+        assert await stored() == written
+    finally:
+        await old.store.client.aclose()
+        await new.store.client.aclose()

@@ -32,12 +32,13 @@ def new_store(url: str) -> RedisStore:
     return RedisStore(client, f"store{next(_ns)}")
 
 
-def bought(cid: str, last_ms: int, frequency: int = 1, monetary: int = 100) -> CustomerWrite:
+def bought(cid: str, last_ms: int, frequency: int = 1, monetary: int = 100,
+           limits: Limits = Limits()) -> CustomerWrite:
     """A customer with ``frequency`` orders, the last at ``last_ms``, worth ``monetary``."""
     state = None
     for k in range(frequency):
         state, _ = apply_event(state, StateEvent(f"{cid}-{k}", f"{cid}-o{k}", "purchase",
-                                                 monetary if k == 0 else 0, last_ms))
+                                                 monetary if k == 0 else 0, last_ms), limits)
     assert state is not None
     return CustomerWrite(cid, None, StoredCustomer(cid, state),
                          (last_ms, state.frequency, state.monetary_minor))
@@ -360,15 +361,17 @@ def format_2(c: StoredCustomer) -> bytes:
 
 
 async def test_json_values_of_before_format_3_are_read_rewritten_and_forgotten(stack):
-    """A namespace written by the JSON formats: its customers read back as they were, a
-    commit rewrites one in MessagePack beside the others, and forget uncounts the segment of
-    a JSON value as of a MessagePack one."""
+    """A namespace written by the JSON formats: its customers read back as they were (their
+    ids as digests), a commit rewrites one in format 4 beside the others, and forget uncounts
+    the segment of a JSON value as of a MessagePack one."""
     store = new_store(stack.redis_url)
     k = store.keys(0)
-    old = {cid: bought(cid, DAY * (i + 1), frequency=i + 1).customer._replace(
-        segment=seg, scores=(5, i + 1, 3)) for i, (cid, seg) in
-        enumerate([("a", "Champions"), ("b", "At Risk"), ("c", "Ça «marche»")])}
-    for cid, c in old.items():
+    text_ids = Limits(text_ids=True)
+    customers = [("a", "Champions"), ("b", "At Risk"), ("c", "Ça «marche»")]
+    old, text = ({cid: bought(cid, DAY * (i + 1), i + 1, limits=limits).customer._replace(
+        segment=seg, scores=(5, i + 1, 3)) for i, (cid, seg) in enumerate(customers)}
+        for limits in (Limits(), text_ids))
+    for cid, c in text.items():
         await store.client.set(k.customer(cid), format_2(c))
         await store.client.hincrby(k.segcount, c.segment, 1)
     try:
@@ -378,11 +381,14 @@ async def test_json_values_of_before_format_3_are_read_rewritten_and_forgotten(s
                                                      "Champions")], [])
         raw = await store.client.execute_command("MGET", *(k.customer(c) for c in "abc"),
                                                  NEVER_DECODE=[])
-        assert raw[0][:1] == b"\x9e" and [v[:1] for v in raw[1:]] == [b"[", b"["]
+        assert raw[0][:2] == b"\x9e\x04" and [v[:1] for v in raw[1:]] == [b"[", b"["]
         assert await store.read_customers(0, "abc") == {**old, "a": a2}
-        # a store asked to (RFM_STATE_FORMAT=2, a rolling upgrade) writes format 2 again
+        # a store asked to (RFM_STATE_FORMAT=2, a rolling upgrade) writes format 2 again, and
+        # reads the customers it writes with their ids as text
         json_writer = RedisStore(store.client, store.namespace, write_format=2)
-        b2 = bought("b", 8 * DAY).customer._replace(segment="Loyal", scores=(4, 1, 1))
+        assert await json_writer.read_customers(0, "c") == {"c": text["c"]}
+        b2 = bought("b", 8 * DAY, limits=text_ids).customer._replace(segment="Loyal",
+                                                                       scores=(4, 1, 1))
         await json_writer.commit(0, 0, {}, [CustomerWrite("b", None, b2, (8 * DAY, 1, 100),
                                                           "At Risk")], [])
         assert await store.client.execute_command("GET", k.customer("b"),

@@ -48,7 +48,7 @@ def test_monetary_never_below_zero_and_refund_only_customer_is_not_scored():
 
 
 def test_memory_is_bounded():
-    limits = Limits(event_ids=4, order_ids=3)
+    limits = Limits(event_ids=4, order_ids=3, text_ids=True)  # ids short enough to stay text
     s = fold([StateEvent(f"e{i}", f"o{i}", "purchase", 1, i) for i in range(50)], limits)
     assert s.recent_event_ids == ("e49", "e48", "e47", "e46")
     assert [o.order_id for o in s.orders] == ["o49", "o48", "o47"]
