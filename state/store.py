@@ -52,6 +52,19 @@ class ConflictError(StoreError):
         self.partition, self.expected, self.stored = partition, expected, stored
 
 
+class UnreadableCustomers(ValueError):
+    """Customers whose stored value cannot be read: malformed, of a format this store cannot
+    write back, or a key of another Redis type (written by hand or by a bug). A step of their
+    own events cannot be planned; the worker dead-letters those events and applies the rest.
+
+    Attributes: ``reasons``, customer id -> why (a sentence that names the customer).
+    """
+
+    def __init__(self, reasons: dict[str, str]):
+        super().__init__("; ".join(reasons.values()))
+        self.reasons = reasons
+
+
 class FencedError(StoreError):
     """Another publisher claimed the partition's outbox (a newer owner of the partition).
 
@@ -356,10 +369,10 @@ class RedisStore:
 
         Raises
         ------
-        ValueError
-            When one of ``customer_ids`` has a stored value that cannot be decoded, or a key
+        UnreadableCustomers
+            When some of ``customer_ids`` have a stored value that cannot be decoded, or a key
             of another Redis type (found by a second round trip, made only when some of the
-            customers have no value: new ones, or such keys).
+            customers have no value: new ones, or such keys); it names them all.
         """
         k = self.keys(partition)
         ids = list(dict.fromkeys(customer_ids))
@@ -385,12 +398,13 @@ class RedisStore:
             return await self.read_partition(partition, ids, partitions, hint_ms, max_due)
         dues = tuple((int(float(due_flat[i + 1])), due_flat[i])
                      for i in range(0, len(due_flat), 2))
-        customers: dict[str, StoredCustomer | None] = {
-            cid: decode(cid, v, text_ids=self.text_ids) for cid, v in zip(ask, named, strict=True)}
+        customers, unreadable = self._decode_all(ask, named)
         absent = {k.customer(cid): cid for cid, v in zip(ask, named, strict=True) if v is None}
         if absent:  # new customers, or keys of another type (MGET answers nil for both)
             for name, reason in (await self._not_strings(list(absent))).items():
-                raise ValueError(f"customer {absent[name]!r}: {reason}")
+                unreadable[absent[name]] = f"customer {absent[name]!r}: {reason}"
+        if unreadable:
+            raise UnreadableCustomers(unreadable)
         customers.update(hits)
         # the due customers this store did not commit itself: a second round trip
         due_hits = {cid: cached.get(cid) for _, cid in dues if cid not in customers}
@@ -409,11 +423,29 @@ class RedisStore:
             customers, dues, max_due > 0 and len(dues) >= max_due, opt_int(seen),
             opt_int(version))
 
+    def _decode_all(self, ids: list[str], values: list[bytes | None]
+                    ) -> tuple[dict[str, StoredCustomer | None], dict[str, str]]:
+        """The customers of ``values`` that decode, and why each of the others does not."""
+        out: dict[str, StoredCustomer | None] = {}
+        unreadable: dict[str, str] = {}
+        for cid, v in zip(ids, values, strict=True):
+            try:
+                out[cid] = decode(cid, v, text_ids=self.text_ids)
+            except ValueError as exc:
+                unreadable[cid] = str(exc)
+        return out, unreadable
+
     async def read_customers(self, partition: int, customer_ids: Iterable[str],
                              others: bool = False) -> dict[str, StoredCustomer | None]:
         """Several customers of one partition (None where unknown). ``others``: read for a
         step of other customers' events (a re-score), so an unreadable value is logged and
-        read as None (see ``_customer_or_none``) instead of raising ValueError."""
+        read as None (see ``_customer_or_none``) instead of raising.
+
+        Raises
+        ------
+        UnreadableCustomers
+            Without ``others``, when some stored values cannot be decoded.
+        """
         ids = list(dict.fromkeys(customer_ids))
         k = self.keys(partition)
         cache = self._cache.get(partition)
@@ -431,8 +463,13 @@ class RedisStore:
                 return await self.read_customers(partition, ids, others)
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
-        read = _customer_or_none if others else decode
-        out = {cid: read(cid, v, text_ids=self.text_ids) for cid, v in zip(ask, values, strict=True)}
+        if others:
+            out = {cid: _customer_or_none(cid, v, self.text_ids)
+                   for cid, v in zip(ask, values, strict=True)}
+        else:
+            out, unreadable = self._decode_all(ask, values)
+            if unreadable:
+                raise UnreadableCustomers(unreadable)
         return {cid: out[cid] if cid in out else hits[cid] for cid in ids}
 
     async def commit(self, partition: int, expected_seq: int, meta: Mapping[str, str | int],

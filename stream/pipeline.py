@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -141,13 +142,17 @@ class BatchProcessor:
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
                       reject: dict[int, tuple[str, str]] | None = None,
-                      skip: set[int] | None = None) -> BatchResult:
+                      skip: set[int] | None = None,
+                      reject_customers: Mapping[str, tuple[str, str]] | None = None
+                      ) -> BatchResult:
         """Process one partition's records (ascending offsets).
 
         ``now_ms`` is the wall clock for the future-skew check, idleness and ``emitted_at``
         (defaults to the real clock). ``reject`` forces records (by offset) to be dead letters
-        with the given ``(reason, detail)`` (used for a record whose processing failed);
-        ``skip`` offsets only advance the applied offset (a replay from an event time).
+        with the given ``(reason, detail)`` (used for a record whose processing failed), and
+        ``reject_customers`` the valid records of those customers (whose stored values are
+        unreadable: ``state.store.UnreadableCustomers``); ``skip`` offsets only advance the
+        applied offset (a replay from an event time).
 
         Raises
         ------
@@ -171,6 +176,9 @@ class BatchProcessor:
                 continue
             verdict = (Rejected(*reject[raw.offset]) if reject and raw.offset in reject
                        else validate(raw.key, raw.value, self.rules, now))
+            if reject_customers and isinstance(verdict, Accepted) \
+                    and verdict.customer_id in reject_customers:
+                verdict = Rejected(*reject_customers[verdict.customer_id])
             if isinstance(verdict, Accepted):
                 state_records.append(Record(raw.offset, verdict.customer_id, verdict.event))
                 self.metrics.event_time_lag.observe(max(0, now - verdict.event.occurred_ms) / 1000)

@@ -78,3 +78,52 @@ async def test_another_writer_committing_for_longer_than_five_tries_loses_nothin
     assert {e.key for e in entries} == {"alice", "bob"}
     assert services.metrics.registry.get_sample_value(
         f"{settings.metrics_prefix}_dead_lettered_total", {"reason": "processing_error"}) == 0
+
+
+async def test_unreadable_customers_records_are_dead_lettered_and_the_rest_applied_together(
+        settings):
+    """A breaker's case: a partition where some customers' stored values were unreadable
+    caught up five times slower (each failed batch was processed again a record at a time,
+    with a traceback per record). Now their records become processing_error dead letters and
+    the others are applied in one more step."""
+    services = build_services(settings.model_copy(update={"partitions": 1,
+                                                          "cache_customers": 0}))
+    store, processor = services.store, services.processor
+
+    async def reread(partition: int, start: int, end: int) -> list:
+        return []
+
+    runner = PartitionRunner(services, reread)
+    steps: list[int] = []
+    real_process = processor.process
+
+    async def counted(partition, records, *args, **kwargs):
+        steps.append(len(records))
+        return await real_process(partition, records, *args, **kwargs)
+
+    try:
+        first = [purchase(n, c, "10.00") for n, c in enumerate(["bad1", "bad2", "ok"])]
+        await runner.process(0, first)
+        k = store.keys(0)
+        await store.client.set(k.customer("bad1"), "junk")  # not a value of any format
+        await store.client.delete(k.customer("bad2"))
+        await store.client.hset(k.customer("bad2"), "f", "3")  # a hash, written by hand
+        customers = ["ok", "bad1", "new1", "bad2", "new2", "bad1", "ok", "new1"] * 5
+        batch = [purchase(3 + i, c, "1.00") for i, c in enumerate(customers)]
+        processor.process = counted
+        out = await runner.process(0, batch)
+        ok, new1 = await store.read_customer(0, "ok"), await store.read_customer(0, "new1")
+        meta = await store.partition_meta([0])
+    finally:
+        await store.client.aclose()
+
+    assert steps == [40, 40]  # the failed step, then the others together
+    dead = {(d.source_offset, d.reason) for d in out.dead_letters}
+    assert dead == {(3 + i, "processing_error") for i, c in enumerate(customers)
+                    if c.startswith("bad")}
+    details = {d.source_offset: d.detail for d in out.dead_letters}
+    assert all(f"'{customers[o - 3]}'" in details[o] for o in details)
+    # hand-worked: "ok" 10.00 then ten orders of 1.00; "new1" ten orders of 1.00
+    assert (ok.state.frequency, ok.state.monetary_minor) == (11, 2000)
+    assert (new1.state.frequency, new1.state.monetary_minor) == (10, 1000)
+    assert meta[0][0] == 42
