@@ -140,8 +140,10 @@ def _digests(blob: object) -> list[bytes]:
 def _orders_4(o: object) -> list[tuple[bytes, int, int, int]]:
     """Format 4's order columns as order rows; TypeError/ValueError when malformed."""
     ids, bought, refunded, days = o  # type: ignore[misc]
-    if not len(ids) == len(bought) * ID_DIGEST_BYTES or not len(bought) == len(refunded) \
-            == len(days) or not set(map(type, bought + refunded + days)) <= _INT:
+    if not type(bought) is type(refunded) is type(days) is list \
+            or not len(ids) == len(bought) * ID_DIGEST_BYTES \
+            or not len(bought) == len(refunded) == len(days) \
+            or not set(map(type, bought + refunded + days)) <= _INT:
         raise TypeError("malformed order columns")
     return list(zip(_digests(ids), bought, refunded, days, strict=True))
 
@@ -164,11 +166,11 @@ def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = Fals
         return None
     if not value:
         raise ValueError(f"customer {customer_id!r}: an empty stored value")
+    if text_ids and isinstance(value, bytes) and value[:2] == _FORMAT_4:
+        raise ValueError(f"customer {customer_id!r}: a value of format 4, which a worker set to "
+                         "write formats 2-3 (RFM_STATE_FORMAT) cannot write back")
     try:
         if isinstance(value, bytes) and value[:2] == _FORMAT_4:
-            if text_ids:
-                raise ValueError("format 4, which a worker writing formats 2-3 "
-                                 "(RFM_STATE_FORMAT) cannot write back")
             (fmt, seg, cl, f, buy, ref, last, first, ev_raw, o, buckets, sc, chg, hc
              ) = msgpack.unpackb(value, raw=True)
             seg = seg if seg is None else seg.decode("utf-8")

@@ -173,7 +173,10 @@ def test_formats_2_and_3_are_still_written_when_asked_from_text_ids():
                                                   [b"", [], [], []], [], None, None, None]),
                                    msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
                                                   [[b"o" * 8, 5, 0, 1]], [], None, None,
-                                                  None])])
+                                                  None]),
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"o" * 8, b"\x05", b"\x00", b"\x01"], [],
+                                                  None, None, None])])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
