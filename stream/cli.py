@@ -96,6 +96,8 @@ def _settings(resolve: bool = True) -> Any:
     except RedisError as exc:
         raise click.ClickException(
             f"Redis unreachable at the configured RFM_REDIS_URL: {exc}") from exc
+    except ValueError as exc:  # an alias written by hand
+        raise click.ClickException(str(exc)) from exc
 
 
 def _kafka_errors() -> tuple[type[BaseException], ...]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from state.keys import alias_key
+from state.keys import PartitionKeys, alias_key
 from state.store import RedisStore
 from stream import localstack
 from stream.settings import Settings
@@ -142,15 +142,30 @@ def resolve_namespace(settings: Settings) -> Settings:
     ------
     redis.exceptions.RedisError
         When Redis is unreachable.
+    ValueError
+        When the alias key holds another Redis type or a value that is not a namespace
+        (written by hand).
     """
     import redis
 
+    key = alias_key(settings.namespace)
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                   socket_timeout=10, socket_connect_timeout=5)
     try:
-        target = client.get(alias_key(settings.namespace))
+        target = client.get(key)
+    except redis.ResponseError as exc:  # WRONGTYPE: Redis answered, the key is not a string
+        raise ValueError(f"the namespace alias {key!r} is not a string ({exc}); `replay "
+                         "--switch` writes it: delete it or set it to a namespace") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the namespace alias {key!r} is not text: delete it or set it to a "
+                         "namespace") from exc
     finally:
         client.close()
     if not target or target == settings.namespace:
         return settings
+    try:
+        PartitionKeys(target, 0)
+    except ValueError as exc:
+        raise ValueError(f"the namespace alias {key!r} names {target!r}, which is not a "
+                         "namespace: delete it or set it to one") from exc
     return settings.model_copy(update={"namespace": str(target)})

@@ -286,3 +286,26 @@ async def test_load_orders_millisecond_times_as_the_worker_reads_them(settings, 
         ("e3", 32_052), ("e2", 32_053), ("e1", 1_081_552_617_362), ("e4", 1_081_552_617_362),
         ("e0", 1_081_552_617_363)]
 
+
+
+@pytest.mark.parametrize("alias", ["hash", "a:b", b"\xff\xfe"])
+async def test_a_namespace_alias_written_by_hand_is_a_clean_error(settings, alias):
+    """A breaker's case: an alias key (``replay --switch`` writes it) of another Redis type,
+    or naming no valid namespace, made every command fail with "Redis unreachable ...
+    WRONGTYPE" or a raw ValueError traceback."""
+    store = store_for(settings)
+    key = f"rfm:alias:{settings.namespace}"
+    if alias == "hash":
+        await store.client.hset(key, "x", "1")
+    else:
+        await store.client.set(key, alias)
+    env = {"RFM_KAFKA_URL": settings.kafka_url, "RFM_REDIS_URL":
+           settings.redis_url.get_secret_value(), "RFM_NAMESPACE": settings.namespace}
+    try:
+        shown = await asyncio.to_thread(CliRunner().invoke, main, ["segments"], env=env)
+    finally:
+        await store.client.delete(key)
+        await store.client.aclose()
+    assert shown.exit_code == 1 and isinstance(shown.exception, SystemExit), shown.output
+    assert key in shown.output and "unreachable" not in shown.output
+    assert "Traceback" not in shown.output
