@@ -126,9 +126,10 @@ def write_chunks(r: redis.Redis, population: list[tuple[str, int, int, int]]) ->
         ordered = sorted(population, key=lambda row: (row[col], row[0]))
         for c in range(0, len(ordered), CHUNK):
             rows = ordered[c:c + CHUNK]
-            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:{c // CHUNK}", {row[0]: row[col] for row in rows})
-            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:idx", {c // CHUNK: rows[0][col]})
-            pipe.hset(f"rfm:mem:{{p0}}:{dim}:n", c // CHUNK, len(rows))
+            name = f"{c // CHUNK:06d}"  # fixed width: chunks of one lowest value in order
+            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:{name}", {row[0]: row[col] for row in rows})
+            pipe.zadd(f"rfm:mem:{{p0}}:{dim}:idx", {name: rows[0][col]})
+            pipe.hset(f"rfm:mem:{{p0}}:{dim}:n", name, len(rows))
             if c % 20_000 == 0:
                 pipe.execute()
     pipe.execute()
@@ -149,7 +150,7 @@ def measure(layout: str, n: int) -> tuple[float, float, str]:
             key = next(r.scan_iter(match="rfm:mem:{p0}:[ch]:*", count=1000))
             encoding = r.object("encoding", key).decode()
             if layout.startswith("chunked"):
-                chunk = r.object("encoding", "rfm:mem:{p0}:m:0").decode()
+                chunk = r.object("encoding", "rfm:mem:{p0}:m:000000").decode()
                 encoding += f"; population chunks {chunk}"
         finally:
             r.close()
