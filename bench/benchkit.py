@@ -64,7 +64,7 @@ async def raw_consume_rates(bootstrap: str, topic: str, passes: int = 3) -> list
 
     One untimed pass first (connections, metadata, high watermarks), then ``passes`` timed
     ones, each from ``seek_to_beginning`` to the last record. The high watermark comes from
-    fetch responses (the local broker's ``end_offsets`` is wrong, LOCAL_STACK.md).
+    fetch responses (the local broker's ``end_offsets`` is wrong, docs/local-broker.md).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")

@@ -30,8 +30,10 @@ read (``forget.lua`` reads ``seg``).
 Formats are told apart by the first bytes: MessagePack's 14-element array is ``0x9e``, then
 the version (``0x03``, ``0x04``); anything else is read as JSON (formats 1-2). Releases before
 format 4 do not read it: ``encode`` still writes formats 2 and 3 when asked
-(``RFM_STATE_FORMAT``, README "Upgrading"), from a state that remembers ids as text
-(``state.rfm.Limits.text_ids``; ``decode(..., text_ids=True)``).
+(``RFM_STATE_FORMAT``, README "Upgrading") for a state that remembers ids as text (new
+customers with ``state.rfm.Limits.text_ids``, and values of formats 1-3 decoded with
+``text_ids=True``); a customer already in format 4 stays in format 4 (its digests have no
+text form, and such a release could not read it anyway).
 """
 
 from __future__ import annotations
@@ -72,13 +74,14 @@ def opt_int(value: str | None) -> int | None:
 
 def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
     """The stored value of a customer (see the module docstring) in format ``fmt``: 4, or 3
-    or 2 (what releases before format 4 and 3 read, for a rolling upgrade from them).
+    or 2 (what releases before format 4 and 3 read, for a rolling upgrade from them) when its
+    state remembers ids as text (``state.rfm.id_text``); a state that remembers them as
+    digests is written in format 4 whatever ``fmt`` asks.
 
     Raises
     ------
     ValueError
-        When ``fmt`` is not 2, 3 or 4, or the state remembers ids in the other form than
-        ``fmt`` stores (format 4: ``state.rfm.id_key`` digests; 2-3: ``id_text``).
+        When ``fmt`` is not 2, 3 or 4.
     """
     s, sc = c.state, c.scores
     orders = s.orders
@@ -88,14 +91,15 @@ def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
               c.held_cause]
     if fmt not in (2, 3, FORMAT):
         raise ValueError(f"stored format {fmt!r}: 2, 3 or {FORMAT}")
-    # a state's ids all have the form of its first (state.rfm.apply_event checks)
-    form = bytes if fmt == FORMAT else str
-    firsts = s.recent_event_ids[:1] + (orders[0][:1] if orders else ())
-    if any(type(i) is not form for i in firsts):
-        raise ValueError(f"customer {c.customer_id!r}: format {fmt} cannot store ids of the "
-                         f"other form ({'text' if fmt == FORMAT else 'digests'})")
+    # a state's ids all have the form of its first (state.rfm.apply_event follows it)
+    first = s.recent_event_ids[:1] + (orders[0][:1] if orders else ())
+    if fmt != FORMAT and first and type(first[0]) is bytes:
+        fmt = fields[0] = FORMAT
+    elif fmt == FORMAT and first and type(first[0]) is str:  # text of formats 1-3: convert
+        fields[8] = tuple(map(text_to_key, s.recent_event_ids))
+        orders = tuple(o._replace(order_id=text_to_key(o.order_id)) for o in orders)
     if fmt == FORMAT:
-        fields[8] = b"".join(s.recent_event_ids)
+        fields[8] = b"".join(fields[8])
         ids, bought, refunded, days = zip(*orders, strict=True) if orders else ((), (), (), ())
         fields[9] = [b"".join(ids), bought, refunded, days]
     if fmt == 2:  # orjson writes named tuples only as plain tuples
@@ -108,13 +112,17 @@ def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
 _INT, _OPT_INT, _OPT_STR = {int}, {int, type(None)}, {str, type(None)}  # int: not bool
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time a datetime can hold
 MAX_MINOR = 2**63 - 1  # what an int64 column (the export) holds
+MAX_DAY = MAX_MS // MS_PER_DAY
+_SCORES = frozenset(r * 100 + f * 10 + m for r in range(1, 6) for f in range(1, 6)
+                    for m in range(1, 6))  # sc: R, F, M in 1..5
 
 
 def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: object,
            first: object, ev: object, orders: object, buckets: object, sc: object,
            chg: object, hc: object) -> bool:
-    """Whether decoded fields have their types (see the module docstring) and ranges (counts
-    and amounts in 0..2^63-1, times in 0..:data:`MAX_MS`), so that a value
+    """Whether decoded fields have their types (see the module docstring) and ranges (counts,
+    amounts and cluster ids in 0..2^63-1, times in 0..:data:`MAX_MS`, scores 1-5), so that a
+    value
     written by hand or by a bug fails here, as malformed, and not later in a step of other
     customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
     customer's own events, whose failure stays theirs: checking their items too would double
@@ -126,6 +134,8 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
             and all(type(b) is list and len(b) == 4 and set(map(type, b)) <= _INT
                     and all(0 <= x <= MAX_MINOR for x in b) for b in buckets)
             and 0 <= f <= MAX_MINOR and 0 <= buy <= MAX_MINOR and 0 <= ref <= MAX_MINOR
+            and (cl is None or 0 <= cl <= MAX_MINOR)  # type: ignore[operator]
+            and (sc is None or sc in _SCORES)
             and all(t is None or 0 <= t <= MAX_MS for t in (last, first, chg)))
 
 
@@ -143,8 +153,10 @@ def _orders_4(o: object) -> list[tuple[bytes, int, int, int]]:
     if not type(bought) is type(refunded) is type(days) is list \
             or not len(ids) == len(bought) * ID_DIGEST_BYTES \
             or not len(bought) == len(refunded) == len(days) \
-            or not set(map(type, bought + refunded + days)) <= _INT:
-        raise TypeError("malformed order columns")
+            or not set(map(type, bought + refunded + days)) <= _INT \
+            or not all(0 <= x <= MAX_MINOR for x in bought + refunded) \
+            or not all(0 <= d <= MAX_DAY for d in days):
+        raise TypeError("malformed order columns (types, lengths or ranges)")
     return list(zip(_digests(ids), bought, refunded, days, strict=True))
 
 
@@ -152,23 +164,19 @@ def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = Fals
            ) -> StoredCustomer | None:
     """A customer from its stored value (format 4, or formats 1-3); None when there is none.
 
-    ``text_ids``: remember ids in the text form formats 2-3 store (for a store that writes
-    those formats: ``state.rfm.Limits.text_ids``); else as ``state.rfm.id_key`` digests, to
-    which the ids of formats 1-3 are converted.
+    Format 4 gives ids as ``state.rfm.id_key`` digests; formats 1-3 give them in the text
+    form formats 2-3 store with ``text_ids`` (for a store that writes those formats), else as
+    digests too (converted).
 
     Raises
     ------
     ValueError
-        When the value is empty, malformed or of an unknown format version, or of format 4
-        when ``text_ids`` is asked for (its digests have no text form).
+        When the value is empty, malformed or of an unknown format version.
     """
     if value is None:
         return None
     if not value:
         raise ValueError(f"customer {customer_id!r}: an empty stored value")
-    if text_ids and isinstance(value, bytes) and value[:2] == _FORMAT_4:
-        raise ValueError(f"customer {customer_id!r}: a value of format 4, which a worker set to "
-                         "write formats 2-3 (RFM_STATE_FORMAT) cannot write back")
     try:
         if isinstance(value, bytes) and value[:2] == _FORMAT_4:
             (fmt, seg, cl, f, buy, ref, last, first, ev_raw, o, buckets, sc, chg, hc
@@ -199,6 +207,7 @@ def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = Fals
         scores = None if sc is None else (sc // 100, sc // 10 % 10, sc % 10)
     except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError,
             msgpack.UnpackException) as exc:
+        why = str(exc) or (type(exc).__doc__ or "").strip()  # msgpack's StackError: no text
         raise ValueError(f"customer {customer_id!r}: malformed stored value "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({type(exc).__name__}: {why})") from exc
     return StoredCustomer(customer_id, state, seg, cl, scores, chg, hc)

@@ -51,8 +51,10 @@ class Limits:
         How many recent purchase orders are kept (id, amount bought, amount refunded), so that
         several line events of one order count once and a full refund can remove it (>= 1).
     text_ids
-        Remember ids in their :func:`id_text` form (what formats 2-3 of ``state.codec``
-        store: set for a store that writes those formats) instead of :func:`id_key`.
+        A new customer remembers ids in their :func:`id_text` form (what formats 2-3 of
+        ``state.codec`` store: set for a store that writes those formats) instead of
+        :func:`id_key`. A customer's ids keep the form they have: :func:`apply_event` follows
+        the state.
     """
 
     event_ids: int = 32
@@ -277,11 +279,8 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
         The new state and whether the event was applied (False: a duplicate ``event_id``,
         the state is returned unchanged).
 
-    Raises
-    ------
-    TypeError
-        When ``state`` remembers ids in the other form than ``limits.text_ids`` asks for (a
-        store and a pipeline configured for different value formats).
+    The event's ids are taken in the form the state remembers ids in (:func:`id_key` or
+    :func:`id_text`); for a state that remembers none, in the form ``limits.text_ids`` asks.
 
     Examples
     --------
@@ -300,11 +299,10 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
     (0, 0, 1000)
     """
     current = state if state is not None else CustomerState()
-    key = id_text if limits.text_ids else id_key
+    remembered = current.recent_event_ids[:1] or tuple(o.order_id for o in current.orders[:1])
+    text = type(remembered[0]) is str if remembered else limits.text_ids
+    key = id_text if text else id_key
     event_id = key(event.event_id)
-    if current.recent_event_ids and type(current.recent_event_ids[0]) is not type(event_id):
-        raise TypeError(f"the state remembers ids as {type(current.recent_event_ids[0])}, "
-                        f"the limits ask for {type(event_id)} (limits.text_ids)")
     if event_id in current.recent_event_ids:
         return current, False
     event_ids = ((event_id,) + current.recent_event_ids)[:limits.event_ids]

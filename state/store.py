@@ -325,10 +325,10 @@ class RedisStore:
         are dropped first).
     write_format
         Format of the customer values written (``state.codec``): 4, or 3 or 2 for a rolling
-        upgrade from releases that read only those. All are read, but a store writing 2 or 3
-        reads the customers it may write back with their ids as text
-        (``state.rfm.Limits.text_ids``, which its pipeline must set too), so a format-4 value
-        is unreadable for it (its digests have no text form).
+        upgrade from releases that read only those. All are read; a store writing 2 or 3
+        reads the customers of those formats with their ids as text
+        (``state.rfm.Limits.text_ids``, which its pipeline sets too), and writes a customer
+        already in format 4 in format 4 (its ids are digests).
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0,

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
+from state.codec import FORMAT as STATE_FORMAT
+
 T = TypeVar("T")
 
 
@@ -128,6 +130,8 @@ Examples:
   rfm-stream export --out customers.parquet --as-of 1998-06-30T00:00:00Z
   rfm-stream forget 00042
 """)
+@click.version_option(package_name="rfm-stream", message=f"%(prog)s %(version)s (customer "
+                      f"values: writes format {STATE_FORMAT}, reads 1-{STATE_FORMAT})")
 def main() -> None:
     """Real-time RFM customer segmentation on Kafka and Redis."""
 

@@ -1,8 +1,9 @@
 """Export every customer scored at one as-of time: recency, scores, segment and cluster.
 
-Scores, segment and cluster are computed at the export's as-of time (DESIGN.md): the population
-quintiles of all customers at that moment (fixed thresholds below the minimum population), the
-segment rule table, and the latest clustering model snapshot.
+Scores, segment and cluster are computed at the export's as-of time (README, "RFM
+definitions"): the population quintiles of all customers at that moment (fixed thresholds
+below the minimum population), the segment rule table, and the latest clustering model
+snapshot.
 """
 
 from __future__ import annotations

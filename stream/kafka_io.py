@@ -1,7 +1,7 @@
 """Small Kafka helpers over aiokafka: create topics, produce batched, read a topic to its end.
 
 The local broker's ``end_offsets()`` is wrong when the newest batch holds several records
-(LOCAL_STACK.md), so "the end" is read from fetch responses (``consumer.highwater``) and the
+(docs/local-broker.md), so "the end" is read from fetch responses (``consumer.highwater``) and the
 producer's own acknowledgements, never from ListOffsets.
 """
 

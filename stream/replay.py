@@ -11,7 +11,7 @@ together, as a live worker applies them: the clustering model, trained by partit
 there for the others' customers when it would be live.
 
 ``--from`` (an event time) cannot seek: the local broker's ``offsets_for_times`` answers with
-write times (LOCAL_STACK.md), so the replay reads from the beginning and records whose event
+write times (docs/local-broker.md), so the replay reads from the beginning and records whose event
 time is earlier only advance the applied offset.
 """
 
@@ -457,7 +457,7 @@ ENDS_TIMEOUT_S = 30.0  # for the end offsets a replay stops at
 
 async def _ends(kafka: dict[str, Any], tps: list[TopicPartition]) -> dict[TopicPartition, int]:
     """The end offset of each partition as of now, from fetch responses of a consumer of its
-    own (the local broker's ListOffsets is wrong: LOCAL_STACK.md)."""
+    own (the local broker's ListOffsets is wrong: docs/local-broker.md)."""
     consumer = await started(AIOKafkaConsumer(**kafka, enable_auto_commit=False,
                                               group_id=None, auto_offset_reset="earliest"))
     ends: dict[TopicPartition, int] = {}

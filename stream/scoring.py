@@ -2,7 +2,7 @@
 
 Pure functions; the as-of time is passed in.
 
-Quintile rule (DESIGN.md, "RFM semantics"): with N scored customers and ``worse`` the number of
+Quintile rule (README, "RFM definitions"): with N scored customers and ``worse`` the number of
 customers with a strictly worse value (larger recency, smaller frequency or monetary),
 
     score = 1 + floor(5 * worse / N)

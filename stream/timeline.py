@@ -1,6 +1,6 @@
 """Event time: the as-of time a partition scores at, and when a customer is next due. Pure.
 
-The global event-time watermark (DESIGN.md, "RFM semantics") is the minimum over the active
+The global event-time watermark (README, "RFM definitions") is the minimum over the active
 partitions of their highest applied event time. A partition whose last applied event is older
 than ``idle_partition_ms`` of wall-clock time stops holding it back (as Flink's
 ``withIdleness``). Each partition keeps its own as-of time in Redis, which never moves back:

@@ -1,4 +1,4 @@
-"""Delivery guarantees under crashes, against real processes (DESIGN.md "Delivery semantics").
+"""Delivery guarantees under crashes, against real processes (README, "Guarantees").
 
 Nothing lost, nothing counted twice: SIGKILLed workers, a worker lost from a two-worker group,
 a SIGKILLed Redis with AOF everysec, a paused broker. The state oracle is a pandas group-by over
@@ -106,7 +106,7 @@ async def test_sigkilled_worker_loses_and_doubles_nothing(stack, unique, tmp_pat
     the pandas oracle and the de-duplicated segment changes (cluster ids and model versions
     included: the trainer's snapshots are committed with partition 0's steps) equal an
     uninterrupted run's."""
-    # a short session: each restarted worker's join waits for it (LOCAL_STACK.md)
+    # a short session: each restarted worker's join waits for it (docs/local-broker.md)
     common = dict(partitions=1, scoring_mode="quintiles", session_timeout_s=2.0,
                   heartbeat_interval_s=0.5)
     calm = crash_settings(stack, unique + "calm", **common)

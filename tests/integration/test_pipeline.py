@@ -321,11 +321,13 @@ async def test_a_customer_key_of_another_type_is_not_overwritten_as_a_new_custom
         await store.client.aclose()
 
 
-async def test_a_worker_writing_format_3_keeps_ids_as_text_and_refuses_format_4_values(settings):
+async def test_a_worker_writing_format_3_keeps_ids_as_text_and_format_4_customers_as_they_are(
+        settings):
     """A rolling upgrade (RFM_STATE_FORMAT=3, README "Upgrading"): the new workers write what
     the old ones read, format 3 with ids as text, and de-duplicate with workers of format 4;
-    a format-4 value fails the format-3 worker's records of that customer (dead-lettered as
-    processing_error) instead of being written back without its ids."""
+    a customer a worker of format 4 already wrote stays in format 4 (its digests have no text
+    form). A breaker's case: such customers were unreadable for the format-3 worker, which
+    dropped their due times (segments never re-scored) and dead-lettered their events."""
     base = settings.model_copy(update={"partitions": 1, "cache_customers": 0})
     old, new = build_services(base.model_copy(update={"state_format": 3})), build_services(base)
     k = old.store.keys(0)
@@ -348,11 +350,13 @@ async def test_a_worker_writing_format_3_keeps_ids_as_text_and_refuses_format_4_
         e3 = purchase(3, "alice", "2024-02-01")
         out = await new.processor.process(0, [raw(3, "alice", e3)], now_ms=NOW)
         assert out.applied == 1 and (await stored())[0] == 4
-        written = await stored()
-        with pytest.raises(ValueError, match="alice.*RFM_STATE_FORMAT"):
-            await old.processor.process(0, [raw(4, "alice", purchase(4, "alice", "2024-03-01"))],
-                                        now_ms=NOW)
-        assert await stored() == written
+        again = await old.processor.process(0, [raw(4, "alice", e3)], now_ms=NOW)
+        assert (again.applied, again.duplicates) == (0, 1)  # the format-3 worker reads it
+        e5 = purchase(5, "alice", "2024-03-01")
+        out = await old.processor.process(0, [raw(5, "alice", e5)], now_ms=NOW)
+        assert out.applied == 1 and out.dead_letters == [] and (await stored())[0] == 4
+        alice = await new.store.read_customer(0, "alice")
+        assert (alice.state.frequency, alice.state.monetary_minor) == (3, 3000)
     finally:
         await old.store.client.aclose()
         await new.store.client.aclose()

@@ -46,8 +46,14 @@ def test_text_ids_of_formats_2_3_keep_short_ids_and_never_collide_with_them():
     assert id_text("x" * 13) == "x" * 13 and id_text("x" * 14) == blake_text("x" * 14)
     s, _ = apply_event(None, StateEvent(E1, "o1", "purchase", 1000, 0), TEXT)
     assert s.recent_event_ids == (blake_text(E1),) and s.orders[0].order_id == "o1"
-    with pytest.raises(TypeError, match="text_ids"):  # a store and a pipeline that disagree
-        apply_event(s, StateEvent(E2, "o1", "purchase", 1000, 0))
+    # a customer's ids keep their form, whatever the limits ask for new customers
+    s2, again = apply_event(s, StateEvent(E1, "o1", "purchase", 1000, 0))
+    s3, _ = apply_event(s, StateEvent(E2, "o1", "refund", 1000, 0))
+    assert (s2, again) == (s, False) and s3.recent_event_ids == (blake_text(E2), blake_text(E1))
+    assert s3.frequency == 0  # the refund found "o1" in text form
+    d, _ = apply_event(None, StateEvent(E1, "o1", "purchase", 1000, 0))
+    d2, again = apply_event(d, StateEvent(E1, "o1", "purchase", 1000, 0), TEXT)
+    assert again is False and d2.recent_event_ids == (blake(E1),)
 
 
 def test_format_4_layout_as_documented():
@@ -63,8 +69,10 @@ def test_format_4_layout_as_documented():
         x.encode() if isinstance(x, str) else x for x in by_hand]
     assert decode("c1", msgpack.packb(by_hand, use_bin_type=False)) == c
     assert decode("c1", encode(c)) == c
-    with pytest.raises(ValueError, match="RFM_STATE_FORMAT"):  # no text form to write back
-        decode("c1", encode(c), text_ids=True)
+    # a worker writing format 3 reads it as it is, and writes it back in format 4 (the
+    # digests have no text form; a release of format 3 could not read it anyway)
+    assert decode("c1", encode(c), text_ids=True) == c
+    assert encode(c, 3) == encode(c) and encode(c, 2) == encode(c)
 
 
 def test_format_4_is_smaller_than_format_3_by_the_digests_and_order_columns():
@@ -125,12 +133,9 @@ def test_formats_2_and_3_are_still_written_when_asked_from_text_ids():
     assert msgpack.unpackb(encode(c, 3)) == [3, *by_fields[1:]]
     for fmt in (2, 3):
         assert decode("c1", encode(c, fmt), text_ids=True) == c
-    with pytest.raises(ValueError, match="other form"):
-        encode(c, 4)
-    digests = decode("c1", encode(c, 3))
-    assert digests is not None
-    with pytest.raises(ValueError, match="other form"):
-        encode(digests, 3)
+    digests = decode("c1", encode(c, 3))  # converted when read by a store writing format 4
+    assert digests is not None and digests.state.recent_event_ids == (blake(E1),)
+    assert encode(c, 4) == encode(digests)  # and when written in format 4
     with pytest.raises(ValueError, match="2, 3 or 4"):
         encode(c, 1)
 
@@ -176,10 +181,30 @@ def test_formats_2_and_3_are_still_written_when_asked_from_text_ids():
                                                   None]),
                                    msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
                                                   [b"o" * 8, b"\x05", b"\x00", b"\x01"], [],
-                                                  None, None, None])])
+                                                  None, None, None]),
+                                   # a breaker's: out of range in format 4's order columns (a
+                                   # refund then failed to encode: OverflowError, naming no
+                                   # customer), a negative cluster, scores outside 1-5
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"o" * 8, [-5], [2**64 - 1], [1]], [],
+                                                  None, None, None]),
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"o" * 8, [5], [0], [-99]], [],
+                                                  None, None, None]),
+                                   msgpack.packb([4, None, -7, 1, 5, 0, 1, 1, b"",
+                                                  [b"", [], [], []], [], None, None, None]),
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"", [], [], []], [], 509, None, None]),
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"", [], [], []], [], -1, None, None])])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
+
+
+def test_a_value_nested_too_deeply_says_so():
+    with pytest.raises(ValueError, match="StackError: Too nested"):
+        decode("c1", b"\x9e\x03" + b"\x91" * 2000)
 
 
 def test_day_resolution_keeps_window_buckets_of_the_order():
@@ -190,3 +215,19 @@ def test_day_resolution_keeps_window_buckets_of_the_order():
     # the full refund takes the order out of bucket 0, where its first line was
     assert [(b.index, b.orders) for b in s.buckets] == [(0, 0), (1, 0)]
     assert frequency_monetary(s, 40 * DAY, w) == (0, 0)
+
+
+def test_the_cli_version_names_the_format_it_writes():
+    """README "Upgrading": ``rfm-stream --version`` tells which format a release writes."""
+    import tomllib
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from stream.cli import main
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    out = CliRunner().invoke(main, ["--version"])
+    assert out.exit_code == 0
+    assert out.output.strip().endswith(f"{project['project']['version']} (customer values: "
+                                       "writes format 4, reads 1-4)")
