@@ -122,11 +122,10 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
            chg: object, hc: object) -> bool:
     """Whether decoded fields have their types (see the module docstring) and ranges (counts,
     amounts and cluster ids in 0..2^63-1, times in 0..:data:`MAX_MS`, scores 1-5), so that a
-    value
-    written by hand or by a bug fails here, as malformed, and not later in a step of other
+    value written by hand or by a bug fails here, as malformed, and not later in a step of other
     customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
-    customer's own events, whose failure stays theirs: checking their items too would double
-    the cost of a decode)."""
+    customer's own events; ``decode`` checks the orders' amounts and days, which a write
+    would fail to encode, but not ``ev``'s items)."""
     return ({type(f), type(buy), type(ref)} <= _INT
             and {type(cl), type(last), type(first), type(sc), type(chg)} <= _OPT_INT
             and {type(seg), type(hc)} <= _OPT_STR
@@ -202,6 +201,10 @@ def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = Fals
             orders = [(text_to_key(o), b, r, d) for o, b, r, d in orders]
         elif fmt not in (2, 3, FORMAT):
             raise ValueError(f"stored format {fmt!r}, expected {FORMAT}")
+        if fmt != FORMAT and not all(  # format 4's columns are checked by _orders_4
+                0 <= b <= MAX_MINOR and 0 <= r <= MAX_MINOR and 0 <= d <= MAX_DAY
+                for _, b, r, d in orders):
+            raise TypeError("an order's amounts or day out of range")
         state = CustomerState(f, buy, ref, last, first, tuple(ev),
                               tuple(map(Order._make, orders)), tuple(map(Bucket._make, buckets)))
         scores = None if sc is None else (sc // 100, sc // 10 % 10, sc % 10)

@@ -196,7 +196,12 @@ def test_formats_2_and_3_are_still_written_when_asked_from_text_ids():
                                    msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
                                                   [b"", [], [], []], [], 509, None, None]),
                                    msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
-                                                  [b"", [], [], []], [], -1, None, None])])
+                                                  [b"", [], [], []], [], -1, None, None]),
+                                   msgpack.packb([3, None, None, 1, 5, 0, 1, 1, [],
+                                                  [["o", 5, 2**64 - 1, 1]], [], None, None,
+                                                  None]),
+                                   b'[2,null,null,1,5,0,1,1,[],[["o",-5,0,1]],[],null,null,'
+                                   b'null]'])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
