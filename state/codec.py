@@ -113,6 +113,7 @@ _INT, _OPT_INT, _OPT_STR = {int}, {int, type(None)}, {str, type(None)}  # int: n
 MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time a datetime can hold
 MAX_MINOR = 2**63 - 1  # what an int64 column (the export) holds
 MAX_DAY = MAX_MS // MS_PER_DAY
+CAUSES = ("purchase", "refund", "inactivity", "rescore")  # of a change; ``hc`` holds one
 _SCORES = frozenset(r * 100 + f * 10 + m for r in range(1, 6) for f in range(1, 6)
                     for m in range(1, 6))  # sc: R, F, M in 1..5
 
@@ -121,7 +122,8 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
            first: object, ev: object, orders: object, buckets: object, sc: object,
            chg: object, hc: object) -> bool:
     """Whether decoded fields have their types (see the module docstring) and ranges (counts,
-    amounts and cluster ids in 0..2^63-1, times in 0..:data:`MAX_MS`, scores 1-5), so that a
+    amounts and cluster ids in 0..2^63-1, times in 0..:data:`MAX_MS`, scores 1-5, a held
+    cause one of :data:`CAUSES`), so that a
     value written by hand or by a bug fails here, as malformed, and not later in a step of other
     customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
     customer's own events; ``decode`` checks the orders' amounts and days, which a write
@@ -134,7 +136,7 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
                     and all(0 <= x <= MAX_MINOR for x in b) for b in buckets)
             and 0 <= f <= MAX_MINOR and 0 <= buy <= MAX_MINOR and 0 <= ref <= MAX_MINOR
             and (cl is None or 0 <= cl <= MAX_MINOR)  # type: ignore[operator]
-            and (sc is None or sc in _SCORES)
+            and (sc is None or sc in _SCORES) and (hc is None or hc in CAUSES)
             and all(t is None or 0 <= t <= MAX_MS for t in (last, first, chg)))
 
 

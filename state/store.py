@@ -762,11 +762,13 @@ class RedisStore:
     async def segment_counts(self, partitions: Iterable[int]) -> dict[str, int]:
         """Customers per stored segment, summed over partitions."""
         pipe = self.client.pipeline(transaction=False)
-        for p in partitions:
-            pipe.hgetall(self.keys(p).segcount)
+        for p in partitions:  # bytes: a field written by hand need not be text
+            pipe.execute_command("HGETALL", self.keys(p).segcount, **{NEVER_DECODE: []})
         totals: dict[str, int] = {}
         for reply in await pipe.execute():
-            for seg, n in reply.items():
+            for raw, n in (reply.items() if isinstance(reply, dict) else
+                           zip(reply[::2], reply[1::2], strict=True)):
+                seg = raw.decode("utf-8", "replace")
                 totals[seg] = totals.get(seg, 0) + int(n)
         return {s: n for s, n in totals.items() if n}
 

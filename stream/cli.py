@@ -131,7 +131,8 @@ Examples:
   rfm-stream forget 00042
 """)
 @click.version_option(package_name="rfm-stream", message=f"%(prog)s %(version)s (customer "
-                      f"values: writes format {STATE_FORMAT}, reads 1-{STATE_FORMAT})")
+                      f"values: writes format {STATE_FORMAT} unless RFM_STATE_FORMAT asks for "
+                      f"2 or 3, reads 1-{STATE_FORMAT})")
 def main() -> None:
     """Real-time RFM customer segmentation on Kafka and Redis."""
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from state.codec import CAUSES
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
 _LAG_BUCKETS = (0.01, 0.1, 1, 10, 60, 600, 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400)
-CAUSES = ("purchase", "refund", "inactivity", "rescore")
 REDIS_CALLS = ("read", "commit", "population", "train")
 
 

@@ -19,7 +19,10 @@ if type(value) == 'string' then  -- the stored value is [format, segment, ...] (
 end
 local existed = redis.call('DEL', KEYS[7])
 for k = 2, 5 do redis.call('ZREM', KEYS[k], id) end
-if seg and seg ~= '' then redis.call('HINCRBY', KEYS[6], seg, -1) end
+-- only a segment that is counted: a value written by hand may name anything
+if seg and seg ~= '' and redis.call('HEXISTS', KEYS[6], seg) == 1 then
+  redis.call('HINCRBY', KEYS[6], seg, -1)
+end
 local removed = 0
 for _, entry in ipairs(redis.call('XRANGE', KEYS[8], '-', '+')) do
   local fields = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import msgpack
 import numpy as np
 import orjson
 import pytest
@@ -396,5 +397,30 @@ async def test_json_values_of_before_format_3_are_read_rewritten_and_forgotten(s
         for cid in "abc":
             await store.forget(0, cid)
         assert await store.segment_counts([0]) == {}
+    finally:
+        await store.client.aclose()
+
+
+async def test_forget_uncounts_only_a_counted_segment_and_counts_survive_fields_not_text(stack):
+    """Breaker round 2: forgetting a value written by hand whose segment is not UTF-8
+    decremented a new segcount field of those bytes, after which every segment count read
+    (/metrics, /segments, `segments`) failed with UnicodeDecodeError."""
+    store = new_store(stack.redis_url)
+    k = store.keys(0)
+    try:
+        await store.commit(0, -1, {}, [CustomerWrite("a", None, bought("a", DAY).customer
+                                                     ._replace(segment="Loyal"), (DAY, 1, 100))],
+                           [])
+        junk = msgpack.packb([4, b"\xff\xfe", None, 1, 5, 0, 1, 1, b"", [b"", [], [], []], [],
+                              None, None, None], use_bin_type=False)
+        await store.client.set(k.customer("x"), junk)
+        await store.client.set(k.customer("y"), msgpack.packb(
+            [4, "Champions", None, 1, 5, 0, 1, 1, b"", [b"", [], [], []], [], None, None, None],
+            use_bin_type=False))  # a segment never counted
+        assert (await store.forget(0, "x"))[0] and (await store.forget(0, "y"))[0]
+        assert await store.segment_counts([0]) == {"Loyal": 1}
+        assert await store.client.hlen(k.segcount) == 1
+        await store.client.hset(k.segcount, b"\xff\xfe", 2)  # written by hand
+        assert await store.segment_counts([0]) == {"Loyal": 1, "\ufffd\ufffd": 2}
     finally:
         await store.client.aclose()

@@ -201,7 +201,12 @@ def test_formats_2_and_3_are_still_written_when_asked_from_text_ids():
                                                   [["o", 5, 2**64 - 1, 1]], [], None, None,
                                                   None]),
                                    b'[2,null,null,1,5,0,1,1,[],[["o",-5,0,1]],[],null,null,'
-                                   b'null]'])
+                                   b'null]',
+                                   # a held cause that is no change cause (breaker round 2: it
+                                   # was published as the change's cause)
+                                   msgpack.packb([4, None, None, 1, 5, 0, 1, 1, b"",
+                                                  [b"", [], [], []], [], None, None,
+                                                  "bogus"])])
 def test_malformed_or_unknown_values_raise_value_error(value):
     with pytest.raises(ValueError, match="customer 'c1'"):
         decode("c1", value)
@@ -235,4 +240,5 @@ def test_the_cli_version_names_the_format_it_writes():
     out = CliRunner().invoke(main, ["--version"])
     assert out.exit_code == 0
     assert out.output.strip().endswith(f"{project['project']['version']} (customer values: "
-                                       "writes format 4, reads 1-4)")
+                                       "writes format 4 unless RFM_STATE_FORMAT asks for "
+                                       "2 or 3, reads 1-4)")
