@@ -21,7 +21,7 @@ the client's text decoding) and decoded with one ``msgpack.unpackb``:
 
 One value instead of a hash of fields: a step reads and writes whole customers, and a single
 string costs less memory and CPU (one parse, no per-field encoding) than a hash. A customer
-with 8 orders takes ~215 bytes (``bench/redis_memory.py``): format 3 (the same array with ids
+with 8 orders takes ~248 bytes (``bench/redis_memory.py``): format 3 (the same array with ids
 as text, or as ``#`` and a 72-bit digest in base64 when longer than 13 characters, and each
 order an array of its own) took ~300, the JSON text of formats 1-2 ~414. Digests are
 MessagePack raw strings, not the binary type, which Redis 6.2's Lua ``cmsgpack`` does not
@@ -43,7 +43,17 @@ from typing import NamedTuple
 import msgpack
 import orjson
 
-from state.rfm import ID_DIGEST_BYTES, MS_PER_DAY, Bucket, CustomerState, Order, id_key, id_text, text_to_key
+from state.rfm import (
+    ID_DIGEST_BYTES,
+    MS_PER_DAY,
+    Bucket,
+    CustomerState,
+    Order,
+    id_key,
+    id_text,
+    remembers_text,
+    text_to_key,
+)
 
 FORMAT = 4
 MSGPACK_ARRAY = b"\x9e"  # the first byte of a format-3 or -4 value: a 14-element array
@@ -91,11 +101,10 @@ def encode(c: StoredCustomer, fmt: int = FORMAT) -> bytes:
               c.held_cause]
     if fmt not in (2, 3, FORMAT):
         raise ValueError(f"stored format {fmt!r}: 2, 3 or {FORMAT}")
-    # a state's ids all have the form of its first (state.rfm.apply_event follows it)
-    first = s.recent_event_ids[:1] + (orders[0][:1] if orders else ())
-    if fmt != FORMAT and first and type(first[0]) is bytes:
+    text = remembers_text(s)
+    if fmt != FORMAT and text is False:
         fmt = fields[0] = FORMAT
-    elif fmt == FORMAT and first and type(first[0]) is str:  # text of formats 1-3: convert
+    elif fmt == FORMAT and text:  # text of formats 1-3: convert
         fields[8] = tuple(map(text_to_key, s.recent_event_ids))
         orders = tuple(o._replace(order_id=text_to_key(o.order_id)) for o in orders)
     if fmt == FORMAT:
@@ -123,11 +132,11 @@ def _typed(seg: object, cl: object, f: object, buy: object, ref: object, last: o
            chg: object, hc: object) -> bool:
     """Whether decoded fields have their types (see the module docstring) and ranges (counts,
     amounts and cluster ids in 0..2^63-1, times in 0..:data:`MAX_MS`, scores 1-5, a held
-    cause one of :data:`CAUSES`), so that a
-    value written by hand or by a bug fails here, as malformed, and not later in a step of other
-    customers (a due re-score reads all but ``ev`` and ``o``; those two are read only by the
-    customer's own events; ``decode`` checks the orders' amounts and days, which a write
-    would fail to encode, but not ``ev``'s items)."""
+    cause one of :data:`CAUSES`), so that a value written by hand or by a bug fails here, as
+    malformed, and not later in a step of other customers (a due re-score reads all but
+    ``ev`` and ``o``; those two are read only by the customer's own events; ``decode`` checks
+    the orders' amounts and days, which a write would fail to encode, but not ``ev``'s
+    items)."""
     return ({type(f), type(buy), type(ref)} <= _INT
             and {type(cl), type(last), type(first), type(sc), type(chg)} <= _OPT_INT
             and {type(seg), type(hc)} <= _OPT_STR
@@ -154,10 +163,8 @@ def _orders_4(o: object) -> list[tuple[bytes, int, int, int]]:
     if not type(bought) is type(refunded) is type(days) is list \
             or not len(ids) == len(bought) * ID_DIGEST_BYTES \
             or not len(bought) == len(refunded) == len(days) \
-            or not set(map(type, bought + refunded + days)) <= _INT \
-            or not all(0 <= x <= MAX_MINOR for x in bought + refunded) \
-            or not all(0 <= d <= MAX_DAY for d in days):
-        raise TypeError("malformed order columns (types, lengths or ranges)")
+            or not set(map(type, bought + refunded + days)) <= _INT:
+        raise TypeError("malformed order columns (types or lengths)")
     return list(zip(_digests(ids), bought, refunded, days, strict=True))
 
 
@@ -203,7 +210,7 @@ def decode(customer_id: str, value: bytes | str | None, *, text_ids: bool = Fals
             orders = [(text_to_key(o), b, r, d) for o, b, r, d in orders]
         elif fmt not in (2, 3, FORMAT):
             raise ValueError(f"stored format {fmt!r}, expected {FORMAT}")
-        if fmt != FORMAT and not all(  # format 4's columns are checked by _orders_4
+        if not all(
                 0 <= b <= MAX_MINOR and 0 <= r <= MAX_MINOR and 0 <= d <= MAX_DAY
                 for _, b, r, d in orders):
             raise TypeError("an order's amounts or day out of range")

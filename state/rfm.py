@@ -184,6 +184,13 @@ def text_to_key(text: str) -> bytes:
     return digest[:ID_DIGEST_BYTES]
 
 
+def remembers_text(state: CustomerState) -> bool | None:
+    """Whether ``state`` remembers ids as text (:func:`id_text`) rather than digests
+    (:func:`id_key`); None when it remembers none. A state's ids all have one form."""
+    first = state.recent_event_ids[:1] or tuple(o.order_id for o in state.orders[:1])
+    return type(first[0]) is str if first else None
+
+
 class Order(NamedTuple):
     """A remembered purchase order: its id (:func:`id_key`, or :func:`id_text`), amounts
     bought and refunded (minor units) and the day of its first line (days since the Unix
@@ -299,9 +306,8 @@ def apply_event(state: CustomerState | None, event: StateEvent, limits: Limits =
     (0, 0, 1000)
     """
     current = state if state is not None else CustomerState()
-    remembered = current.recent_event_ids[:1] or tuple(o.order_id for o in current.orders[:1])
-    text = type(remembered[0]) is str if remembered else limits.text_ids
-    key = id_text if text else id_key
+    text = remembers_text(current)
+    key = id_text if (limits.text_ids if text is None else text) else id_key
     event_id = key(event.event_id)
     if event_id in current.recent_event_ids:
         return current, False

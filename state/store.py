@@ -766,8 +766,7 @@ class RedisStore:
             pipe.execute_command("HGETALL", self.keys(p).segcount, **{NEVER_DECODE: []})
         totals: dict[str, int] = {}
         for reply in await pipe.execute():
-            for raw, n in (reply.items() if isinstance(reply, dict) else
-                           zip(reply[::2], reply[1::2], strict=True)):
+            for raw, n in reply.items():
                 seg = raw.decode("utf-8", "replace")
                 totals[seg] = totals.get(seg, 0) + int(n)
         return {s: n for s, n in totals.items() if n}

@@ -19,8 +19,6 @@ from typing import Any, TypeVar
 
 import click
 
-from state.codec import FORMAT as STATE_FORMAT
-
 T = TypeVar("T")
 
 
@@ -102,6 +100,20 @@ def _settings(resolve: bool = True) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
+def _version(ctx: click.Context, asked: bool) -> None:
+    """``--version``: the release and the format of the customer values it writes (README
+    "Upgrading"); imported only when asked, as the CLI imports what a command needs."""
+    if not asked or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from state.codec import FORMAT
+
+    click.echo(f"rfm-stream {version('rfm-stream')} (customer values: writes format {FORMAT} "
+               f"unless RFM_STATE_FORMAT asks for 2 or 3, reads 1-{FORMAT})")
+    ctx.exit()
+
+
 def _kafka_errors() -> tuple[type[BaseException], ...]:
     from aiokafka.errors import KafkaError
 
@@ -130,9 +142,9 @@ Examples:
   rfm-stream export --out customers.parquet --as-of 1998-06-30T00:00:00Z
   rfm-stream forget 00042
 """)
-@click.version_option(package_name="rfm-stream", message=f"%(prog)s %(version)s (customer "
-                      f"values: writes format {STATE_FORMAT} unless RFM_STATE_FORMAT asks for "
-                      f"2 or 3, reads 1-{STATE_FORMAT})")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: _version(ctx, value),
+              help="Show the version and the customer value format, and exit.")
 def main() -> None:
     """Real-time RFM customer segmentation on Kafka and Redis."""
 
