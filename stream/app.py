@@ -307,7 +307,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         publishing.append(asyncio.ensure_future(publish_outbox(set(by_partition))))
 
     app.transport = BatchTransport(app.conf.broker_consumer, app,
-                                   fetch_max_wait_ms=settings.fetch_max_wait_ms)
+                                   fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                                   max_skew_ms=settings.live_max_skew_s * 1000)
     app.transport.batch_handlers[settings.purchases_topic] = process_batch
     app.topics.add(purchases)
 

@@ -11,6 +11,14 @@ faust's own ``track_message``/``ack``, so its commit timer and ``stream_wait_emp
 revocation work as with an agent); only the per-record hand-over is replaced, for the topics
 given a batch handler. Records of other topics (faust's own) take the usual path.
 
+Event-time alignment (``BatchTransport.max_skew_ms`` > 0): the records of a partition more
+than that much event time (record timestamps) ahead of the consumer's other partitions are
+held back, not tracked, until those catch up (``stream.interleave.LiveAlignment``); a
+partition holding :data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it
+holds half as many. Held records are not acknowledged, so a rebalance, which drops them, loses
+nothing: they are fetched again from the committed offset (or re-read as a gap). In steady
+state nothing is held.
+
 Wiring (``stream/app.py``): ``app.transport = BatchTransport(app.conf.broker_consumer, app)``,
 then ``app.transport.batch_handlers[topic] = handler`` and ``app.topics.add(topic)`` (the
 subscription). Written against faust-streaming 0.15's ``Consumer._drain_messages``; a test
@@ -28,7 +36,10 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
 
+from stream.interleave import LiveAlignment
+
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
+MAX_HELD = 10_000  # records a partition may hold back before its fetching is paused
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -50,7 +61,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
-        handlers: dict[str, BatchHandler] = cast(BatchTransport, self.transport).batch_handlers
+        transport = cast(BatchTransport, self.transport)
+        handlers: dict[str, BatchHandler] = transport.batch_handlers
+        aligners = {topic: LiveAlignment[Message](transport.max_skew_ms)
+                    for topic in handlers if transport.max_skew_ms}
+        generation = None
+        next_offset: dict[Any, int] = {}  # per partition: the offset after the last fetched
+        paused: set[Any] = set()
         callback = self.callback
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
@@ -58,6 +75,27 @@ class BatchConsumer(faust_aiokafka.Consumer):
         set_read_offset = self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
         inbound = self.app.monitor.stream_inbound_time
+
+        async def deliver(topic: str, messages: list[Message]) -> None:
+            # what a stream tells faust's monitor per event: the partitions are being
+            # processed (else faust's consumer thread logs them as stalled)
+            now = monotonic()
+            for message in messages:
+                self.track_message(message)
+                inbound[message.tp] = now
+            await handlers[topic](messages)
+            for message in messages:
+                self.ack(message)
+
+        def caught_up(tp: Any) -> bool:
+            # the read offset is the next one to read after a seek (faust), else the last read
+            nxt = next_offset.get(tp, get_read_offset(tp) or 0)
+            try:
+                hw = self.highwater(tp)
+            except AssertionError:  # aiokafka: no longer assigned (reset on the next round)
+                return False
+            return hw is not None and nxt >= hw
+
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -72,21 +110,60 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         if gap > 1 and r_offset and acks_enabled_for(message.topic):
                             await self._add_gap(tp, r_offset + 1, message.offset)
                         if message.topic in handlers:
-                            self.track_message(message)
                             batches.setdefault(message.topic, []).append(message)
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         set_read_offset(tp, message.offset)
                     self.diag.unset_flag(CONSUMER_FETCHING)
+                assigned = self.assignment() if aligners else set()
+                if aligners and (generation != self.app.consumer_generation_id or any(
+                        a.partitions != {tp.partition for tp in assigned if tp.topic == topic}
+                        for topic, a in aligners.items())):
+                    # a rebalance: what was held was not acknowledged, so it is fetched again
+                    # (from the committed offsets, or re-read as a gap by the handler)
+                    generation = self.app.consumer_generation_id
+                    for topic, aligner in aligners.items():
+                        aligner.reset(tp.partition for tp in assigned if tp.topic == topic)
+                    self.resume_partitions(paused & assigned)
+                    paused.clear()
+                    next_offset.clear()
                 for topic, messages in batches.items():
-                    # what a stream tells faust's monitor per event: the partitions are being
-                    # processed (else faust's consumer thread logs them as stalled)
+                    aligner = aligners.get(topic)
+                    if aligner is None:
+                        await deliver(topic, messages)
+                        continue
+                    by_tp: dict[Any, list[Message]] = {}
+                    for message in messages:
+                        by_tp.setdefault(message.tp, []).append(message)
                     now = monotonic()
-                    for message in messages:
-                        inbound[message.tp] = now
-                    await handlers[topic](messages)
-                    for message in messages:
-                        self.ack(message)
+                    for tp, msgs in by_tp.items():
+                        inbound[tp] = now  # held back is being processed, for faust's monitor
+                        if tp.partition in aligner.partitions:
+                            aligner.add(tp.partition, msgs,
+                                        [m.timestamp * 1000 if m.timestamp else -1 for m in msgs])
+                            next_offset[tp] = msgs[-1].offset + 1
+                for topic, aligner in aligners.items():
+                    tps = {tp.partition: tp for tp in assigned if tp.topic == topic}
+                    forced = aligner.forced
+                    while ready := aligner.release(
+                            [p for p, tp in tps.items() if caught_up(tp)], monotonic()):
+                        await deliver(topic, [m for p in sorted(ready) for m in ready[p]])
+                    if aligner.forced > forced:
+                        self.log.warning(
+                            "%s: %d records held back for event-time alignment released after "
+                            "%.0f s without progress (a partition is not being fetched)", topic,
+                            aligner.forced - forced, aligner.stall_s)
+                    # a partition far ahead stops being fetched until the others catch up
+                    for p, tp in tps.items():
+                        if tp not in paused and aligner.held(p) >= MAX_HELD:
+                            self.log.info("%s[%d] is ahead of the other partitions in event "
+                                          "time: fetching it paused", topic, p)
+                            self.pause_partitions([tp])
+                            paused.add(tp)
+                        elif tp in paused and aligner.held(p) < MAX_HELD // 2:
+                            self.log.info("%s[%d]: fetching it resumed", topic, p)
+                            self.resume_partitions([tp])
+                            paused.discard(tp)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -114,8 +191,10 @@ class BatchTransport(faust_aiokafka.Transport):
 
     Consumer: ClassVar[type] = BatchConsumer
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int = 100, **kwargs: Any):
+    def __init__(self, *args: Any, fetch_max_wait_ms: int = 100, max_skew_ms: float = 0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.batch_handlers: dict[str, BatchHandler] = {}
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.max_skew_ms = max_skew_ms
 

@@ -66,6 +66,7 @@ class EventTimeMerge(Generic[T]):
     def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
         """Buffer ``records`` fetched from ``partition`` (in offset order), with their event
         times (epoch ms; a time below an earlier one counts as the earlier one)."""
+        self._exhausted.discard(partition)  # a live partition that was caught up has more
         wm, buffer = self._fetched[partition], self._buffers[partition]
         for record, t in zip(records, times_ms, strict=True):
             wm = max(wm, t)
@@ -73,7 +74,8 @@ class EventTimeMerge(Generic[T]):
         self._fetched[partition] = wm
 
     def exhaust(self, partition: int) -> None:
-        """Nothing more will be fetched from ``partition`` (what is buffered stays)."""
+        """Nothing more will be fetched from ``partition`` (what is buffered stays), until
+        records are added to it again (a live partition that was caught up)."""
         self._exhausted.add(partition)
 
     def set_frontier(self, partition: int, frontier_ms: float) -> None:
@@ -115,4 +117,86 @@ class EventTimeMerge(Generic[T]):
                 taken.append(buffer.popleft()[1])
             if taken:
                 out[p] = taken
+        return out
+
+
+class LiveAlignment(Generic[T]):
+    """What a live consumer applies of each fetch: the records of a partition more than
+    ``slack_ms`` of event time past its other assigned partitions are held back until those
+    catch up (an :class:`EventTimeMerge` over the assigned partitions).
+
+    A live worker that starts on a backlog (after an outage, or deployed on a full topic)
+    otherwise drains its partitions in whatever order the fetches bring them: on CDNOW in 4
+    partitions, partition 0 (which trains the clustering model) finished months of event time
+    before the others, so the last model was trained at as-of 1997-02-26 while the data runs to
+    1998-06-30. In steady state nothing is held: every partition is within seconds of the
+    others.
+
+    A partition that is **caught up** (nothing held, and its next offset has reached the
+    broker's high watermark) holds nobody back: what it gets next is live, later than any
+    backlog. A partition not fetched yet holds the others back (it may bring older records),
+    so ``stall_s`` of wall clock without any release while records are held releases them
+    all (a partition that is never fetched, e.g. paused by faust, cannot stop the worker);
+    ``forced`` counts those records.
+
+    >>> a = LiveAlignment(slack_ms=5)
+    >>> a.reset([0, 1])
+    >>> a.add(0, ["a", "b"], [10, 90])
+    >>> a.release(caught_up=[], now_s=0.0)  # 1 not fetched yet: it may bring time 0
+    {}
+    >>> a.release(caught_up=[1], now_s=0.1)  # 1 has nothing: 0 goes on
+    {0: ['a', 'b']}
+    >>> a.add(0, ["c"], [100]); a.add(1, ["x", "y"], [20, 95])
+    >>> a.release(caught_up=[0, 1], now_s=0.2)  # 0 holds 'c' (100) until 1 passes 95
+    {1: ['x', 'y']}
+    >>> a.release(caught_up=[1], now_s=0.3), a.held(0)
+    ({0: ['c']}, 0)
+    """
+
+    def __init__(self, slack_ms: float, stall_s: float = 5.0):
+        self.slack_ms = slack_ms
+        self.stall_s = stall_s
+        self.forced = 0
+        self.partitions: frozenset[int] = frozenset()
+        self._merge: EventTimeMerge[T] = EventTimeMerge((), slack_ms)
+        self._held: dict[int, int] = {}
+        self._released_at: float | None = None
+
+    def reset(self, partitions: Iterable[int]) -> None:
+        """A new assignment: drop whatever is held (those records were not acknowledged, so
+        they are fetched again) and align ``partitions`` from now on."""
+        self.partitions = frozenset(partitions)
+        self._merge = EventTimeMerge(self.partitions, self.slack_ms)
+        self._held = dict.fromkeys(self.partitions, 0)
+        self._released_at = None
+
+    def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
+        """Records fetched from an assigned ``partition`` (in offset order) with their event
+        times (epoch ms: record timestamps)."""
+        self._merge.add(partition, records, times_ms)
+        self._held[partition] += len(records)
+
+    def held(self, partition: int) -> int:
+        """How many records ``partition`` holds back now."""
+        return self._held.get(partition, 0)
+
+    def release(self, caught_up: Iterable[int], now_s: float) -> dict[int, list[T]]:
+        """The held records that may be applied now, per partition (in offset order), given
+        the partitions that are caught up and the wall clock (seconds, monotonic)."""
+        for p in caught_up:
+            if p in self.partitions and self._merge.empty(p):
+                self._merge.exhaust(p)
+        out = self._merge.release()
+        if not out and any(self._held.values()):
+            if self._released_at is None:
+                self._released_at = now_s
+            elif now_s - self._released_at >= self.stall_s:  # stalled: release everything
+                for p in self.partitions:
+                    self._merge.exhaust(p)
+                out = self._merge.release()
+                self.forced += sum(len(v) for v in out.values())
+        if out:
+            self._released_at = now_s
+        for p, records in out.items():
+            self._held[p] -= len(records)
         return out

@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     replay_max_skew_s: float = Field(604800.0, gt=0, description="Event time a replayed "
                                      "partition may run ahead of the next record of any other "
                                      "(s): the partitions move through history together")
+    live_max_skew_s: float = Field(604800.0, ge=0, description="Event time a live worker's "
+                                   "partition may run ahead of its other partitions (s) while "
+                                   "they catch up on a backlog; records further ahead wait "
+                                   "(0: apply every fetch as it comes)")
     window_days: int = Field(0, ge=0, description="Count frequency and monetary over the last "
                              "N days only (0: all time); a multiple of window_bucket_days")
     window_bucket_days: int = Field(30, ge=1, description="Window bucket width (days)")

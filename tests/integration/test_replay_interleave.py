@@ -18,10 +18,12 @@ from aiokafka.partitioner import DefaultPartitioner
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.replay import replay
+from stream.runner import start_worker, store_for, wait_applied
 
 pytestmark = pytest.mark.timeout(300)
 DAYS = 150
 START = datetime(2020, 1, 1, tzinfo=UTC)
+FILLER = 5_000  # the live test's: many fetches of partition 0
 
 
 def ids_of(partition: int, prefix: str, n: int) -> list[str]:
@@ -97,3 +99,46 @@ async def test_end_offsets_not_read_fail_the_replay_instead_of_counting_as_empty
            TopicPartition(settings.purchases_topic, 99)]
     with pytest.raises(TimeoutError, match=r"end offsets of partitions \[99\] were not read"):
         await replay_module._ends(client_options(settings), tps)
+
+
+async def test_a_live_worker_on_a_backlog_moves_its_partitions_through_event_time_together(
+        settings, tmp_path):
+    """The scenario above, loaded before a live worker starts (a worker back from an outage,
+    or deployed on a full topic), with 5,000 filler purchases in partition 0: fetched as they
+    come, partition 1's 150 records were all applied within its first fetches, while
+    partition 0 took many fetches to reach its day 8 (found by fresh users on CDNOW in 4
+    partitions: the model trained by partition 0 as of 1997-02-26 where the data ends
+    1998-06-30, or 9,697 of 23,570 customers without a cluster, depending on the drain
+    order). The live worker holds back what is ahead of its other partitions by more than
+    ``RFM_LIVE_MAX_SKEW_S`` (a week, as the replay): every customer of partition 1 is
+    published after every customer of partition 0 whose purchase is more than a week older
+    (the change's ``emitted_at`` is its step's wall clock), and the replay's hand-worked
+    cluster checks hold live too."""
+    s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
+    await ensure_topics(s)
+    early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
+    filler = [purchase(early[0], 0, f"filler-{i}") for i in range(FILLER)]
+    targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, filler + [
+        purchase(cid, day, f"o-{cid}") for customers in (early, late)
+        for day, cid in enumerate(customers)])
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+    try:
+        await wait_applied(store, targets, [worker], timeout_s=200)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    first: dict[str, dict] = {}
+    for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
+                                    idle_s=1.0):
+        change = json.loads(value)
+        first.setdefault(change["customer_id"], change)
+    assert all(first[cid]["cause"] == "purchase" for cid in early + late)
+    emitted = {cid: datetime.fromisoformat(first[cid]["emitted_at"]) for cid in early + late}
+    week = 7
+    late_before_older = [(b, a) for day_b, b in enumerate(late) for day_a, a in enumerate(early)
+                         if day_a < day_b - week and emitted[b] < emitted[a]]
+    assert late_before_older == []
+    clusters = [first[cid]["current"]["cluster"] for cid in late]
+    assert clusters[:40] == [None] * 40
+    assert None not in clusters[100:]
