@@ -34,6 +34,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+NAMESPACE_RESERVED = "{}:*?[]"  # the key layout's separators, hash tags and glob characters
+
+
+def check_namespace(name: str) -> str:
+    """``name`` if it can be a namespace: not empty, none of ``{}:*?[]``, no whitespace or
+    control character (an alias set by hand to ``"live "`` pointed every command at an empty
+    namespace).
+
+    Raises
+    ------
+    ValueError
+        Naming the name and what is wrong with it.
+
+    >>> check_namespace("rebuild-2026")
+    'rebuild-2026'
+    >>> check_namespace("live ")
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid namespace 'live ': no whitespace or control characters
+    """
+    if not name:
+        raise ValueError("invalid namespace '': empty")
+    if any(ch in NAMESPACE_RESERVED for ch in name):
+        raise ValueError(f"invalid namespace {name!r}: none of {NAMESPACE_RESERVED}")
+    if not name.isprintable() or any(ch.isspace() for ch in name):
+        raise ValueError(f"invalid namespace {name!r}: no whitespace or control characters")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionKeys:
     """The keys of one (namespace, partition).
@@ -49,8 +78,7 @@ class PartitionKeys:
     partition: int
 
     def __post_init__(self) -> None:
-        if not self.namespace or any(ch in self.namespace for ch in "{}:*?[]"):
-            raise ValueError(f"invalid namespace {self.namespace!r}")
+        check_namespace(self.namespace)
         if self.partition < 0:
             raise ValueError(f"invalid partition {self.partition}")
 

@@ -91,7 +91,7 @@ class DemoResult:
     changes: int
     dead_letters: int
     as_of: datetime
-    model_learned: int
+    model_version: int
 
 
 async def export(settings: Settings, out_dir: Path) -> DemoResult:
@@ -119,7 +119,8 @@ def report(result: DemoResult, table: SegmentTable) -> str:
         revenue = sum((r.monetary for r in members), Decimal(0))
         lines.append(f"{name:<22}{len(members):>10,}{revenue:>16,.2f}  "
                      f"{table.segments[name].strategy}")
-    lines += ["", f"Clusters (River KMeans, {result.model_learned:,} updates learned), "
+    lines += ["", f"Clusters (River KMeans, model version {result.model_version}: trained "
+              f"{result.model_version} times, each time from a sample of the population), "
               "medians in original units:",
               f"{'cluster':>8}{'customers':>11}{'recency d':>11}{'frequency':>11}{'monetary':>11}"]
     by_cl: dict[int | None, list[ExportRow]] = defaultdict(list)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from state.codec import FORMAT as STATE_FORMAT
+from state.keys import check_namespace
 from state.rfm import Limits, Window
 from stream.allocator import MAX_GC_THRESHOLD
 from stream.scoring import FixedThresholds, ScoringConfig
@@ -185,6 +186,11 @@ class Settings(BaseSettings):
     train_sample_size: int = Field(500, ge=1, description="Customers the trainer samples and "
                                    "learns per step (one step per threshold block of "
                                    "partition 0)")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return check_namespace(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

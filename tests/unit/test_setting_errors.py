@@ -49,3 +49,12 @@ def test_a_malformed_redis_url_is_a_setting_error_that_shows_no_part_of_it(monke
     """A breaker's case: every command failed with redis-py's traceback."""
     text = error_text(monkeypatch, RFM_REDIS_URL=url)
     assert says in text and "pw" not in text and "abc" not in text
+
+
+@pytest.mark.parametrize("name", ["live ", "a b", "tab\there", "new\nline", "", "a:b", "{p0}"])
+def test_a_namespace_that_the_key_layout_cannot_hold_is_refused_by_name(monkeypatch, name):
+    """A namespace with whitespace or a control character was accepted (only ``{}:*?[]`` were
+    refused): set by hand as an alias (``"live "``), it pointed every command at an empty
+    namespace."""
+    text = error_text(monkeypatch, RFM_NAMESPACE=name)
+    assert text.startswith(f"RFM_NAMESPACE = {name!r}: ") and "invalid namespace" in text
