@@ -12,7 +12,8 @@ revocation work as with an agent); only the per-record hand-over is replaced, fo
 given a batch handler. Records of other topics (faust's own) take the usual path.
 
 Event-time alignment (``BatchTransport.max_skew_ms`` > 0): the records of a partition more
-than that much event time (record timestamps) ahead of the consumer's other partitions are
+than that much event time (record timestamps; one after the wall clock counts as now) ahead
+of the consumer's other partitions are
 held back, not tracked, until those catch up (``stream.interleave.LiveAlignment``); a
 partition holding :data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it
 holds half as many. Held records are not acknowledged, so a rebalance, which drops them, loses
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from time import monotonic
+from time import monotonic, time
 from typing import Any, ClassVar, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -135,12 +136,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     by_tp: dict[Any, list[Message]] = {}
                     for message in messages:
                         by_tp.setdefault(message.tp, []).append(message)
-                    now = monotonic()
+                    now, wall_ms = monotonic(), time() * 1000
                     for tp, msgs in by_tp.items():
                         inbound[tp] = now  # held back is being processed, for faust's monitor
                         if tp.partition in aligner.partitions:
-                            aligner.add(tp.partition, msgs,
-                                        [m.timestamp * 1000 if m.timestamp else -1 for m in msgs])
+                            # a record stamped in the future (a producer's clock) counts as
+                            # now: else its partition would count as ahead from then on
+                            aligner.add(tp.partition, msgs, [
+                                min(m.timestamp * 1000, wall_ms) if m.timestamp else -1
+                                for m in msgs])
                             next_offset[tp] = msgs[-1].offset + 1
                 for topic, aligner in aligners.items():
                     tps = {tp.partition: tp for tp in assigned if tp.topic == topic}

@@ -160,7 +160,7 @@ class LiveAlignment(Generic[T]):
         self.partitions: frozenset[int] = frozenset()
         self._merge: EventTimeMerge[T] = EventTimeMerge((), slack_ms)
         self._held: dict[int, int] = {}
-        self._released_at: float | None = None
+        self._stalled_since: float | None = None
 
     def reset(self, partitions: Iterable[int]) -> None:
         """A new assignment: drop whatever is held (those records were not acknowledged, so
@@ -168,7 +168,7 @@ class LiveAlignment(Generic[T]):
         self.partitions = frozenset(partitions)
         self._merge = EventTimeMerge(self.partitions, self.slack_ms)
         self._held = dict.fromkeys(self.partitions, 0)
-        self._released_at = None
+        self._stalled_since = None
 
     def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
         """Records fetched from an assigned ``partition`` (in offset order) with their event
@@ -188,15 +188,17 @@ class LiveAlignment(Generic[T]):
                 self._merge.exhaust(p)
         out = self._merge.release()
         if not out and any(self._held.values()):
-            if self._released_at is None:
-                self._released_at = now_s
-            elif now_s - self._released_at >= self.stall_s:  # stalled: release everything
+            # the stall clock starts at the first call that releases nothing (not at the last
+            # that did: applying what it released may take long)
+            if self._stalled_since is None:
+                self._stalled_since = now_s
+            elif now_s - self._stalled_since >= self.stall_s:  # stalled: release everything
                 for p in self.partitions:
                     self._merge.exhaust(p)
                 out = self._merge.release()
                 self.forced += sum(len(v) for v in out.values())
-        if out:
-            self._released_at = now_s
+        if out or not any(self._held.values()):
+            self._stalled_since = None
         for p, records in out.items():
             self._held[p] -= len(records)
         return out

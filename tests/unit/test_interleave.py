@@ -106,3 +106,19 @@ def test_live_alignment_releases_what_it_holds_when_a_partition_is_never_fetched
     assert live.held(0) == 1
     live.reset([0])
     assert live.held(0) == 0 and live.release([], 200.0) == {}
+
+
+def test_the_stall_clock_starts_when_nothing_is_released_not_when_something_was():
+    """Applying a big release can take long (seconds on a busy machine): the next empty
+    release is not a stall yet. The first version counted from the last release, and a
+    loaded test machine released everything held right after a long step."""
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=0, stall_s=5.0)
+    live.reset([0, 1])
+    live.add(0, ["a", "c"], [1, 100])
+    live.add(1, ["x"], [2])
+    assert live.release([], 100.0) == {0: ["a"]}
+    assert live.release([], 100.0) == {1: ["x"]}  # 'c' waits for partition 1
+    assert live.release([], 130.0) == {}  # 30 s applying 'a' and 'x': the clock starts now
+    assert live.release([], 134.9) == {}
+    assert live.release([], 135.0) == {0: ["c"]}
+    assert live.forced == 1
