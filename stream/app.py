@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 import redis.asyncio as aioredis
@@ -445,6 +445,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                 m.consumer_lag.labels(str(p)).set(n)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
+        alignment = cast(BatchTransport, app.transport).alignments.get(settings.purchases_topic)
+        for p in range(settings.partitions):
+            m.held_back.labels(str(p)).set(alignment.held(p) if alignment else 0)
         model = services.processor.model
         if model is not None:
             for prof in model.profiles:

@@ -66,6 +66,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         handlers: dict[str, BatchHandler] = transport.batch_handlers
         aligners = {topic: LiveAlignment[Message](transport.max_skew_ms)
                     for topic in handlers if transport.max_skew_ms}
+        transport.alignments = aligners  # for the worker's metrics
         generation = None
         next_offset: dict[Any, int] = {}  # per partition: the offset after the last fetched
         paused: set[Any] = set()
@@ -191,7 +192,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
 class BatchTransport(faust_aiokafka.Transport):
     """faust's aiokafka transport with :class:`BatchConsumer`; ``batch_handlers`` maps a topic
     name to the coroutine function that takes each fetched batch of its records;
-    ``fetch_max_wait_ms``: how long the broker may hold a fetch that found nothing (ms)."""
+    ``fetch_max_wait_ms``: how long the broker may hold a fetch that found nothing (ms);
+    ``max_skew_ms``: the event-time alignment's slack (0: none); ``alignments``: the
+    alignment of each batch topic, once consuming (what each partition holds back)."""
 
     Consumer: ClassVar[type] = BatchConsumer
 
@@ -201,4 +204,5 @@ class BatchTransport(faust_aiokafka.Transport):
         self.batch_handlers: dict[str, BatchHandler] = {}
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.max_skew_ms = max_skew_ms
+        self.alignments: dict[str, LiveAlignment[Message]] = {}
 

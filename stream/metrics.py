@@ -40,6 +40,7 @@ class Metrics:
     cluster_customers: Gauge
     applied_offset: Gauge
     consumer_lag: Gauge
+    held_back: Gauge
     outbox_depth: Gauge
     as_of_seconds: Gauge
     model_version: Gauge
@@ -88,6 +89,9 @@ class Metrics:
             consumer_lag=Gauge(f"{p}_consumer_lag", "Records behind the end of each owned "
                                "partition (high watermark - position; 0 when not owned)",
                                ["partition"], registry=reg),
+            held_back=Gauge(f"{p}_held_back", "Records of each owned partition held back "
+                            "until the worker's other partitions catch up in event time "
+                            "(RFM_LIVE_MAX_SKEW_S)", ["partition"], registry=reg),
             outbox_depth=Gauge(f"{p}_outbox_depth", "Segment changes and dead letters waiting "
                                "in the outbox", registry=reg),
             as_of_seconds=Gauge(f"{p}_as_of_seconds", "As-of event time each partition "

@@ -8,7 +8,10 @@ model existed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -123,11 +126,31 @@ async def test_a_live_worker_on_a_backlog_moves_its_partitions_through_event_tim
         for day, cid in enumerate(customers)])
     worker = start_worker(s, tmp_path / "worker.log")
     store = store_for(s)
+    held: list[float] = []  # rfm_held_back of partition 1, while the worker catches up
+
+    async def sample() -> None:
+        url = f"http://127.0.0.1:{s.web_port}/metrics"
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=2).read().decode())
+        held.extend(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith('rfm_held_back{partition="1"}'))
+
+    async def watch() -> None:
+        while True:
+            with contextlib.suppress(OSError):  # not listening yet
+                await sample()
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
     try:
         await wait_applied(store, targets, [worker], timeout_s=200)
+        watcher.cancel()
+        await sample()  # everything applied
     finally:
+        watcher.cancel()
         worker.stop()
         await store.client.aclose()
+    assert max(held) > 0 and held[-1] == 0  # partition 1 waited for partition 0, then went
     first: dict[str, dict] = {}
     for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
                                     idle_s=1.0):
