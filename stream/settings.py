@@ -145,10 +145,11 @@ class Settings(BaseSettings):
                                "(s; 0: off)")
     rescore_spacing_ms: int = Field(10, ge=0, description="Event time between two re-scores "
                                     "after a threshold refresh (rate limit of cause=rescore)")
-    replay_max_skew_s: float = Field(604800.0, gt=0, description="Event time a replayed "
+    replay_max_skew_s: float = Field(604800.0, gt=0, allow_inf_nan=False, description="Event time a replayed "
                                      "partition may run ahead of the next record of any other "
                                      "(s): the partitions move through history together")
-    live_max_skew_s: float = Field(604800.0, ge=0, description="Event time a live worker's "
+    live_max_skew_s: float = Field(604800.0, ge=0, allow_inf_nan=False,
+                                   description="Event time a live worker's "
                                    "partition may run ahead of its other partitions (s) while "
                                    "they catch up on a backlog; records further ahead wait "
                                    "(0: apply every fetch as it comes)")

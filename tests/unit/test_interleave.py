@@ -122,3 +122,20 @@ def test_the_stall_clock_starts_when_nothing_is_released_not_when_something_was(
     assert live.release([], 134.9) == {}
     assert live.release([], 135.0) == {0: ["c"]}
     assert live.forced == 1
+
+
+def test_one_record_stamped_years_ahead_does_not_hold_its_partition_back():
+    """A breaker stamped one record of partition 0 in 2100 amid a backlog of 1997-1998:
+    partition 0 then counted as 2100 (running maxima) and waited until every other partition
+    was caught up. Its time now counts at most the slack (or a day, if larger) past the
+    partition's previous record, so partition 0 goes on with partition 1, a day at a time."""
+    day = 86_400_000
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=7 * day)
+    live.reset([0, 1])
+    live.add(0, ["d0", "future", "d1", "d2", "d3"], [0, 4_000_000 * day, 1 * day, 2 * day,
+                                                     3 * day])
+    live.add(1, [f"e{d}" for d in range(21)], [d * day for d in range(21)])
+    first = live.release([], 0.0)
+    assert first[0] == ["d0", "future", "d1", "d2", "d3"]  # 'future' counts as day 7
+    assert first[1] == [f"e{d}" for d in range(8)]
+    assert live.release([], 0.0) == {1: [f"e{d}" for d in range(8, 15)]}  # up to 0's 7 + 7

@@ -58,3 +58,11 @@ def test_a_namespace_that_the_key_layout_cannot_hold_is_refused_by_name(monkeypa
     namespace."""
     text = error_text(monkeypatch, RFM_NAMESPACE=name)
     assert text.startswith(f"RFM_NAMESPACE = {name!r}: ") and "invalid namespace" in text
+
+
+@pytest.mark.parametrize("value", ["inf", "-1", "nan"])
+def test_an_alignment_skew_must_be_a_finite_number_of_seconds(monkeypatch, value):
+    """``RFM_LIVE_MAX_SKEW_S=inf`` was accepted and meant "no alignment" in a roundabout way
+    (a breaker's finding); 0 is the documented way."""
+    text = error_text(monkeypatch, RFM_LIVE_MAX_SKEW_S=value)
+    assert text.startswith(f"RFM_LIVE_MAX_SKEW_S = {value!r}: ")
