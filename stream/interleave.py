@@ -181,15 +181,20 @@ class LiveAlignment(Generic[T]):
         that much past it: the merge keeps each partition's running maximum, so one record
         stamped years ahead (a producer's clock) would make its partition count as ahead
         from then on, held until every other partition is caught up (a breaker's finding:
-        17,743 of CDNOW's 23,570 customers left without a cluster). A partition whose time
-        really jumps catches up within a few records."""
+        17,743 of CDNOW's 23,570 customers left without a cluster). A partition's first
+        records, which have no predecessor, are judged by the records after them in the same
+        fetch. A partition whose time really jumps catches up within a few records."""
+        jump = self.max_jump_ms
+        first = self._last.get(partition) is None
+        capped = list(times_ms)
+        if first:  # the partition's first records have no predecessor: judged by the next
+            for i in range(len(capped) - 2, -1, -1):
+                capped[i] = min(capped[i], capped[i + 1] + jump)
         last = self._last.get(partition)
-        capped = []
-        for t in times_ms:
-            if last is not None and t > last + self.max_jump_ms:
-                t = last + self.max_jump_ms
+        for i, t in enumerate(capped):
+            if last is not None and t > last + jump:
+                capped[i] = t = last + jump
             last = t if last is None else max(last, t)
-            capped.append(t)
         if last is not None:
             self._last[partition] = last
         self._merge.add(partition, records, capped)

@@ -139,3 +139,14 @@ def test_one_record_stamped_years_ahead_does_not_hold_its_partition_back():
     assert first[0] == ["d0", "future", "d1", "d2", "d3"]  # 'future' counts as day 7
     assert first[1] == [f"e{d}" for d in range(8)]
     assert live.release([], 0.0) == {1: [f"e{d}" for d in range(8, 15)]}  # up to 0's 7 + 7
+
+
+def test_a_partitions_first_record_stamped_years_ahead_is_judged_by_the_next():
+    """The breaker's record was partition 0's very first: with nothing before it, it counted
+    as 2100 (after the worker's cap: the wall clock) and partition 0 waited for all others."""
+    day = 86_400_000
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=7 * day)
+    live.reset([0, 1])
+    live.add(0, ["future", "d0", "d1"], [4_000_000 * day, 0, 1 * day])
+    live.add(1, [f"e{d}" for d in range(3)], [d * day for d in range(3)])
+    assert live.release([], 0.0) == {0: ["future", "d0", "d1"], 1: ["e0", "e1", "e2"]}
