@@ -372,10 +372,11 @@ def _left_behind(settings: Any, namespace: str) -> str:
 @click.argument("customer_id")
 def customer(customer_id: str) -> None:
     """Show one customer: state, scores at the as-of time, segment, cluster."""
+    settings = _settings()  # before stream.app, whose import reads the settings itself
     from stream.app import build_services, customer_json
 
     async def show() -> tuple[dict[str, Any], int]:
-        services = build_services(_settings())
+        services = build_services(settings)
         try:
             return await customer_json(services, customer_id)
         finally:
@@ -451,9 +452,10 @@ def forget(customer_id: str) -> None:
     it has in flight). Past events on the purchases and segment-changes topics are kept until
     their retention ends.
     """
+    settings = _settings()  # before stream.admin, whose import reads the settings itself
     from stream.admin import forget_customer
 
-    found = _run(forget_customer(_settings(), customer_id))
+    found = _run(forget_customer(settings, customer_id))
     click.echo(f"{customer_id}: {'erased' if found else 'not found (nothing stored)'}")
     if not found:
         sys.exit(1)

@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -66,3 +70,17 @@ def test_an_alignment_skew_must_be_a_finite_number_of_seconds(monkeypatch, value
     (a breaker's finding); 0 is the documented way."""
     text = error_text(monkeypatch, RFM_LIVE_MAX_SKEW_S=value)
     assert text.startswith(f"RFM_LIVE_MAX_SKEW_S = {value!r}: ")
+
+
+@pytest.mark.parametrize("command", ["customer", "forget"])
+def test_commands_that_import_the_worker_app_name_an_invalid_setting_without_a_traceback(
+        command):
+    """A fresh user's finding: ``customer`` and ``forget`` imported the worker's app, which
+    reads the settings at import, before the command checked them: a pydantic traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
+    env["RFM_NAMESPACE"] = "live "
+    out = subprocess.run([sys.executable, "-m", "stream", command, "c1"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert "RFM_NAMESPACE = 'live ': " in out.stderr + out.stdout
