@@ -29,7 +29,7 @@ runs a real worker through it (``tests/integration/test_worker.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from time import monotonic, time
 from typing import Any, ClassVar, cast
 
@@ -64,12 +64,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
         transport = cast(BatchTransport, self.transport)
         handlers: dict[str, BatchHandler] = transport.batch_handlers
-        aligners = {topic: LiveAlignment[Message](transport.max_skew_ms)
-                    for topic in handlers if transport.max_skew_ms}
-        transport.alignments = aligners  # for the worker's metrics
-        generation = None
-        next_offset: dict[Any, int] = {}  # per partition: the offset after the last fetched
-        paused: set[Any] = set()
+        alignment = _Alignment(self, handlers, transport.max_skew_ms)
+        transport.alignments = alignment.by_topic  # for the worker's metrics
         callback = self.callback
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
@@ -88,15 +84,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
             await handlers[topic](messages)
             for message in messages:
                 self.ack(message)
-
-        def caught_up(tp: Any) -> bool:
-            # the read offset is the next one to read after a seek (faust), else the last read
-            nxt = next_offset.get(tp, get_read_offset(tp) or 0)
-            try:
-                hw = self.highwater(tp)
-            except AssertionError:  # aiokafka: no longer assigned (reset on the next round)
-                return False
-            return hw is not None and nxt >= hw
 
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
@@ -117,58 +104,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
                             await self.wait_first(callback(message), self.suspend_flow.wait())
                         set_read_offset(tp, message.offset)
                     self.diag.unset_flag(CONSUMER_FETCHING)
-                assigned = self.assignment() if aligners else set()
-                if aligners and (generation != self.app.consumer_generation_id or any(
-                        a.partitions != {tp.partition for tp in assigned if tp.topic == topic}
-                        for topic, a in aligners.items())):
-                    # a rebalance: what was held was not acknowledged, so it is fetched again
-                    # (from the committed offsets, or re-read as a gap by the handler)
-                    generation = self.app.consumer_generation_id
-                    for topic, aligner in aligners.items():
-                        aligner.reset(tp.partition for tp in assigned if tp.topic == topic)
-                    self.resume_partitions(paused & assigned)
-                    paused.clear()
-                    next_offset.clear()
+                assigned = alignment.follow_assignment()
                 for topic, messages in batches.items():
-                    aligner = aligners.get(topic)
-                    if aligner is None:
+                    if topic in alignment.by_topic:
+                        alignment.add(topic, messages)
+                    else:
                         await deliver(topic, messages)
-                        continue
-                    by_tp: dict[Any, list[Message]] = {}
-                    for message in messages:
-                        by_tp.setdefault(message.tp, []).append(message)
-                    now, wall_ms = monotonic(), time() * 1000
-                    for tp, msgs in by_tp.items():
-                        inbound[tp] = now  # held back is being processed, for faust's monitor
-                        if tp.partition in aligner.partitions:
-                            # a record stamped in the future (a producer's clock) counts as
-                            # now: else its partition would count as ahead from then on
-                            aligner.add(tp.partition, msgs, [
-                                min(m.timestamp * 1000, wall_ms) if m.timestamp else -1
-                                for m in msgs])
-                            next_offset[tp] = msgs[-1].offset + 1
-                for topic, aligner in aligners.items():
-                    tps = {tp.partition: tp for tp in assigned if tp.topic == topic}
-                    forced = aligner.forced
-                    while ready := aligner.release(
-                            [p for p, tp in tps.items() if caught_up(tp)], monotonic()):
-                        await deliver(topic, [m for p in sorted(ready) for m in ready[p]])
-                    if aligner.forced > forced:
-                        self.log.warning(
-                            "%s: %d records held back for event-time alignment released after "
-                            "%.0f s without progress (a partition is not being fetched)", topic,
-                            aligner.forced - forced, aligner.stall_s)
-                    # a partition far ahead stops being fetched until the others catch up
-                    for p, tp in tps.items():
-                        if tp not in paused and aligner.held(p) >= MAX_HELD:
-                            self.log.info("%s[%d] is ahead of the other partitions in event "
-                                          "time: fetching it paused", topic, p)
-                            self.pause_partitions([tp])
-                            paused.add(tp)
-                        elif tp in paused and aligner.held(p) < MAX_HELD // 2:
-                            self.log.info("%s[%d]: fetching it resumed", topic, p)
-                            self.resume_partitions([tp])
-                            paused.discard(tp)
+                await alignment.deliver_ready(assigned, deliver)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -187,6 +129,91 @@ class BatchConsumer(faust_aiokafka.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class _Alignment:
+    """The event-time alignment of a :class:`BatchConsumer`'s batch topics (the module
+    docstring): their fetched records go through a :class:`LiveAlignment` per topic, reset at
+    each rebalance, and come out to ``deliver`` when the other partitions allow."""
+
+    def __init__(self, consumer: BatchConsumer, topics: Iterable[str], max_skew_ms: float):
+        self.consumer = consumer
+        self.by_topic = {topic: LiveAlignment[Message](max_skew_ms)
+                         for topic in topics if max_skew_ms}
+        self.generation: int | None = None
+        self.next_offset: dict[Any, int] = {}  # per partition: after the last one fetched
+        self.paused: set[Any] = set()
+
+    def follow_assignment(self) -> set[Any]:
+        """The consumer's assignment; after a rebalance, what was held is dropped: it was not
+        acknowledged, so it is fetched again (from the committed offsets, or re-read as a gap
+        by the handler)."""
+        c = self.consumer
+        if not self.by_topic:
+            return set()
+        assigned = c.assignment()
+        if self.generation != c.app.consumer_generation_id or any(
+                a.partitions != {tp.partition for tp in assigned if tp.topic == topic}
+                for topic, a in self.by_topic.items()):
+            self.generation = c.app.consumer_generation_id
+            for topic, aligner in self.by_topic.items():
+                aligner.reset(tp.partition for tp in assigned if tp.topic == topic)
+            c.resume_partitions(self.paused & assigned)
+            self.paused.clear()
+            self.next_offset.clear()
+        return assigned
+
+    def add(self, topic: str, messages: list[Message]) -> None:
+        """Fetched records of ``topic`` (any partitions, offset order within each)."""
+        aligner = self.by_topic[topic]
+        by_tp: dict[Any, list[Message]] = {}
+        for message in messages:
+            by_tp.setdefault(message.tp, []).append(message)
+        now, wall_ms = monotonic(), time() * 1000
+        inbound = self.consumer.app.monitor.stream_inbound_time
+        for tp, msgs in by_tp.items():
+            inbound[tp] = now  # held back is being processed, for faust's monitor
+            if tp.partition in aligner.partitions:
+                # a record stamped in the future (a producer's clock) counts as now
+                aligner.add(tp.partition, msgs, [
+                    min(m.timestamp * 1000, wall_ms) if m.timestamp else -1 for m in msgs])
+                self.next_offset[tp] = msgs[-1].offset + 1
+
+    def caught_up(self, tp: Any) -> bool:
+        """Nothing more to fetch from ``tp`` now: its next offset reached the high watermark."""
+        # the read offset is the next one to read after a seek (faust), else the last read
+        nxt = self.next_offset.get(tp, self.consumer._read_offset[tp] or 0)
+        try:
+            hw = self.consumer.highwater(tp)
+        except AssertionError:  # aiokafka: no longer assigned (reset on the next round)
+            return False
+        return hw is not None and nxt >= hw
+
+    async def deliver_ready(self, assigned: set[Any],
+                            deliver: Callable[[str, list[Message]], Awaitable[None]]) -> None:
+        """Deliver, round by round, what the alignment releases; pause the fetching of a
+        partition holding :data:`MAX_HELD` records, resume it at half as many."""
+        c = self.consumer
+        for topic, aligner in self.by_topic.items():
+            tps = {tp.partition: tp for tp in assigned if tp.topic == topic}
+            forced = aligner.forced
+            while ready := aligner.release([p for p, tp in tps.items() if self.caught_up(tp)],
+                                           monotonic()):
+                await deliver(topic, [m for p in sorted(ready) for m in ready[p]])
+            if aligner.forced > forced:
+                c.log.warning("%s: %d records held back for event-time alignment released "
+                              "after %.0f s without progress (a partition is not being "
+                              "fetched)", topic, aligner.forced - forced, aligner.stall_s)
+            for p, tp in tps.items():
+                if tp not in self.paused and aligner.held(p) >= MAX_HELD:
+                    c.log.info("%s[%d] is ahead of the other partitions in event time: "
+                               "fetching it paused", topic, p)
+                    c.pause_partitions([tp])
+                    self.paused.add(tp)
+                elif tp in self.paused and aligner.held(p) < MAX_HELD // 2:
+                    c.log.info("%s[%d]: fetching it resumed", topic, p)
+                    c.resume_partitions([tp])
+                    self.paused.discard(tp)
 
 
 class BatchTransport(faust_aiokafka.Transport):
