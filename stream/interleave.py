@@ -135,9 +135,10 @@ class LiveAlignment(Generic[T]):
     A partition that is **caught up** (nothing held, and its next offset has reached the
     broker's high watermark) holds nobody back: what it gets next is live, later than any
     backlog. A partition not fetched yet holds the others back (it may bring older records),
-    so ``stall_s`` of wall clock without any release while records are held releases them
-    all (a partition that is never fetched, e.g. paused by faust, cannot stop the worker);
-    ``forced`` counts those records.
+    so ``stall_s`` of wall clock in which nothing can be released while records are held
+    releases them all (a partition that is never fetched, e.g. paused by faust, cannot stop
+    the worker); ``forced`` counts those records. Record times are first made robust to a
+    producer's wrong clock (:meth:`add`).
 
     >>> a = LiveAlignment(slack_ms=5)
     >>> a.reset([0, 1])
