@@ -158,7 +158,7 @@ class LiveAlignment(Generic[T]):
         self.slack_ms = slack_ms
         self.stall_s = stall_s
         self.max_jump_ms = max(slack_ms, 86_400_000.0)  # see add()
-        self._last: dict[int, float] = {}
+        self._prev: dict[int, float] = {}  # per partition: its last record's time, as counted
         self.forced = 0
         self.partitions: frozenset[int] = frozenset()
         self._merge: EventTimeMerge[T] = EventTimeMerge((), slack_ms)
@@ -171,33 +171,35 @@ class LiveAlignment(Generic[T]):
         self.partitions = frozenset(partitions)
         self._merge = EventTimeMerge(self.partitions, self.slack_ms)
         self._held = dict.fromkeys(self.partitions, 0)
-        self._last = {}
+        self._prev = {}
         self._stalled_since = None
 
     def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
         """Records fetched from an assigned ``partition`` (in offset order) with their event
         times (epoch ms: record timestamps).
 
-        A time more than :attr:`max_jump_ms` past the partition's previous record counts as
-        that much past it: the merge keeps each partition's running maximum, so one record
-        stamped years ahead (a producer's clock) would make its partition count as ahead
-        from then on, held until every other partition is caught up (a breaker's finding:
-        17,743 of CDNOW's 23,570 customers left without a cluster). A partition's first
+        A time more than :attr:`max_jump_ms` past the partition's previous record (as that
+        one counted) counts as that much past it: the merge keeps each partition's running
+        maximum, so one record stamped years ahead (a producer's clock) would make its
+        partition count as ahead from then on, held until every other partition is caught up
+        (a breaker's finding: 17,743 of CDNOW's 23,570 customers left without a cluster);
+        measured from the previous record itself, not the running maximum, such records
+        scattered among good ones put their partition at most that much ahead (measured from
+        the maximum, each added a week: a second breaker's finding). A partition's first
         records, which have no predecessor, are judged by the records after them in the same
-        fetch. A partition whose time really jumps catches up within a few records."""
+        fetch. A run of records that really jumps catches up at that much per record."""
         jump = self.max_jump_ms
-        first = self._last.get(partition) is None
+        prev = self._prev.get(partition)
         capped = list(times_ms)
-        if first:  # the partition's first records have no predecessor: judged by the next
+        if prev is None:  # the partition's first records have no predecessor: judged by the next
             for i in range(len(capped) - 2, -1, -1):
                 capped[i] = min(capped[i], capped[i + 1] + jump)
-        last = self._last.get(partition)
         for i, t in enumerate(capped):
-            if last is not None and t > last + jump:
-                capped[i] = t = last + jump
-            last = t if last is None else max(last, t)
-        if last is not None:
-            self._last[partition] = last
+            if prev is not None and t > prev + jump:
+                capped[i] = t = prev + jump
+            prev = t
+        if prev is not None:
+            self._prev[partition] = prev
         self._merge.add(partition, records, capped)
         self._held[partition] += len(records)
 

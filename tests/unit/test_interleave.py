@@ -150,3 +150,25 @@ def test_a_partitions_first_record_stamped_years_ahead_is_judged_by_the_next():
     live.add(0, ["future", "d0", "d1"], [4_000_000 * day, 0, 1 * day])
     live.add(1, [f"e{d}" for d in range(3)], [d * day for d in range(3)])
     assert live.release([], 0.0) == {0: ["future", "d0", "d1"], 1: ["e0", "e1", "e2"]}
+
+
+def test_future_stamps_scattered_among_good_records_keep_their_partition_at_most_a_cap_ahead():
+    """A second breaker alternated records stamped now with good ones (1997) in later
+    fetches: capped against the running maximum, each future stamp added a week, and after 60
+    of them partition 0 counted as 429 days in and held everything while really behind."""
+    day = 86_400_000
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=7 * day)
+    live.reset([0, 1])
+    live.add(0, [f"a{d}" for d in range(10)], [d * day for d in range(10)])
+    live.add(1, [f"b{d}" for d in range(10)], [d * day for d in range(10)])
+    while live.release([], 0.0):
+        pass
+    for k in range(60):
+        live.add(0, [f"now{k}", f"a{10 + k}"], [20_000 * day, (10 + k) * day])
+    live.add(1, [f"b{d}" for d in range(10, 81)], [d * day for d in range(10, 81)])
+    released: dict[int, list[str]] = {0: [], 1: []}
+    while ready := live.release([], 0.0):  # partition 1 is never caught up here
+        for p, records in ready.items():
+            released[p] += records
+    assert len(released[0]) == 120 and live.held(0) == 0
+    assert released[1] == [f"b{d}" for d in range(10, 81)]
