@@ -174,9 +174,8 @@ class _Alignment:
         for tp, msgs in by_tp.items():
             inbound[tp] = now  # held back is being processed, for faust's monitor
             if tp.partition in aligner.partitions:
-                # a record stamped in the future (a producer's clock) counts as now
-                aligner.add(tp.partition, msgs, [
-                    min(m.timestamp * 1000, wall_ms) if m.timestamp else -1 for m in msgs])
+                aligner.add(tp.partition, msgs,
+                            [m.timestamp * 1000 if m.timestamp else -1 for m in msgs], wall_ms)
                 self.next_offset[tp] = msgs[-1].offset + 1
 
     def caught_up(self, tp: Any) -> bool:

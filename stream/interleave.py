@@ -174,9 +174,10 @@ class LiveAlignment(Generic[T]):
         self._prev = {}
         self._stalled_since = None
 
-    def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float]) -> None:
+    def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float],
+            now_ms: float = math.inf) -> None:
         """Records fetched from an assigned ``partition`` (in offset order) with their event
-        times (epoch ms: record timestamps).
+        times (epoch ms: record timestamps; one after the wall clock ``now_ms`` counts as now).
 
         A time more than :attr:`max_jump_ms` past the partition's previous record (as that
         one counted) counts as that much past it: the merge keeps each partition's running
@@ -190,7 +191,7 @@ class LiveAlignment(Generic[T]):
         fetch. A run of records that really jumps catches up at that much per record."""
         jump = self.max_jump_ms
         prev = self._prev.get(partition)
-        capped = list(times_ms)
+        capped = [min(t, now_ms) for t in times_ms]
         if prev is None:  # the partition's first records have no predecessor: judged by the next
             for i in range(len(capped) - 2, -1, -1):
                 capped[i] = min(capped[i], capped[i + 1] + jump)
