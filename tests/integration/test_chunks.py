@@ -1,0 +1,149 @@
+"""``state/lua/chunks.lua`` against a plain sorted list: random adds and removes (ties of
+values, ids that are prefixes of others, splits and merges), then every query of the library
+and the layout's invariants checked against the list, on a real redis-server."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from state.store import _script_text
+
+CONSTANTS = "local PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX = 128, 64, 32, 64"
+SMALL = (8, 4, 2, 3)  # the same rules on small chunks and groups: every path taken often
+_ns = itertools.count()
+
+DISPATCH = """
+local base, op = KEYS[1], ARGV[1]
+if op == 'add' then
+  for i = 2, #ARGV, 2 do pc_add(base, tonumber(ARGV[i]), ARGV[i + 1]) end
+  return 1
+elseif op == 'remove' then
+  local n = 0
+  for i = 2, #ARGV, 2 do n = n + pc_remove(base, tonumber(ARGV[i]), ARGV[i + 1]) end
+  return n
+elseif op == 'count' then
+  local out = {}
+  for i = 2, #ARGV do out[#out + 1] = pc_count_le(base, tonumber(ARGV[i])) end
+  return out
+elseif op == 'range' then
+  return pc_range(base, tonumber(ARGV[2]), tonumber(ARGV[3]))
+elseif op == 'ranks' then
+  local ranks = {}
+  for i = 2, #ARGV do ranks[#ranks + 1] = tonumber(ARGV[i]) end
+  return pc_at_ranks(base, ranks)
+end
+"""
+
+
+@pytest.fixture
+async def client(stack):
+    client = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def library(client: aioredis.Redis, sizes: tuple[int, int, int, int] | None = None):
+    """The library with a dispatcher of its operations; ``sizes``: other chunk and group
+    sizes (PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX)."""
+    text = _script_text("chunks.lua")
+    assert CONSTANTS in text
+    if sizes is not None:
+        text = text.replace(CONSTANTS, CONSTANTS.split("=")[0] + "= " + ", ".join(map(str, sizes)))
+    return client.register_script(text + DISPATCH)
+
+
+def order(members: dict[str, int]) -> list[tuple[int, str]]:
+    """The population in (value, id) order, ids by their bytes (Redis's member order)."""
+    return sorted(((v, i) for i, v in members.items()), key=lambda p: (p[0], p[1].encode()))
+
+
+def fence_key(member: tuple[int, str]) -> bytes:
+    return f"{member[0]:016d}{member[1]}".encode()
+
+
+async def layout(client: aioredis.Redis, base: str) -> list[tuple[str, list[tuple[int, str]]]]:
+    fences = await client.zrangebylex(base + "i", "-", "+")
+    return [(f, [(int(s), m) for m, s in
+                 await client.zrange(base + "c:" + f, 0, -1, withscores=True)]) for f in fences]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("sizes", [None, SMALL], ids=["default", "small"])
+async def test_chunks_hold_the_population_in_order(client, sizes, seed):
+    script = library(client, sizes)
+    most, _, _, gmax = sizes or (128, 64, 32, 64)
+    base = f"chunks{next(_ns)}:"
+    rng = random.Random(seed)
+    spread = [5, 50, 10**12][seed % 3]  # many ties, some, almost none
+    ids = [f"c{k}" for k in range(700)] + [f"c{k}x" for k in range(100)] + ["", "é", "c"]
+    pop: dict[str, int] = {}
+    for _ in range(40):
+        adds, removes = {}, {}
+        for cid in rng.sample(ids, rng.randrange(1, 120)):
+            if cid in pop and rng.random() < 0.5:
+                removes[cid] = pop.pop(cid)
+            elif cid not in pop:
+                adds[cid] = rng.randrange(spread)
+        # a customer that moves: removed at its old value, added at its new one
+        if removes:
+            args = [x for cid, v in removes.items() for x in (v, cid)]
+            assert await script(keys=[base], args=["remove", *args]) == len(removes)
+        if adds:
+            await script(keys=[base], args=["add", *[x for c, v in adds.items() for x in (v, c)]])
+            pop.update(adds)
+        want = order(pop)
+        chunks = await layout(client, base)
+        # the layout: '' first, every chunk within its fence and the next, none too big,
+        # only the first one empty, and together exactly the population in order
+        assert chunks[0][0] == ""
+        assert [m for _, members in chunks for m in members] == want
+        for k, (fence, members) in enumerate(chunks):
+            assert len(members) <= most
+            assert members or k == 0
+            if k:  # a lower bound of its members, above the previous chunk's
+                assert fence_key(chunks[k - 1][1][-1]) < fence.encode() <= fence_key(members[0])
+        assert int(await client.get(base + "n") or 0) == len(pop)
+        # the groups: runs of consecutive chunks, each named by its first chunk's fence,
+        # with their customers and chunks counted
+        fences = [f for f, _ in chunks]
+        groups = await client.zrangebylex(base + "g", "-", "+")
+        assert groups[0] == "" and set(groups) <= set(fences)
+        starts = [fences.index(g) for g in groups] + [len(fences)]
+        gn, gc = await client.hgetall(base + "gn"), await client.hgetall(base + "gc")
+        assert set(gn) == set(gc) == set(groups)
+        for g, a, b in zip(groups, starts, starts[1:], strict=False):
+            assert int(gc[g]) == b - a <= gmax
+            assert int(gn[g]) == sum(len(m) for _, m in chunks[a:b])
+        assert await script(keys=[base], args=["remove", 7, "absent"]) == 0
+    # queries
+    values = sorted(pop.values())
+    probes = sorted({rng.randrange(-1, spread + 1) for _ in range(20)} | {0, values[0], values[-1]})
+    counts = await script(keys=[base], args=["count", *probes])
+    assert counts == [sum(v <= x for v in values) for x in probes]
+    for _ in range(10):
+        lo = rng.randrange(spread)
+        hi = lo + rng.randrange(max(1, spread // 4))
+        got = await script(keys=[base], args=["range", lo, hi])
+        assert [(int(s), m) for m, s in zip(got[::2], got[1::2], strict=True)] == \
+            [p for p in want if lo <= p[0] <= hi]
+    ranks = sorted(rng.sample(range(len(want)), min(30, len(want))))
+    got = await script(keys=[base], args=["ranks", *ranks])
+    assert [(int(s), m) for m, s in zip(got[::2], got[1::2], strict=True)] == [want[r] for r in ranks]
+
+
+async def test_chunks_split_and_merge_back(client):
+    """Hand-worked: 129 customers split the first chunk at 64; removing 40 of the second
+    chunk's 65 leaves 25 (< 32), merged back into the first (64 + 25 <= 128)."""
+    script = library(client)
+    base = f"chunks{next(_ns)}:"
+    await script(keys=[base], args=["add", *[x for k in range(129) for x in (k, f"c{k:03d}")]])
+    chunks = await layout(client, base)
+    assert [(f, len(m)) for f, m in chunks] == [("", 64), (f"{64:016d}c064", 65)]
+    await script(keys=[base], args=["remove", *[x for k in range(64, 104) for x in (k, f"c{k:03d}")]])
+    chunks = await layout(client, base)
+    assert [(f, len(m)) for f, m in chunks] == [("", 89)]
+    assert await client.exists(base + f"c:{64:016d}c064") == 0
