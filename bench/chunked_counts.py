@@ -1,6 +1,7 @@
-"""What a threshold refresh's counts would cost over chunked populations: a design study for
-the layout of docs/performance.md "Twelfth pass" (not used by the service). Prints figures;
-asserts nothing (it says when the two answers differ).
+"""What a threshold refresh's counts and a commit's population writes would cost over chunked
+populations: a design study for the layout of docs/performance.md "Twelfth pass" (not used by
+the service; "Fifteenth pass" and "Eighteenth pass"). Prints figures; asserts nothing (it says
+when the answers differ). About 1-2 minutes.
 
     .venv/bin/python bench/chunked_counts.py [--customers 250000] [--probes 128] [--repeat 20]
 
@@ -22,6 +23,15 @@ each dimension's range), and the median time of ``--repeat`` calls is printed:
 ``chunks, cumulated once``  the same with the cumulated sizes kept in one string per
                  dimension (MessagePack), as a refresh could build once and use for its ~5
                  rounds: the call reads and unpacks that string instead.
+``chunks.lua``   the population library the service would use (``state/lua/chunks.lua``:
+                 chunks of at most 128 with a second level of groups of at most 64 chunks,
+                 built by adding the customers in random order, so chunks are split as a
+                 live population's are): per probe, the customers of the groups before the
+                 probe's (one read per call), ``ZCARD`` of the chunks before it in its group,
+                 one ``ZCOUNT``. Also printed: its Redis memory per customer (three
+                 dimensions, all its keys), and what moving 1,000 customers costs it (as one
+                 commit of 1,000 purchases would: remove at the old value, add at the new
+                 one, per dimension) against today's variadic ``ZADD`` of the same moves.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import redis
 from memory_layouts import CHUNK, write_chunks
 from redis_memory import AS_OF, customer_states
 
+from state.store import _script_text
 from stream import localstack
 
 COUNTS_LUA = (Path(__file__).resolve().parent.parent / "state" / "lua" / "counts.lua").read_text()
@@ -88,6 +99,61 @@ return out
 """
 
 
+# KEYS: the three populations' key prefixes. ARGV[1] 'add' | 'move' | 'count', then:
+# add: id, last, freq, mon, ...; move: id, old last, old freq, old mon, new ..., ...;
+# count: pairs of kind (1 last, 2 freq, 3 mon), upper bound (as counts.lua)
+LIBRARY_LUA = _script_text("chunks.lua") + """
+local op = ARGV[1]
+if op == 'add' then
+  for i = 2, #ARGV, 4 do
+    for k = 1, 3 do pc_add(KEYS[k], tonumber(ARGV[i + k]), ARGV[i]) end
+  end
+  pc_flush_all()
+  return 1
+elseif op == 'move' then
+  for i = 2, #ARGV, 7 do
+    for k = 1, 3 do
+      pc_remove(KEYS[k], tonumber(ARGV[i + k]), ARGV[i])
+      pc_add(KEYS[k], tonumber(ARGV[i + 3 + k]), ARGV[i])
+    end
+  end
+  pc_flush_all()
+  return 1
+end
+local counters, out = {}, {}
+for i = 2, #ARGV, 2 do
+  local k = tonumber(ARGV[i])
+  counters[k] = counters[k] or pc_counter(KEYS[k])
+  out[#out + 1] = counters[k](tonumber(ARGV[i + 1]))
+end
+return out
+"""
+LIB_KEYS = ["lib:{p0}:r:", "lib:{p0}:f:", "lib:{p0}:m:"]
+
+
+def build_library(r: redis.Redis, population: list[tuple[str, int, int, int]]) -> tuple[float, float]:
+    """The population in chunks.lua's layout, customers added in random order; returns its
+    Redis memory per customer (bytes) and the build time (s)."""
+    import random
+    lib = r.register_script(LIBRARY_LUA)
+    rows = population[:]
+    random.Random(7).shuffle(rows)
+    before = r.info("memory")["used_memory"]
+    t = time.perf_counter()
+    for i in range(0, len(rows), 1000):
+        lib(keys=LIB_KEYS, args=["add", *[x for row in rows[i:i + 1000] for x in row]])
+    built = time.perf_counter() - t
+    return (r.info("memory")["used_memory"] - before) / len(rows), built
+
+
+def moves(population: list[tuple[str, int, int, int]], n: int) -> list[tuple]:
+    """``n`` customers that purchase again: last purchase later, one more order, more money."""
+    import random
+    rng = random.Random(11)
+    return [(cid, last, f, m, last + rng.randrange(1, 30) * 86_400_000, f + 1,
+             m + rng.randrange(100, 20_000)) for cid, last, f, m in rng.sample(population, n)]
+
+
 def populate(r: redis.Redis, n: int) -> list[tuple[str, int, int, int]]:
     """Today's sorted sets and the chunks of ``n`` customers; their (id, last, f, m)."""
     population = [(cid, s.last_purchase_ms or 0, s.frequency, s.monetary_minor)
@@ -124,6 +190,20 @@ def probes(population: list[tuple[str, int, int, int]], per_dim: int) -> list[in
     return args
 
 
+def hinted_probes(population: list[tuple[str, int, int, int]]) -> list[int]:
+    """The first round of a refresh with a hint (``RedisStore.order_statistics``): around each
+    dimension's quintile bounds, the offsets ``_AROUND`` (in days for recency: here in the
+    stored milliseconds)."""
+    from state.store import _AROUND
+    args: list[int] = []
+    for kind, col, unit in ((1, 1, 86_400_000), (2, 2, 1), (3, 3, 1)):
+        values = sorted(row[col] for row in population)
+        for q in (1, 2, 3, 4):
+            centre = values[len(values) * q // 5]
+            args += [x for d in _AROUND for x in (kind, max(0, centre + d * unit))]
+    return args
+
+
 def timed(call, repeat: int) -> tuple[float, list[int]]:
     times, answer = [], []
     for _ in range(repeat):
@@ -156,6 +236,30 @@ def main(n: int, per_dim: int, repeat: int) -> None:
                     keys=idx + sizes + cum, args=["rfm:mem:{p0}:", "1", *args]), repeat)),
             ]
             build = timed(lambda: cumulate(r), max(3, repeat // 4))[0]
+            per_customer, built = build_library(r, population)
+            lib = r.register_script(LIBRARY_LUA)
+            rows.append(("chunks.lua", timed(lambda: lib(keys=LIB_KEYS, args=["count", *args]),
+                                             repeat)))
+            near = hinted_probes(population)
+            hinted = [(name, timed(call, repeat)) for name, call in (
+                ("sorted sets", lambda: counts(keys=["z:last", "z:freq", "z:mon"], args=near)),
+                ("chunks.lua", lambda: lib(keys=LIB_KEYS, args=["count", *near])))]
+            groups = [r.zcard(k + "g") for k in LIB_KEYS]
+            lib_chunks = [r.zcard(k + "i") for k in LIB_KEYS]
+            # 1,000 writes that move customers, as one commit would: chunks.lua, then the same
+            # moves as today's ZADDs (a customer's new values replace its old ones)
+            batch = moves(population, 1000)
+            t = time.perf_counter()
+            lib(keys=LIB_KEYS, args=["move", *[x for row in batch for x in row]])
+            move_lib = time.perf_counter() - t
+            # today's commit.lua: one variadic ZADD per population (new scores replace old ones)
+            zadd = r.register_script(
+                "for k = 1, 3 do redis.call('ZADD', KEYS[k], unpack(ARGV, (k - 1) * "
+                "(#ARGV / 3) + 1, k * (#ARGV / 3))) end return 1")
+            zargs = [x for col in (4, 5, 6) for row in batch for x in (row[col], row[0])]
+            t = time.perf_counter()
+            zadd(keys=["z:last", "z:freq", "z:mon"], args=zargs)
+            move_zadd = time.perf_counter() - t
         finally:
             r.close()
             server.stop()
@@ -168,6 +272,17 @@ def main(n: int, per_dim: int, repeat: int) -> None:
         same = "same counts" if answer == truth else "COUNTS DIFFER from the sorted sets'"
         print(f"  {name:<24}{ms:>8.2f} ms per call  ({same})")
     print(f"  building the cumulated strings (three dimensions, from Python): {build:.1f} ms")
+    print(f"the first round of a refresh with a hint: {len(near) // 2} probes around the quintile "
+          "bounds (state.store._AROUND):")
+    for name, (ms, answer) in hinted:
+        same = "same counts" if answer == hinted[0][1][1] else "COUNTS DIFFER from the sorted sets'"
+        print(f"  {name:<24}{ms:>8.2f} ms per call  ({same})")
+    print(f"chunks.lua: {per_customer:.1f} B of Redis memory per customer (three dimensions: "
+          f"chunks, indexes, groups, counts), {lib_chunks} chunks and {groups} groups per "
+          f"dimension (r, f, m), built in {built:.1f} s")
+    print(f"  1,000 customers moved (remove + add, three dimensions): chunks.lua "
+          f"{move_lib * 1000:.1f} ms, today's ZADDs (commit.lua's variadic ones) "
+          f"{move_zadd * 1000:.1f} ms (one script call each)")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 NAMESPACE_RESERVED = "{}:*?[]"  # the key layout's separators, hash tags and glob characters
 
 

@@ -3,27 +3,39 @@
 -- each chunk as a listpack/ziplist sorted set (~20 B per member) instead of one skiplist
 -- sorted set (~100 B per member; docs/performance.md "Twelfth pass").
 --
--- Prepended to the scripts that use it (RedisStore loads "chunks.lua" + the script), so it
--- defines local functions only. A population lives under a key prefix `base`:
+-- NOT USED BY THE SERVICE (yet): a design study of the population layout that would meet the
+-- memory target (docs/performance.md "Eighteenth pass": ~60 B per customer for the three
+-- populations instead of ~310, for several times the Redis time per write and per count),
+-- tested (tests/integration/test_chunks.py) and measured (bench/chunked_counts.py).
+--
+-- Prepended to the scripts that would use it (RedisStore loads "chunks.lua" + the script), so it
+-- defines local functions only. A script that adds or removes calls pc_flush_all() before
+-- it returns. A population lives under a key prefix `base`:
 --   base .. 'i'         the index: a sorted set of fences, all of score 0, in lexicographic
 --                       order; '' is the first chunk's fence
---   base .. 'c:' .. f   the chunk of fence f: a sorted set id -> value
---   base .. 'n'         the number of customers in the population
+--   base .. 'c:' .. f   the chunk of fence f: a sorted set id -> value, of at most PC_MAX
+--                       members between calls (PC_MAX + 1 for a moment: Redis keeps up to 128
+--                       members as a listpack, converts the 129th to a skiplist and never
+--                       back, so a chunk is split as it reaches 128; ids longer than 64 bytes
+--                       make their chunk a skiplist too)
+--   base .. 's'         hash: chunk fence -> its size
 --   base .. 'g'         groups of consecutive chunks (at most PC_GMAX each): a sorted set of
 --                       group fences like the index ('' first), each a chunk's fence
 --   base .. 'gn'        hash: group fence -> customers in its chunks
 --   base .. 'gc'        hash: group fence -> chunks in it
--- The groups are the second level of an order-statistic tree: a count #(value <= x) is the
--- customers of the groups before x's group, of the chunks of that group before x's chunk
--- (ZCARD each) and a ZCOUNT in x's chunk: ~50-100 Redis calls, not one per chunk.
 -- A fence is pc_enc(value) .. id, a lower bound of its chunk's members in (value, id) order
 -- (values are non-negative integers below 2^53, zero-padded to 16 digits, so that the
 -- fences' byte order is that order, as the chunks' own member order is): every member of a
 -- chunk is at or after its fence and before the next fence. Fences change only when a chunk
 -- splits (the upper half moves to a new chunk, its first member as fence) or merges into its
 -- predecessor (an underfull chunk after a removal).
+-- The groups are the second level of an order-statistic tree: #(value <= x) is the customers
+-- of the groups before x's group (one HMGET per call), of the chunks of that group before
+-- x's chunk (one HMGET of sizes per group and call) and one ZCOUNT in x's chunk.
+-- Sizes and group counts are kept in the script's memory while it adds and removes, and
+-- written once (pc_flush) before a split or merge, a read, and the script's end.
 
-local PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX = 128, 64, 32, 64
+local PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX = 127, 64, 32, 64
 
 local function pc_enc(v)
   return string.format('%016.0f', v)
@@ -34,9 +46,94 @@ local function pc_fence(base, v, id)
   return redis.call('ZREVRANGEBYLEX', base .. 'i', '[' .. pc_enc(v) .. id, '-', 'LIMIT', 0, 1)[1] or ''
 end
 
--- the fence of the group that holds the chunk of fence (or key) c
+-- the value part of a fence, as a number ('' -> -inf)
+local function pc_fence_value(f)
+  if f == '' then return -math.huge end
+  return tonumber(string.sub(f, 1, 16))
+end
+
+-- the last of `fences` (ascending) whose value is <= x: its position (fences[1] is a
+-- lower bound of everything, so 1 at least). A fence (v, id) is below the key (x + 1, '')
+-- exactly when v <= x, so numbers decide it without comparing strings (Lua compares them
+-- by the server's locale).
+local function pc_last_at_most(values, x)
+  local lo, hi = 1, #values
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if values[mid] <= x then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+
+-- what this script call knows of each population: chunks' groups and sizes, and the sizes
+-- and group counts it changed and has not written yet
+local pc_seen = {}
+local function pc_cache(base)
+  local c = pc_seen[base]
+  if c == nil then
+    c = {group = {}, size = {}, dirty = {}, gdelta = {}, groups = nil, gvalues = nil}
+    pc_seen[base] = c
+  end
+  return c
+end
+
+local function pc_flush(base)
+  local c = pc_seen[base]
+  if c == nil then return end
+  local args = {}
+  for f in pairs(c.dirty) do args[#args + 1] = f; args[#args + 1] = c.size[f] end
+  if #args > 0 then redis.call('HSET', base .. 's', unpack(args)) end
+  for g, d in pairs(c.gdelta) do
+    if d ~= 0 then redis.call('HINCRBY', base .. 'gn', g, d) end
+  end
+  pc_seen[base] = nil
+end
+
+local function pc_flush_all()
+  local bases = {}
+  for base in pairs(pc_seen) do bases[#bases + 1] = base end
+  for _, base in ipairs(bases) do pc_flush(base) end
+end
+
+-- the fence of the group that holds the chunk of fence c: found among the groups' values
+-- (read once per call), or asked of Redis when a group fence has c's value (a tie, which
+-- only the ids decide)
 local function pc_group(base, c)
-  return redis.call('ZREVRANGEBYLEX', base .. 'g', '[' .. c, '-', 'LIMIT', 0, 1)[1] or ''
+  local cache = pc_cache(base)
+  local g = cache.group[c]
+  if g ~= nil then return g end
+  if cache.groups == nil then
+    cache.groups = redis.call('ZRANGEBYLEX', base .. 'g', '-', '+')
+    cache.gvalues = {}
+    for i, gf in ipairs(cache.groups) do cache.gvalues[i] = pc_fence_value(gf) end
+  end
+  local values, v = cache.gvalues, pc_fence_value(c)
+  if #values == 0 or c == '' then
+    g = ''
+  else
+    local i = pc_last_at_most(values, v)
+    if values[i] == v or (values[i + 1] ~= nil and values[i + 1] == v) then
+      g = redis.call('ZREVRANGEBYLEX', base .. 'g', '[' .. c, '-', 'LIMIT', 0, 1)[1] or ''
+    else
+      g = cache.groups[i]
+    end
+  end
+  cache.group[c] = g
+  return g
+end
+
+local function pc_size(base, f)
+  local cache = pc_cache(base).size
+  local n = cache[f]
+  if n == nil then n = redis.call('ZCARD', base .. 'c:' .. f); cache[f] = n end
+  return n
+end
+
+local function pc_resize(base, f, g, d)  -- chunk f (of group g) has d more members
+  local c = pc_cache(base)
+  c.size[f] = pc_size(base, f) + d
+  c.dirty[f] = true
+  c.gdelta[g] = (c.gdelta[g] or 0) + d
 end
 
 -- the chunks' fences of group g, in order
@@ -55,20 +152,11 @@ local function pc_move(from, to)  -- every member of chunk `from` into chunk `to
   redis.call('DEL', from)
 end
 
--- add a customer that is not in the population
-local function pc_add(base, v, id)
-  local f = pc_fence(base, v, id)
+-- split the chunk of fence f (in group g): its upper half to a new chunk, in the same group;
+-- a group of more than PC_GMAX chunks gives its upper half of chunks to a new group
+local function pc_split(base, f, g)
+  pc_flush(base)
   local ck = base .. 'c:' .. f
-  if f == '' then
-    redis.call('ZADD', base .. 'i', 'NX', 0, '')
-    if redis.call('ZADD', base .. 'g', 'NX', 0, '') == 1 then redis.call('HSET', base .. 'gc', '', 1) end
-  end
-  local g = pc_group(base, f)
-  redis.call('ZADD', ck, v, id)
-  redis.call('INCR', base .. 'n')
-  redis.call('HINCRBY', base .. 'gn', g, 1)
-  if redis.call('ZCARD', ck) <= PC_MAX then return end
-  -- split: the upper half to a new chunk, in the same group
   local moved = redis.call('ZRANGE', ck, PC_SPLIT, -1, 'WITHSCORES')
   local nf = pc_enc(tonumber(moved[2])) .. moved[1]
   local args = {}
@@ -76,42 +164,38 @@ local function pc_add(base, v, id)
   redis.call('ZADD', base .. 'c:' .. nf, unpack(args))
   redis.call('ZREMRANGEBYRANK', ck, PC_SPLIT, -1)
   redis.call('ZADD', base .. 'i', 0, nf)
+  redis.call('HSET', base .. 's', f, PC_SPLIT, nf, #moved / 2)
   if redis.call('HINCRBY', base .. 'gc', g, 1) <= PC_GMAX then return end
-  -- split the group: its upper half of chunks to a new group
   local chunks = pc_group_chunks(base, g)
   local half = math.floor(#chunks / 2)
   local ng, n = chunks[half + 1], 0
-  for i = half + 1, #chunks do n = n + redis.call('ZCARD', base .. 'c:' .. chunks[i]) end
+  for _, s in ipairs(redis.call('HMGET', base .. 's', unpack(chunks, half + 1))) do
+    n = n + tonumber(s)
+  end
   redis.call('ZADD', base .. 'g', 0, ng)
   redis.call('HSET', base .. 'gn', ng, n)
-  redis.call('HSET', base .. 'gc', ng, #chunks - half)
+  redis.call('HSET', base .. 'gc', ng, #chunks - half, g, half)
   redis.call('HINCRBY', base .. 'gn', g, -n)
-  redis.call('HSET', base .. 'gc', g, half)
 end
 
--- remove a customer stored with value v; returns 0 when it is not there
-local function pc_remove(base, v, id)
-  local f = pc_fence(base, v, id)
-  local ck = base .. 'c:' .. f
-  if redis.call('ZREM', ck, id) == 0 then return 0 end
-  local g = pc_group(base, f)
-  redis.call('DECR', base .. 'n')
-  redis.call('HINCRBY', base .. 'gn', g, -1)
-  if f == '' then return 1 end
-  local n = redis.call('ZCARD', ck)
-  if n >= PC_MERGE then return 1 end
-  -- underfull: into its predecessor when that has room
+-- merge the chunk of fence f (in group g, not '') into its predecessor, when that has room
+local function pc_merge(base, f, g)
+  local n = pc_size(base, f)
   local prev = redis.call('ZREVRANGEBYLEX', base .. 'i', '(' .. f, '-', 'LIMIT', 0, 1)[1] or ''
-  if n > 0 and redis.call('ZCARD', base .. 'c:' .. prev) + n > PC_MAX then return 1 end
-  pc_move(ck, base .. 'c:' .. prev)
+  if pc_size(base, prev) + n > PC_MAX then return end
+  pc_flush(base)
+  pc_move(base .. 'c:' .. f, base .. 'c:' .. prev)
   redis.call('ZREM', base .. 'i', f)
+  redis.call('HDEL', base .. 's', f)
+  redis.call('HINCRBY', base .. 's', prev, n)
   if g ~= f then  -- the predecessor is in the same group
     redis.call('HINCRBY', base .. 'gc', g, -1)
-    return 1
+    return
   end
   -- f was its group's first chunk: its customers went to the previous group's last chunk,
   -- and the group is now named after its next chunk (or gone, if it had no other)
   local pg = pc_group(base, prev)
+  pc_seen[base] = nil
   redis.call('HINCRBY', base .. 'gn', pg, n)
   local left = tonumber(redis.call('HGET', base .. 'gn', g)) - n
   local chunks = tonumber(redis.call('HGET', base .. 'gc', g)) - 1
@@ -124,6 +208,29 @@ local function pc_remove(base, v, id)
     redis.call('HSET', base .. 'gn', ng, left)
     redis.call('HSET', base .. 'gc', ng, chunks)
   end
+end
+
+-- add a customer that is not in the population
+local function pc_add(base, v, id)
+  local f = pc_fence(base, v, id)
+  if f == '' and pc_cache(base).size[''] == nil then  -- a first chunk, first group
+    redis.call('ZADD', base .. 'i', 'NX', 0, '')
+    if redis.call('ZADD', base .. 'g', 'NX', 0, '') == 1 then redis.call('HSET', base .. 'gc', '', 1) end
+  end
+  local g = pc_group(base, f)
+  pc_size(base, f)
+  pc_resize(base, f, g, redis.call('ZADD', base .. 'c:' .. f, v, id))
+  if pc_seen[base].size[f] > PC_MAX then pc_split(base, f, g) end
+end
+
+-- remove a customer stored with value v; returns 0 when it is not there
+local function pc_remove(base, v, id)
+  local f = pc_fence(base, v, id)
+  pc_size(base, f)
+  if redis.call('ZREM', base .. 'c:' .. f, id) == 0 then return 0 end
+  local g = pc_group(base, f)
+  pc_resize(base, f, g, -1)
+  if f ~= '' and pc_seen[base].size[f] < PC_MERGE then pc_merge(base, f, g) end
   return 1
 end
 
@@ -135,30 +242,48 @@ local function pc_fences(base, lo, hi)
   return out
 end
 
--- a counter for one call: #(value <= x) for any x, with what it read kept for the next x
+-- how many customers the population holds
+local function pc_total(base)
+  pc_flush(base)
+  local total = 0
+  for _, n in ipairs(redis.call('HVALS', base .. 'gn')) do total = total + tonumber(n) end
+  return total
+end
+
+-- a counter for one call: #(value <= x) for any x. It reads the groups (fences and counts)
+-- once, each group it needs (its chunks' fences and sizes) once, and one ZCOUNT per x.
 local function pc_counter(base)
+  pc_flush(base)
   local groups = redis.call('ZRANGEBYLEX', base .. 'g', '-', '+')
-  local before, sizes, total = {}, {}, 0  -- customers in the groups before each group
-  if #groups > 0 then
-    local n = redis.call('HMGET', base .. 'gn', unpack(groups))
-    for i, gf in ipairs(groups) do before[gf] = total; total = total + tonumber(n[i] or 0) end
+  if #groups == 0 then return function(x) return 0 end end
+  local gvalues, before, total = {}, {}, 0  -- customers in the groups before each group
+  local n = redis.call('HMGET', base .. 'gn', unpack(groups))
+  for i, g in ipairs(groups) do
+    gvalues[i] = pc_fence_value(g)
+    before[i] = total
+    total = total + tonumber(n[i] or 0)
   end
-  local function zcard(c)
-    local n = sizes[c]
-    if n == nil then n = redis.call('ZCARD', base .. 'c:' .. c); sizes[c] = n end
-    return n
+  local loaded = {}  -- per group: {fences, their values, customers before each}
+  local function group(i)
+    local t = loaded[i]
+    if t == nil then
+      local fences = pc_group_chunks(base, groups[i])
+      local values, below, sum = {}, {}, 0
+      for k, size in ipairs(redis.call('HMGET', base .. 's', unpack(fences))) do
+        values[k] = pc_fence_value(fences[k])
+        below[k] = sum
+        sum = sum + tonumber(size)
+      end
+      t = {fences, values, below}
+      loaded[i] = t
+    end
+    return t
   end
   return function(x)
-    local bound = '(' .. pc_enc(x + 1)
-    local c = redis.call('ZREVRANGEBYLEX', base .. 'i', bound, '-', 'LIMIT', 0, 1)[1] or ''
-    local g = pc_group(base, c)
-    local count = before[g] or 0
-    if c ~= g then
-      for _, f in ipairs(redis.call('ZRANGEBYLEX', base .. 'i', '[' .. g, '(' .. c)) do
-        count = count + zcard(f)
-      end
-    end
-    return count + redis.call('ZCOUNT', base .. 'c:' .. c, '-inf', x)
+    local gi = pc_last_at_most(gvalues, x)
+    local t = group(gi)
+    local k = pc_last_at_most(t[2], x)
+    return before[gi] + t[3][k] + redis.call('ZCOUNT', base .. 'c:' .. t[1][k], '-inf', x)
   end
 end
 
@@ -180,15 +305,16 @@ end
 
 -- id and value at each 0-based rank of `ranks` (ascending) in (value, id) order
 local function pc_at_ranks(base, ranks)
+  pc_flush(base)
   local out, k, seen = {}, 1, 0
   local fences = redis.call('ZRANGEBYLEX', base .. 'i', '-', '+')
-  if #fences == 0 then fences = {''} end
-  for _, f in ipairs(fences) do
+  if #fences == 0 then return out end
+  local sizes = redis.call('HMGET', base .. 's', unpack(fences))
+  for i, f in ipairs(fences) do
     if k > #ranks then break end
-    local ck = base .. 'c:' .. f
-    local n = redis.call('ZCARD', ck)
+    local n = tonumber(sizes[i])
     while k <= #ranks and ranks[k] < seen + n do
-      local r = redis.call('ZRANGE', ck, ranks[k] - seen, ranks[k] - seen, 'WITHSCORES')
+      local r = redis.call('ZRANGE', base .. 'c:' .. f, ranks[k] - seen, ranks[k] - seen, 'WITHSCORES')
       out[#out + 1] = r[1]; out[#out + 1] = r[2]
       k = k + 1
     end
