@@ -152,6 +152,13 @@ def replay_claim_key(namespace: str) -> str:
     return f"rfm:replay:{namespace}"
 
 
+def live_frontier_key(namespace: str) -> str:
+    """Hash where the workers of the group that writes ``namespace`` publish the event-time
+    frontier of each partition they own (``stream.fastpath``: field = partition, value =
+    ``"<frontier ms> <wall clock ms>"``): ``rfm:live:<namespace>:frontier``."""
+    return f"rfm:live:{namespace}:frontier"
+
+
 def replay_frontier_key(namespace: str) -> str:
     """Hash where the processes of one replay into ``namespace`` publish each partition's
     event-time frontier (``stream.interleave``): ``rfm:replay:<namespace>:frontier``."""

@@ -31,7 +31,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from state.codec import FORMAT, StoredCustomer, decode, encode, opt_int
-from state.keys import PartitionKeys, model_keys
+from state.keys import PartitionKeys, live_frontier_key, model_keys
 from state.rfm import MS_PER_DAY
 
 log = logging.getLogger(__name__)
@@ -844,6 +844,31 @@ class RedisStore:
             keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id),
                   k.outbox], args=[customer_id])
         return bool(existed), int(removed)
+
+    async def exchange_frontiers(self, own: Mapping[int, float], partitions: int, now_ms: int,
+                                 max_age_ms: int) -> dict[int, float]:
+        """Publish the event-time frontiers (epoch ms, may be +-inf) of the partitions a
+        worker owns, stamped with its wall clock ``now_ms``, and return those of the other
+        partitions of ``range(partitions)`` that their owners reported at most
+        ``max_age_ms`` before ``now_ms`` (an older report, e.g. of a worker that died, is
+        left out). One round trip (``state.keys.live_frontier_key``)."""
+        key = live_frontier_key(self.namespace)
+        others = [p for p in range(partitions) if p not in own]
+        pipe = self.client.pipeline(transaction=False)
+        if own:
+            pipe.hset(key, mapping={str(p): f"{f!r} {now_ms}" for p, f in own.items()})
+        if others:
+            pipe.hmget(key, [str(p) for p in others])
+        replies = await pipe.execute()
+        out: dict[int, float] = {}
+        for p, value in zip(others, replies[-1] if others else (), strict=True):
+            try:
+                frontier, stamp = value.split()
+                if now_ms - int(stamp) <= max_age_ms:
+                    out[p] = float(frontier)
+            except (AttributeError, ValueError):  # absent, or not written by a worker
+                continue
+        return out
 
     async def load_model(self) -> str | None:
         """The latest clustering model snapshot (JSON text), or None."""

@@ -63,6 +63,9 @@ class PartitionCountError(RuntimeError):
 # retried as they are, never dead-lettered: the record is fine, its step could not commit
 # (Redis or Kafka unreachable, or another writer of the partition during a rebalance)
 RETRYABLE = (RedisError, OSError, KafkaError, ConflictError)
+# another worker's report of a partition's event-time frontier older than this holds nobody
+# back (its worker died or lost the partition; the partition's next owner reports it anew)
+FRONTIER_MAX_AGE_MS = 30_000
 
 
 @dataclass
@@ -311,6 +314,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                                    max_skew_ms=settings.live_max_skew_s * 1000)
     app.transport.batch_handlers[settings.purchases_topic] = process_batch
     app.topics.add(purchases)
+
+    async def exchange_frontiers(topic: str, own: dict[int, float]) -> dict[int, float]:
+        """The other workers' partitions, for the event-time alignment (stream.fastpath)."""
+        if len(own) >= settings.partitions:  # this worker owns them all
+            return {}
+        return await services.store.exchange_frontiers(
+            own, settings.partitions, int(time.time() * 1000), FRONTIER_MAX_AGE_MS)
+
+    app.transport.frontier_exchange = exchange_frontiers
 
     @app.task
     async def _started() -> None:

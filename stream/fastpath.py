@@ -12,13 +12,15 @@ revocation work as with an agent); only the per-record hand-over is replaced, fo
 given a batch handler. Records of other topics (faust's own) take the usual path.
 
 Event-time alignment (``BatchTransport.max_skew_ms`` > 0): the records of a partition more
-than that much event time (record timestamps; one after the wall clock counts as now) ahead
-of the consumer's other partitions are
-held back, not tracked, until those catch up (``stream.interleave.LiveAlignment``); a
-partition holding :data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it
-holds half as many. Held records are not acknowledged, so a rebalance, which drops them, loses
-nothing: they are fetched again from the committed offset (or re-read as a gap). In steady
-state nothing is held.
+than that much event time (record timestamps; one after the wall clock counts as now) ahead of
+the consumer's other partitions are held back, not tracked, until those catch up
+(``stream.interleave.LiveAlignment``), and so are those past the partitions of the group's
+other workers, whose frontiers come through ``BatchTransport.frontier_exchange`` (each fetch
+round while records are held, else every :data:`EXCHANGE_EVERY_S`); a partition holding
+:data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it holds half as many.
+Held records are not acknowledged, so a rebalance, which drops them, loses nothing: they are
+fetched again from the committed offset (or re-read as a gap). In steady state nothing is
+held.
 
 Wiring (``stream/app.py``): ``app.transport = BatchTransport(app.conf.broker_consumer, app)``,
 then ``app.transport.batch_handlers[topic] = handler`` and ``app.topics.add(topic)`` (the
@@ -40,7 +42,10 @@ from faust.types import Message
 from stream.interleave import LiveAlignment
 
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
+# (topic, this worker's frontiers per partition) -> the other workers' (stream/app.py)
+FrontierExchange = Callable[[str, dict[int, float]], Awaitable[dict[int, float]]]
 MAX_HELD = 10_000  # records a partition may hold back before its fetching is paused
+EXCHANGE_EVERY_S = 1.0  # frontiers are exchanged at least this often, each round while held
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -64,7 +69,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - faust's loop
         transport = cast(BatchTransport, self.transport)
         handlers: dict[str, BatchHandler] = transport.batch_handlers
-        alignment = _Alignment(self, handlers, transport.max_skew_ms)
+        alignment = _Alignment(self, handlers, transport.max_skew_ms,
+                               transport.frontier_exchange)
         transport.alignments = alignment.by_topic  # for the worker's metrics
         callback = self.callback
         consumer_should_stop = self._stopped.is_set
@@ -136,10 +142,14 @@ class _Alignment:
     docstring): their fetched records go through a :class:`LiveAlignment` per topic, reset at
     each rebalance, and come out to ``deliver`` when the other partitions allow."""
 
-    def __init__(self, consumer: BatchConsumer, topics: Iterable[str], max_skew_ms: float):
+    def __init__(self, consumer: BatchConsumer, topics: Iterable[str], max_skew_ms: float,
+                 exchange: FrontierExchange | None = None):
         self.consumer = consumer
         self.by_topic = {topic: LiveAlignment[Message](max_skew_ms)
                          for topic in topics if max_skew_ms}
+        self.exchange = exchange
+        self.exchanged: dict[str, float] = {}  # per topic: monotonic time of the last exchange
+        self.exchange_failing = False
         self.generation: int | None = None
         self.next_offset: dict[Any, int] = {}  # per partition: after the last one fetched
         self.paused: set[Any] = set()
@@ -195,6 +205,7 @@ class _Alignment:
         c = self.consumer
         for topic, aligner in self.by_topic.items():
             tps = {tp.partition: tp for tp in assigned if tp.topic == topic}
+            await self.exchange_frontiers(topic, aligner)
             forced = aligner.forced
             while ready := aligner.release([p for p, tp in tps.items() if self.caught_up(tp)],
                                            monotonic()):
@@ -215,12 +226,38 @@ class _Alignment:
                     self.paused.discard(tp)
 
 
+    async def exchange_frontiers(self, topic: str, aligner: LiveAlignment[Message]) -> None:
+        """Publish this worker's frontiers of ``topic`` and hold against the other workers'
+        (each round while records are held, else every :data:`EXCHANGE_EVERY_S`). When the
+        exchange fails (Redis), the other workers' partitions hold nobody back until it
+        works again (a warning when it starts failing)."""
+        now = monotonic()
+        if self.exchange is None or (not aligner.holding and
+                                     now - self.exchanged.get(topic, -1e9) < EXCHANGE_EVERY_S):
+            return
+        self.exchanged[topic] = now
+        try:
+            others = await self.exchange(topic, aligner.frontiers())
+        except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
+            if not self.exchange_failing:
+                self.consumer.log.warning("%s: event-time frontiers not exchanged with the "
+                                          "other workers (%r); aligning this worker's "
+                                          "partitions only until it works", topic, exc)
+            self.exchange_failing = True
+            others = {}
+        else:
+            self.exchange_failing = False
+        aligner.set_external(others)
+
+
 class BatchTransport(faust_aiokafka.Transport):
     """faust's aiokafka transport with :class:`BatchConsumer`; ``batch_handlers`` maps a topic
     name to the coroutine function that takes each fetched batch of its records;
     ``fetch_max_wait_ms``: how long the broker may hold a fetch that found nothing (ms);
-    ``max_skew_ms``: the event-time alignment's slack (0: none); ``alignments``: the
-    alignment of each batch topic, once consuming (what each partition holds back)."""
+    ``max_skew_ms``: the event-time alignment's slack (0: none); ``frontier_exchange``: how
+    the alignment learns the frontiers of the partitions the group's other workers own (None:
+    it does not); ``alignments``: the alignment of each batch topic, once consuming (what
+    each partition holds back)."""
 
     Consumer: ClassVar[type] = BatchConsumer
 
@@ -230,5 +267,6 @@ class BatchTransport(faust_aiokafka.Transport):
         self.batch_handlers: dict[str, BatchHandler] = {}
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.max_skew_ms = max_skew_ms
+        self.frontier_exchange: FrontierExchange | None = None
         self.alignments: dict[str, LiveAlignment[Message]] = {}
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -79,8 +79,19 @@ class EventTimeMerge(Generic[T]):
         self._exhausted.add(partition)
 
     def set_frontier(self, partition: int, frontier_ms: float) -> None:
-        """The frontier of a partition this merge does not buffer (another process's)."""
+        """The frontier of a partition this merge does not buffer (another process's); a
+        partition it did not know is added."""
         self._fetched[partition] = frontier_ms
+        self._buffers.setdefault(partition, deque())
+
+    def remove(self, partition: int) -> None:
+        """Leave out a partition this merge does not buffer (its frontier no longer known):
+        it holds nobody back any more. Raises ValueError when it holds records."""
+        if self._buffers.get(partition):
+            raise ValueError(f"partition {partition} holds records")
+        self._fetched.pop(partition, None)
+        self._buffers.pop(partition, None)
+        self._exhausted.discard(partition)
 
     def frontier(self, partition: int) -> float:
         """Event time (epoch ms) at or after which the records still to be released from
@@ -132,6 +143,11 @@ class LiveAlignment(Generic[T]):
     1998-06-30. In steady state nothing is held: every partition is within seconds of the
     others.
 
+    Partitions of the topic that other workers of the group own are held against too, when
+    their owners report them (:meth:`frontiers`, :meth:`set_external`: the worker exchanges
+    them through Redis), so that a group of workers on a backlog moves through event time
+    together, as a replay's processes do; a partition nobody reports holds nobody back.
+
     A partition that is **caught up** (nothing held, and its next offset has reached the
     broker's high watermark) holds nobody back: what it gets next is live, later than any
     backlog. A partition not fetched yet holds the others back (it may bring older records),
@@ -164,15 +180,36 @@ class LiveAlignment(Generic[T]):
         self._merge: EventTimeMerge[T] = EventTimeMerge((), slack_ms)
         self._held: dict[int, int] = {}
         self._stalled_since: float | None = None
+        self._external: set[int] = set()
 
     def reset(self, partitions: Iterable[int]) -> None:
         """A new assignment: drop whatever is held (those records were not acknowledged, so
-        they are fetched again) and align ``partitions`` from now on."""
+        they are fetched again) and align ``partitions`` from now on (other workers'
+        partitions: given again with :meth:`set_external`)."""
         self.partitions = frozenset(partitions)
         self._merge = EventTimeMerge(self.partitions, self.slack_ms)
         self._held = dict.fromkeys(self.partitions, 0)
         self._prev = {}
         self._stalled_since = None
+        self._external = set()
+
+    def frontiers(self) -> dict[int, float]:
+        """Each assigned partition's event-time frontier (epoch ms), what the other workers
+        hold their partitions against: the time of its first record held, else of its last
+        record fetched; ``+inf`` once it is caught up with nothing held, ``-inf`` before its
+        first fetch (it may bring anything)."""
+        return {p: self._merge.frontier(p) for p in self.partitions}
+
+    def set_external(self, frontiers: Mapping[int, float]) -> None:
+        """The frontiers other workers reported for their partitions (as :meth:`frontiers`
+        gives them; the assigned partitions are ignored): the assigned partitions are held
+        back against these from now on, and no longer against a partition left out."""
+        given = {p: f for p, f in frontiers.items() if p not in self.partitions}
+        for p in self._external - given.keys():
+            self._merge.remove(p)
+        for p, f in given.items():
+            self._merge.set_frontier(p, f)
+        self._external = set(given)
 
     def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float],
             now_ms: float = math.inf) -> None:
@@ -207,6 +244,11 @@ class LiveAlignment(Generic[T]):
     def held(self, partition: int) -> int:
         """How many records ``partition`` holds back now."""
         return self._held.get(partition, 0)
+
+    @property
+    def holding(self) -> bool:
+        """Whether any partition holds records back now."""
+        return any(self._held.values())
 
     def release(self, caught_up: Iterable[int], now_s: float) -> dict[int, list[T]]:
         """The held records that may be applied now, per partition (in offset order), given

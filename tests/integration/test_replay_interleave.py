@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
@@ -18,6 +19,7 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
+from stream import localstack
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.replay import replay
@@ -164,4 +166,58 @@ async def test_a_live_worker_on_a_backlog_moves_its_partitions_through_event_tim
     assert late_before_older == []
     clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert clusters[:40] == [None] * 40
+    assert None not in clusters[100:]
+
+
+def owned(port: int) -> list[int]:
+    """The partitions a worker's ``/ready`` says it owns ([] while it is not listening)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+            return json.loads(r.read())["partitions"]
+    except urllib.error.HTTPError as exc:  # 503: not ready, the body says why
+        return json.loads(exc.read())["partitions"]
+    except OSError:
+        return []
+
+
+async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time_together(
+        settings, tmp_path):
+    """The backlog above, applied by two workers that own one partition each: a worker's
+    alignment holds its partition against the other worker's too (the frontiers each
+    reports in Redis). Before, each aligned only its own partitions: the owner of partition
+    1 applied its 150 records at once while the owner of partition 0 was still in its 5,000
+    fillers of day 0, so later customers of partition 1 were published before earlier ones
+    of partition 0 (and scored before partition 0 trained any model)."""
+    s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
+    await ensure_topics(s)
+    ports = [s.web_port, localstack.free_port()]
+    workers = [start_worker(s.model_copy(update={"web_port": port}), tmp_path / f"w{port}.log")
+               for port in ports]
+    store = store_for(s)
+    try:
+        deadline = asyncio.get_running_loop().time() + 120
+        while sorted([len(await asyncio.to_thread(owned, p)) for p in ports]) != [1, 1]:
+            assert asyncio.get_running_loop().time() < deadline, "partitions not split"
+            await asyncio.sleep(0.5)
+        early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
+        filler = [purchase(early[0], 0, f"filler-{i}") for i in range(FILLER)]
+        targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, filler + [
+            purchase(cid, day, f"o-{cid}") for customers in (early, late)
+            for day, cid in enumerate(customers)])
+        await wait_applied(store, targets, workers, timeout_s=200)
+    finally:
+        for w in workers:
+            w.stop()
+        await store.client.aclose()
+    first: dict[str, dict] = {}
+    for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
+                                    idle_s=1.0):
+        change = json.loads(value)
+        first.setdefault(change["customer_id"], change)
+    emitted = {cid: datetime.fromisoformat(first[cid]["emitted_at"]) for cid in early + late}
+    week = 7
+    late_before_older = [(b, a) for day_b, b in enumerate(late) for day_a, a in enumerate(early)
+                         if day_a < day_b - week and emitted[b] < emitted[a]]
+    assert late_before_older == []
+    clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert None not in clusters[100:]

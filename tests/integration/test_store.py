@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.codec import encode
+from state.keys import live_frontier_key
 from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
 from state.store import ConflictError, CustomerWrite, OrderStatistics, RedisStore, StoredCustomer
 
@@ -424,3 +425,26 @@ async def test_forget_uncounts_only_a_counted_segment_and_counts_survive_fields_
         assert await store.segment_counts([0]) == {"Loyal": 1, "\ufffd\ufffd": 2}
     finally:
         await store.client.aclose()
+
+
+async def test_workers_exchange_partition_frontiers_and_old_reports_are_left_out(redis_url):
+    """Worker A owns partitions 0-1, B owns 2-3: each gets the other's frontiers (infinities
+    included); a report older than the age limit, or not a worker's, is left out."""
+    a, b = new_store(redis_url), new_store(redis_url)
+    b.namespace = a.namespace  # one group, one namespace
+    inf = float("inf")
+    now = 1_000_000
+    assert await a.exchange_frontiers({0: 5.0, 1: -inf}, 4, now, 30_000) == {}
+    assert await b.exchange_frontiers({2: inf, 3: 7.5}, 4, now + 10, 30_000) == \
+        {0: 5.0, 1: -inf}
+    assert await a.exchange_frontiers({0: 6.0, 1: 9.0}, 4, now + 20_000, 30_000) == \
+        {2: inf, 3: 7.5}
+    # B's report is now 30,001 ms old for A; A's 0-1 are fresh for B
+    assert await a.exchange_frontiers({0: 6.0, 1: 9.0}, 4, now + 30_011, 30_000) == {}
+    await a.client.hset(live_frontier_key(a.namespace), "2", "not a frontier")
+    assert await b.exchange_frontiers({3: 8.0}, 4, now + 30_020, 30_000) == \
+        {0: 6.0, 1: 9.0}
+    # a worker that owns nothing (yet) reads them all: 2's value is not a worker's
+    assert await a.exchange_frontiers({}, 4, now + 30_030, 30_000) == {0: 6.0, 1: 9.0, 3: 8.0}
+    for s in (a, b):
+        await s.client.aclose()

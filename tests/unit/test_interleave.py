@@ -172,3 +172,30 @@ def test_future_stamps_scattered_among_good_records_keep_their_partition_at_most
             released[p] += records
     assert len(released[0]) == 120 and live.held(0) == 0
     assert released[1] == [f"b{d}" for d in range(10, 81)]
+
+
+def test_partitions_of_other_workers_hold_back_while_reported_and_not_after():
+    """Hand-worked: this worker owns partition 0; another worker reports partition 1 at 12,
+    then 40, then stops reporting it (died, or caught up and gone)."""
+    inf = float("inf")
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=5, stall_s=1e9)
+    live.reset([0])
+    assert live.frontiers() == {0: -inf}  # not fetched yet: it may bring anything
+    live.add(0, ["a", "b", "c"], [10, 20, 30])
+    live.set_external({1: 12.0, 0: -inf})  # a report of its own partition is ignored
+    assert live.release([], 0.0) == {0: ["a"]}  # up to 12 + 5
+    assert live.frontiers() == {0: 20}  # its first record held
+    live.set_external({1: -inf})  # 1's new owner has not fetched it yet
+    assert live.release([], 0.1) == {}
+    live.set_external({1: 40.0})
+    assert live.release([], 0.2) == {0: ["b", "c"]}
+    live.add(0, ["d"], [100])
+    live.set_external({})  # nobody reports 1 any more: it holds nobody back
+    assert live.release([], 0.3) == {0: ["d"]}
+    assert live.frontiers() == {0: 100}  # its last record fetched
+    assert live.release([0], 0.4) == {} and live.frontiers() == {0: inf}  # caught up
+    live.set_external({1: 50.0})
+    live.reset([0, 1])  # a rebalance: 1 is this worker's now, nobody else's
+    live.add(0, ["e"], [200])
+    live.add(1, ["x"], [60])
+    assert live.release([], 0.5) == {1: ["x"]}
