@@ -51,6 +51,33 @@ def purchase(cid: str, day: int, order: str) -> Message:
         "occurred_at": t.isoformat().replace("+00:00", "Z")}), int(t.timestamp() * 1000))
 
 
+def backlog(early: list[str], late: list[str]) -> list[Message]:
+    """The live tests' backlog: FILLER purchases of partition 0's first customer on day 0,
+    then one purchase a day of each customer of ``early`` (partition 0) and ``late`` (1)."""
+    filler = [purchase(early[0], 0, f"filler-{i}") for i in range(FILLER)]
+    return filler + [purchase(cid, day, f"o-{cid}") for customers in (early, late)
+                     for day, cid in enumerate(customers)]
+
+
+async def first_changes(s) -> dict[str, dict]:
+    """Each customer's first segment change on the changes topic."""
+    first: dict[str, dict] = {}
+    for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
+                                    idle_s=1.0):
+        change = json.loads(value)
+        first.setdefault(change["customer_id"], change)
+    return first
+
+
+def published_out_of_order(first: dict[str, dict], early: list[str], late: list[str],
+                           week: int = 7) -> list[tuple[str, str]]:
+    """Pairs (b, a): customer b of partition 1 first published (``emitted_at``: its step's
+    wall clock) before customer a of partition 0 whose purchase is more than a week older."""
+    emitted = {cid: datetime.fromisoformat(first[cid]["emitted_at"]) for cid in early + late}
+    return [(b, a) for day_b, b in enumerate(late) for day_a, a in enumerate(early)
+            if day_a < day_b - week and emitted[b] < emitted[a]]
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 async def test_the_model_trained_by_partition_0_scores_the_other_partition_when_live_would(
         settings, processes):
@@ -122,10 +149,7 @@ async def test_a_live_worker_on_a_backlog_moves_its_partitions_through_event_tim
     s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
     await ensure_topics(s)
     early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
-    filler = [purchase(early[0], 0, f"filler-{i}") for i in range(FILLER)]
-    targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, filler + [
-        purchase(cid, day, f"o-{cid}") for customers in (early, late)
-        for day, cid in enumerate(customers)])
+    targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, backlog(early, late))
     worker = start_worker(s, tmp_path / "worker.log")
     store = store_for(s)
     held: list[float] = []  # rfm_held_back of partition 1, while the worker catches up
@@ -153,17 +177,9 @@ async def test_a_live_worker_on_a_backlog_moves_its_partitions_through_event_tim
         worker.stop()
         await store.client.aclose()
     assert max(held) > 0 and held[-1] == 0  # partition 1 waited for partition 0, then went
-    first: dict[str, dict] = {}
-    for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
-                                    idle_s=1.0):
-        change = json.loads(value)
-        first.setdefault(change["customer_id"], change)
+    first = await first_changes(s)
     assert all(first[cid]["cause"] == "purchase" for cid in early + late)
-    emitted = {cid: datetime.fromisoformat(first[cid]["emitted_at"]) for cid in early + late}
-    week = 7
-    late_before_older = [(b, a) for day_b, b in enumerate(late) for day_a, a in enumerate(early)
-                         if day_a < day_b - week and emitted[b] < emitted[a]]
-    assert late_before_older == []
+    assert published_out_of_order(first, early, late) == []
     clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert clusters[:40] == [None] * 40
     assert None not in clusters[100:]
@@ -200,24 +216,14 @@ async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time
             assert asyncio.get_running_loop().time() < deadline, "partitions not split"
             await asyncio.sleep(0.5)
         early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
-        filler = [purchase(early[0], 0, f"filler-{i}") for i in range(FILLER)]
-        targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic, filler + [
-            purchase(cid, day, f"o-{cid}") for customers in (early, late)
-            for day, cid in enumerate(customers)])
+        targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic,
+                                backlog(early, late))
         await wait_applied(store, targets, workers, timeout_s=200)
     finally:
         for w in workers:
             w.stop()
         await store.client.aclose()
-    first: dict[str, dict] = {}
-    for *_, value in await read_all(bootstrap_of(s.kafka_url), s.segment_changes_topic,
-                                    idle_s=1.0):
-        change = json.loads(value)
-        first.setdefault(change["customer_id"], change)
-    emitted = {cid: datetime.fromisoformat(first[cid]["emitted_at"]) for cid in early + late}
-    week = 7
-    late_before_older = [(b, a) for day_b, b in enumerate(late) for day_a, a in enumerate(early)
-                         if day_a < day_b - week and emitted[b] < emitted[a]]
-    assert late_before_older == []
+    first = await first_changes(s)
+    assert published_out_of_order(first, early, late) == []
     clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert None not in clusters[100:]
