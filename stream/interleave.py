@@ -265,6 +265,8 @@ class LiveAlignment(Generic[T]):
             elif now_s - self._stalled_since >= self.stall_s:  # stalled: release everything
                 for p in self.partitions:
                     self._merge.exhaust(p)
+                for p in self._external:  # until their next report
+                    self._merge.set_frontier(p, math.inf)
                 out = self._merge.release()
                 self.forced += sum(len(v) for v in out.values())
         if out or not any(self._held.values()):

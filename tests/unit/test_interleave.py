@@ -199,3 +199,20 @@ def test_partitions_of_other_workers_hold_back_while_reported_and_not_after():
     live.add(0, ["e"], [200])
     live.add(1, ["x"], [60])
     assert live.release([], 0.5) == {1: ["x"]}
+
+
+def test_a_partition_another_worker_reports_but_never_moves_is_passed_over_after_the_stall():
+    """A worker whose report stays (stuck, or killed less than 30 s ago) holds the others
+    back only for ``stall_s``, as a partition of this worker that is never fetched does
+    (the first version's stall release left the other worker's partitions holding)."""
+    live: LiveAlignment[str] = LiveAlignment(slack_ms=0, stall_s=5.0)
+    live.reset([0])
+    live.add(0, ["a", "b"], [10, 20])
+    live.set_external({1: 5.0})
+    assert live.release([0], 100.0) == {}
+    assert live.release([0], 104.9) == {}
+    assert live.release([0], 105.0) == {0: ["a", "b"]}
+    assert live.forced == 2
+    live.set_external({1: 5.0})  # its next report holds again
+    live.add(0, ["c"], [30])
+    assert live.release([], 106.0) == {}
