@@ -16,6 +16,7 @@ published segments, due times, outbox entries) is there.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -850,8 +851,9 @@ class RedisStore:
         """Publish the event-time frontiers (epoch ms, may be +-inf) of the partitions a
         worker owns, stamped with its wall clock ``now_ms``, and return those of the other
         partitions of ``range(partitions)`` that their owners reported at most
-        ``max_age_ms`` before ``now_ms`` (an older report, e.g. of a worker that died, is
-        left out). One round trip (``state.keys.live_frontier_key``)."""
+        ``max_age_ms`` before (or, clocks differing, after) ``now_ms``; an older report (a
+        worker that died), or one that is not a number, is left out. One round trip
+        (``state.keys.live_frontier_key``)."""
         key = live_frontier_key(self.namespace)
         others = [p for p in range(partitions) if p not in own]
         pipe = self.client.pipeline(transaction=False)
@@ -864,8 +866,9 @@ class RedisStore:
         for p, value in zip(others, replies[-1] if others else (), strict=True):
             try:
                 frontier, stamp = value.split()
-                if now_ms - int(stamp) <= max_age_ms:
-                    out[p] = float(frontier)
+                f = float(frontier)
+                if abs(now_ms - int(stamp)) <= max_age_ms and not math.isnan(f):
+                    out[p] = f
             except (AttributeError, ValueError):  # absent, or not written by a worker
                 continue
         return out

@@ -444,6 +444,12 @@ async def test_workers_exchange_partition_frontiers_and_old_reports_are_left_out
     await a.client.hset(live_frontier_key(a.namespace), "2", "not a frontier")
     assert await b.exchange_frontiers({3: 8.0}, 4, now + 30_020, 30_000) == \
         {0: 6.0, 1: 9.0}
+    # a NaN, and a stamp further in the future than the age limit (another host's clock)
+    await a.client.hset(live_frontier_key(a.namespace), mapping={
+        "0": f"nan {now + 30_000}", "1": f"4.0 {now + 30_020 + 30_001}"})
+    assert await b.exchange_frontiers({3: 8.0}, 4, now + 30_020, 30_000) == {}
+    await a.client.hset(live_frontier_key(a.namespace), mapping={
+        "0": f"6.0 {now + 30_000}", "1": f"9.0 {now + 30_000}"})
     # a worker that owns nothing (yet) reads them all: 2's value is not a worker's
     assert await a.exchange_frontiers({}, 4, now + 30_030, 30_000) == {0: 6.0, 1: 9.0, 3: 8.0}
     for s in (a, b):
