@@ -846,29 +846,38 @@ class RedisStore:
                   k.outbox], args=[customer_id])
         return bool(existed), int(removed)
 
-    async def exchange_frontiers(self, own: Mapping[int, float], partitions: int, now_ms: int,
-                                 max_age_ms: int) -> dict[int, float]:
-        """Publish the event-time frontiers (epoch ms, may be +-inf) of the partitions a
-        worker owns, stamped with its wall clock ``now_ms``, and return those of the other
-        partitions of ``range(partitions)`` that their owners reported at most
-        ``max_age_ms`` before (or, clocks differing, after) ``now_ms``; an older report (a
-        worker that died), or one that is not a number, is left out. One round trip
-        (``state.keys.live_frontier_key``)."""
+    async def exchange_frontiers(self, own: Mapping[int, tuple[float, int]], partitions: int,
+                                 now_ms: int, max_age_ms: int
+                                 ) -> dict[int, tuple[float, int, int]]:
+        """Publish what a worker reports of the partitions it owns (per partition: its
+        event-time frontier in epoch ms, may be +-inf, and the records fetched of it; see
+        ``stream.interleave.Report``), stamped with its wall clock ``now_ms``, and return the
+        reports of the other partitions of ``range(partitions)`` made at most ``max_age_ms``
+        before (or, clocks differing, after) ``now_ms``, each with the partition's last
+        applied offset (-1: none; it moves while the owner applies a long step, when its
+        report does not); an older report (a worker that died), or one that is not a
+        worker's, is left out. One round trip (``state.keys.live_frontier_key``: values
+        ``"<frontier> <stamp> <fetched>"``)."""
         key = live_frontier_key(self.namespace)
         others = [p for p in range(partitions) if p not in own]
         pipe = self.client.pipeline(transaction=False)
         if own:
-            pipe.hset(key, mapping={str(p): f"{f!r} {now_ms}" for p, f in own.items()})
-        if others:
-            pipe.hmget(key, [str(p) for p in others])
+            pipe.hset(key, mapping={str(p): f"{f!r} {now_ms} {n}" for p, (f, n) in own.items()})
+        if not others:
+            await pipe.execute()
+            return {}
+        pipe.hmget(key, [str(p) for p in others])
+        for p in others:
+            pipe.hget(self.keys(p).meta, "offset")
         replies = await pipe.execute()
-        out: dict[int, float] = {}
-        for p, value in zip(others, replies[-1] if others else (), strict=True):
+        reports, offsets = replies[-1 - len(others)], replies[-len(others):]
+        out: dict[int, tuple[float, int, int]] = {}
+        for p, value, offset in zip(others, reports, offsets, strict=True):
             try:
-                frontier, stamp = value.split()
+                frontier, stamp, fetched = value.split()
                 f = float(frontier)
                 if abs(now_ms - int(stamp)) <= max_age_ms and not math.isnan(f):
-                    out[p] = f
+                    out[p] = (f, int(fetched), _int(offset, -1))
             except (AttributeError, ValueError):  # absent, or not written by a worker
                 continue
         return out

@@ -44,6 +44,7 @@ from state.store import ConflictError, RedisStore, UnreadableCustomers
 from stream.allocator import freeze_gc
 from stream.fastpath import BatchTransport
 from stream.faustconf import faust_options
+from stream.interleave import Report
 from stream.kafka_io import BatchSender, client_options, key_partition, read_range
 from stream.metrics import Metrics
 from stream.outbox import OutboxPublisher
@@ -315,7 +316,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     app.transport.batch_handlers[settings.purchases_topic] = process_batch
     app.topics.add(purchases)
 
-    async def exchange_frontiers(topic: str, own: dict[int, float]) -> dict[int, float]:
+    async def exchange_frontiers(topic: str, own: dict[int, Report]
+                                 ) -> dict[int, tuple[float, int, int]]:
         """The other workers' partitions, for the event-time alignment (stream.fastpath)."""
         if len(own) >= settings.partitions:  # this worker owns them all
             return {}
@@ -467,7 +469,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
         alignment = cast(BatchTransport, app.transport).alignments.get(settings.purchases_topic)
         for p in range(settings.partitions):
-            m.held_back.labels(str(p)).set(alignment.held(p) if alignment else 0)
+            m.held_back.labels(str(p)).set(alignment.held_back(p) if alignment else 0)
         model = services.processor.model
         if model is not None:
             for prof in model.profiles:

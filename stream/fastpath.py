@@ -15,12 +15,13 @@ Event-time alignment (``BatchTransport.max_skew_ms`` > 0): the records of a part
 than that much event time (record timestamps; one after the wall clock counts as now) ahead of
 the consumer's other partitions are held back, not tracked, until those catch up
 (``stream.interleave.LiveAlignment``), and so are those past the partitions of the group's
-other workers, whose frontiers come through ``BatchTransport.frontier_exchange`` (each fetch
-round while records are held, else every :data:`EXCHANGE_EVERY_S`); a partition holding
-:data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it holds half as many.
-Held records are not acknowledged, so a rebalance, which drops them, loses nothing: they are
-fetched again from the committed offset (or re-read as a gap). In steady state nothing is
-held.
+other workers, whose frontiers come through ``BatchTransport.frontier_exchange`` (fetched
+records are released against reports at most :data:`FRESH_S` old; again when records stay
+held, and after each release that leaves some; else every :data:`EXCHANGE_EVERY_S`); a
+partition holding :data:`MAX_HELD` records is paused (faust's
+``pause_partitions``) until it holds half as many. Held records are not acknowledged, so a
+rebalance, which drops them, loses nothing: they are fetched again from the committed offset
+(or re-read as a gap). In steady state nothing is held.
 
 Wiring (``stream/app.py``): ``app.transport = BatchTransport(app.conf.broker_consumer, app)``,
 then ``app.transport.batch_handlers[topic] = handler`` and ``app.topics.add(topic)`` (the
@@ -39,13 +40,15 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import Message
 
-from stream.interleave import LiveAlignment
+from stream.interleave import LiveAlignment, Report
 
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
-# (topic, this worker's frontiers per partition) -> the other workers' (stream/app.py)
-FrontierExchange = Callable[[str, dict[int, float]], Awaitable[dict[int, float]]]
+# (topic, this worker's reports per partition) -> the other workers' (stream/app.py)
+FrontierExchange = Callable[[str, dict[int, Report]],
+                           Awaitable[dict[int, tuple[float, int, int]]]]
 MAX_HELD = 10_000  # records a partition may hold back before its fetching is paused
 EXCHANGE_EVERY_S = 1.0  # frontiers are exchanged at least this often, each round while held
+FRESH_S = 0.05  # what is fetched is released against the others' reports of at most this age
 # a fetch waits at most this long for records while records are held: what releases them may be
 # another worker's next report, not a fetch (faust's 1 s made two workers on a backlog move
 # one round, a week of event time, per second: CDNOW took 115 s instead of ~14)
@@ -215,19 +218,33 @@ class _Alignment:
         c = self.consumer
         for topic, aligner in self.by_topic.items():
             tps = {tp.partition: tp for tp in assigned if tp.topic == topic}
-            await self.exchange_frontiers(topic, aligner)
-            forced = aligner.forced
-            while ready := aligner.release([p for p, tp in tps.items() if self.caught_up(tp)],
-                                           monotonic()):
-                # what is left is reported before what was released is applied: the other
-                # workers apply theirs meanwhile (as this worker's partitions of one release
-                # are applied concurrently), not one after the other
-                await self.exchange_frontiers(topic, aligner)
-                await deliver(topic, [m for p in sorted(ready) for m in ready[p]])
+            forced, asked = aligner.forced, False
+            # records just fetched are not released against reports older than FRESH_S: a
+            # partition another worker had not reported yet, or reported caught up before a
+            # backlog arrived, would hold nothing back (at most one round trip per FRESH_S)
+            if aligner.holding:
+                await self.exchange_frontiers(
+                    topic, aligner, monotonic() - self.exchanged.get(topic, -1e9) >= FRESH_S)
+            while True:
+                ready = aligner.release([p for p, tp in tps.items() if self.caught_up(tp)],
+                                        monotonic())
+                if ready:
+                    # what is left is reported before what was released is applied: the
+                    # other workers apply theirs meanwhile (as this worker's partitions of one
+                    # release are applied concurrently), not one after the other
+                    await self.exchange_frontiers(topic, aligner, aligner.holding)
+                    await deliver(topic, [m for p in sorted(ready) for m in ready[p]])
+                elif aligner.holding and not asked:  # held: maybe by the others' old reports
+                    await self.exchange_frontiers(topic, aligner, True)
+                    asked = True
+                else:
+                    break
+            await self.exchange_frontiers(topic, aligner, False)  # else at least every second
             if aligner.forced > forced:
                 c.log.warning("%s: %d records held back for event-time alignment released "
                               "after %.0f s without progress (a partition is not being "
-                              "fetched)", topic, aligner.forced - forced, aligner.stall_s)
+                              "fetched, or another worker's does not move)", topic,
+                              aligner.forced - forced, aligner.stall_s)
             for p, tp in tps.items():
                 if tp not in self.paused and aligner.held(p) >= MAX_HELD:
                     c.log.info("%s[%d] is ahead of the other partitions in event time: "
@@ -240,18 +257,19 @@ class _Alignment:
                     self.paused.discard(tp)
 
 
-    async def exchange_frontiers(self, topic: str, aligner: LiveAlignment[Message]) -> None:
+    async def exchange_frontiers(self, topic: str, aligner: LiveAlignment[Message],
+                                 needed: bool) -> bool:
         """Publish this worker's frontiers of ``topic`` and hold against the other workers'
-        (each round while records are held, else every :data:`EXCHANGE_EVERY_S`). When the
-        exchange fails (Redis), the other workers' partitions hold nobody back until it
-        works again (a warning when it starts failing)."""
+        from now on, when ``needed`` or :data:`EXCHANGE_EVERY_S` after the last time; whether
+        it did. When the exchange fails (Redis), the other workers' partitions hold nobody
+        back until it works again (a warning when it starts failing)."""
         now = monotonic()
-        if self.exchange is None or (not aligner.holding and
-                                     now - self.exchanged.get(topic, -1e9) < EXCHANGE_EVERY_S):
-            return
+        if self.exchange is None or (
+                not needed and now - self.exchanged.get(topic, -1e9) < EXCHANGE_EVERY_S):
+            return False
         self.exchanged[topic] = now
         try:
-            others = await self.exchange(topic, aligner.frontiers())
+            others = await self.exchange(topic, aligner.reports())
         except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
             if not self.exchange_failing:
                 self.consumer.log.warning("%s: event-time frontiers not exchanged with the "
@@ -261,7 +279,8 @@ class _Alignment:
             others = {}
         else:
             self.exchange_failing = False
-        aligner.set_external(others)
+        aligner.set_external(others, monotonic())
+        return True
 
 
 class BatchTransport(faust_aiokafka.Transport):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -131,6 +131,15 @@ class EventTimeMerge(Generic[T]):
         return out
 
 
+class Report(NamedTuple):
+    """A partition's report to the other workers of the group: its event-time frontier (epoch
+    ms, may be +-inf) and the records its owner fetched of it since the assignment (which moves
+    while the owner fetches, even where the frontier stands still)."""
+
+    frontier_ms: float
+    fetched: int
+
+
 class LiveAlignment(Generic[T]):
     """What a live consumer applies of each fetch: the records of a partition more than
     ``slack_ms`` of event time past its other assigned partitions are held back until those
@@ -144,7 +153,7 @@ class LiveAlignment(Generic[T]):
     others.
 
     Partitions of the topic that other workers of the group own are held against too, when
-    their owners report them (:meth:`frontiers`, :meth:`set_external`: the worker exchanges
+    their owners report them (:meth:`reports`, :meth:`set_external`: the worker exchanges
     them through Redis), so that a group of workers on a backlog moves through event time
     together, as a replay's processes do; a partition nobody reports holds nobody back.
 
@@ -179,8 +188,12 @@ class LiveAlignment(Generic[T]):
         self.partitions: frozenset[int] = frozenset()
         self._merge: EventTimeMerge[T] = EventTimeMerge((), slack_ms)
         self._held: dict[int, int] = {}
+        self._held_back: dict[int, int] = {}
         self._stalled_since: float | None = None
-        self._external: set[int] = set()
+        self._fetched_count: dict[int, int] = {}
+        self._external: dict[int, tuple[float, ...]] = {}
+        self._moved: dict[int, float] = {}  # per other worker's partition: when its report changed
+        self._passed: set[int] = set()  # those a stall passed over, until their report changes
 
     def reset(self, partitions: Iterable[int]) -> None:
         """A new assignment: drop whatever is held (those records were not acknowledged, so
@@ -189,27 +202,42 @@ class LiveAlignment(Generic[T]):
         self.partitions = frozenset(partitions)
         self._merge = EventTimeMerge(self.partitions, self.slack_ms)
         self._held = dict.fromkeys(self.partitions, 0)
+        self._held_back = {}
         self._prev = {}
         self._stalled_since = None
-        self._external = set()
+        self._fetched_count = dict.fromkeys(self.partitions, 0)
+        self._external = {}
+        self._moved = {}
+        self._passed = set()
 
-    def frontiers(self) -> dict[int, float]:
-        """Each assigned partition's event-time frontier (epoch ms), what the other workers
-        hold their partitions against: the time of its first record held, else of its last
+    def reports(self) -> dict[int, Report]:
+        """What the other workers hold their partitions against, per assigned partition: its
+        event-time frontier (epoch ms: the time of its first record held, else of its last
         record fetched; ``+inf`` once it is caught up with nothing held, ``-inf`` before its
-        first fetch (it may bring anything)."""
-        return {p: self._merge.frontier(p) for p in self.partitions}
+        first fetch: it may bring anything) and the records fetched of it since the
+        assignment."""
+        return {p: Report(self._merge.frontier(p), self._fetched_count[p])
+                for p in self.partitions}
 
-    def set_external(self, frontiers: Mapping[int, float]) -> None:
-        """The frontiers other workers reported for their partitions (as :meth:`frontiers`
-        gives them; the assigned partitions are ignored): the assigned partitions are held
-        back against these from now on, and no longer against a partition left out."""
-        given = {p: f for p, f in frontiers.items() if p not in self.partitions}
-        for p in self._external - given.keys():
+    def set_external(self, reports: Mapping[int, tuple[float, ...]], now_s: float) -> None:
+        """What other workers reported of their partitions, each a frontier as
+        :meth:`reports` gives it, then anything that moves while its owner works on it
+        (records fetched, offset applied), at wall clock ``now_s`` (s, monotonic); the
+        assigned partitions are ignored. The assigned partitions are held back against these
+        from now on, and no longer against a partition left out. A partition whose report
+        stays the same through a stall (``stall_s`` in which nothing could be released) is
+        passed over until it changes: its owner neither fetches nor applies it."""
+        given = {p: tuple(r) for p, r in reports.items() if p not in self.partitions}
+        for p in self._external.keys() - given.keys():
             self._merge.remove(p)
-        for p, f in given.items():
-            self._merge.set_frontier(p, f)
-        self._external = set(given)
+            self._moved.pop(p, None)
+            self._passed.discard(p)
+        for p, r in given.items():
+            if self._external.get(p) != r:
+                self._moved[p] = now_s
+                self._passed.discard(p)
+            self._merge.set_frontier(p, math.inf if p in self._passed else r[0])
+        self._external = given
 
     def add(self, partition: int, records: Sequence[T], times_ms: Sequence[float],
             now_ms: float = math.inf) -> None:
@@ -240,10 +268,18 @@ class LiveAlignment(Generic[T]):
             self._prev[partition] = prev
         self._merge.add(partition, records, capped)
         self._held[partition] += len(records)
+        self._fetched_count[partition] += len(records)
 
     def held(self, partition: int) -> int:
-        """How many records ``partition`` holds back now."""
+        """How many records ``partition`` holds back now (records just added count until
+        the next :meth:`release`)."""
         return self._held.get(partition, 0)
+
+    def held_back(self, partition: int) -> int:
+        """How many records ``partition`` held back after the last :meth:`release` (what a
+        metric shows: records of a fetch are added, then released, with a round trip to the
+        other workers in between)."""
+        return self._held_back.get(partition, 0)
 
     @property
     def holding(self) -> bool:
@@ -265,12 +301,18 @@ class LiveAlignment(Generic[T]):
             elif now_s - self._stalled_since >= self.stall_s:  # stalled: release everything
                 for p in self.partitions:
                     self._merge.exhaust(p)
-                for p in self._external:  # until their next report
-                    self._merge.set_frontier(p, math.inf)
+                # and pass over the other workers' partitions whose report did not change
+                # meanwhile (until it does): a worker that fetches or applies a partition
+                # whose event time stands still (a day's backlog) is not stuck: waited for
+                for p, moved in self._moved.items():
+                    if now_s - moved >= self.stall_s:
+                        self._passed.add(p)
+                        self._merge.set_frontier(p, math.inf)
                 out = self._merge.release()
                 self.forced += sum(len(v) for v in out.values())
         if out or not any(self._held.values()):
             self._stalled_since = None
         for p, records in out.items():
             self._held[p] -= len(records)
+        self._held_back = dict(self._held)
         return out

@@ -428,29 +428,34 @@ async def test_forget_uncounts_only_a_counted_segment_and_counts_survive_fields_
 
 
 async def test_workers_exchange_partition_frontiers_and_old_reports_are_left_out(redis_url):
-    """Worker A owns partitions 0-1, B owns 2-3: each gets the other's frontiers (infinities
-    included); a report older than the age limit, or not a worker's, is left out."""
+    """Worker A owns partitions 0-1, B owns 2-3: each gets the other's reports (frontier,
+    records fetched; infinities included) with the partition's applied offset; a report
+    older than the age limit, stamped further ahead than it, a NaN, or not a worker's, is
+    left out."""
     a, b = new_store(redis_url), new_store(redis_url)
     b.namespace = a.namespace  # one group, one namespace
     inf = float("inf")
     now = 1_000_000
-    assert await a.exchange_frontiers({0: 5.0, 1: -inf}, 4, now, 30_000) == {}
-    assert await b.exchange_frontiers({2: inf, 3: 7.5}, 4, now + 10, 30_000) == \
-        {0: 5.0, 1: -inf}
-    assert await a.exchange_frontiers({0: 6.0, 1: 9.0}, 4, now + 20_000, 30_000) == \
-        {2: inf, 3: 7.5}
+    assert await a.exchange_frontiers({0: (5.0, 1), 1: (-inf, 0)}, 4, now, 30_000) == {}
+    assert await b.exchange_frontiers({2: (inf, 9), 3: (7.5, 2)}, 4, now + 10, 30_000) == \
+        {0: (5.0, 1, -1), 1: (-inf, 0, -1)}
+    await a.client.hset(a.keys(3).meta, "offset", "41")  # B applied partition 3 up to 41
+    assert await a.exchange_frontiers({0: (6.0, 3), 1: (9.0, 4)}, 4, now + 20_000, 30_000) \
+        == {2: (inf, 9, -1), 3: (7.5, 2, 41)}
     # B's report is now 30,001 ms old for A; A's 0-1 are fresh for B
-    assert await a.exchange_frontiers({0: 6.0, 1: 9.0}, 4, now + 30_011, 30_000) == {}
-    await a.client.hset(live_frontier_key(a.namespace), "2", "not a frontier")
-    assert await b.exchange_frontiers({3: 8.0}, 4, now + 30_020, 30_000) == \
-        {0: 6.0, 1: 9.0}
+    assert await a.exchange_frontiers({0: (6.0, 3), 1: (9.0, 4)}, 4, now + 30_011, 30_000) \
+        == {}
+    key = live_frontier_key(a.namespace)
+    await a.client.hset(key, "2", "not a report")
+    assert await b.exchange_frontiers({3: (8.0, 5)}, 4, now + 30_020, 30_000) == \
+        {0: (6.0, 3, -1), 1: (9.0, 4, -1)}
     # a NaN, and a stamp further in the future than the age limit (another host's clock)
-    await a.client.hset(live_frontier_key(a.namespace), mapping={
-        "0": f"nan {now + 30_000}", "1": f"4.0 {now + 30_020 + 30_001}"})
-    assert await b.exchange_frontiers({3: 8.0}, 4, now + 30_020, 30_000) == {}
-    await a.client.hset(live_frontier_key(a.namespace), mapping={
-        "0": f"6.0 {now + 30_000}", "1": f"9.0 {now + 30_000}"})
-    # a worker that owns nothing (yet) reads them all: 2's value is not a worker's
-    assert await a.exchange_frontiers({}, 4, now + 30_030, 30_000) == {0: 6.0, 1: 9.0, 3: 8.0}
+    await a.client.hset(key, mapping={"0": f"nan {now + 30_000} 3",
+                                      "1": f"4.0 {now + 30_020 + 30_001} 4"})
+    assert await b.exchange_frontiers({3: (8.0, 5)}, 4, now + 30_020, 30_000) == {}
+    await a.client.hset(key, mapping={"0": f"6.0 {now + 30_000} 3", "1": f"9.0 {now + 30_000} 4"})
+    # a worker that owns nothing (yet) reads them all: 2's value is not a report
+    assert await a.exchange_frontiers({}, 4, now + 30_030, 30_000) == \
+        {0: (6.0, 3, -1), 1: (9.0, 4, -1), 3: (8.0, 5, 41)}
     for s in (a, b):
         await s.client.aclose()

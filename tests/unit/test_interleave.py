@@ -180,39 +180,49 @@ def test_partitions_of_other_workers_hold_back_while_reported_and_not_after():
     inf = float("inf")
     live: LiveAlignment[str] = LiveAlignment(slack_ms=5, stall_s=1e9)
     live.reset([0])
-    assert live.frontiers() == {0: -inf}  # not fetched yet: it may bring anything
+    assert live.reports() == {0: (-inf, 0)}  # not fetched yet: it may bring anything
     live.add(0, ["a", "b", "c"], [10, 20, 30])
-    live.set_external({1: 12.0, 0: -inf})  # a report of its own partition is ignored
+    # the metric shows what the last release left: a fetch is added, then released
+    assert (live.held(0), live.held_back(0)) == (3, 0)
+    live.set_external({1: (12.0, 7), 0: (-inf, 0)}, 0.0)  # its own partition's: ignored
     assert live.release([], 0.0) == {0: ["a"]}  # up to 12 + 5
-    assert live.frontiers() == {0: 20}  # its first record held
-    live.set_external({1: -inf})  # 1's new owner has not fetched it yet
+    assert (live.held(0), live.held_back(0)) == (2, 2)
+    assert live.reports() == {0: (20, 3)}  # its first record held; 3 fetched
+    live.set_external({1: (-inf, 0)}, 0.1)  # 1's new owner has not fetched it yet
     assert live.release([], 0.1) == {}
-    live.set_external({1: 40.0})
+    live.set_external({1: (40.0, 9)}, 0.2)
     assert live.release([], 0.2) == {0: ["b", "c"]}
     live.add(0, ["d"], [100])
-    live.set_external({})  # nobody reports 1 any more: it holds nobody back
+    live.set_external({}, 0.3)  # nobody reports 1 any more: it holds nobody back
     assert live.release([], 0.3) == {0: ["d"]}
-    assert live.frontiers() == {0: 100}  # its last record fetched
-    assert live.release([0], 0.4) == {} and live.frontiers() == {0: inf}  # caught up
-    live.set_external({1: 50.0})
+    assert live.reports() == {0: (100, 4)}  # its last record fetched
+    assert live.release([0], 0.4) == {} and live.reports() == {0: (inf, 4)}  # caught up
+    live.set_external({1: (50.0, 10)}, 0.5)
     live.reset([0, 1])  # a rebalance: 1 is this worker's now, nobody else's
     live.add(0, ["e"], [200])
     live.add(1, ["x"], [60])
     assert live.release([], 0.5) == {1: ["x"]}
 
 
-def test_a_partition_another_worker_reports_but_never_moves_is_passed_over_after_the_stall():
-    """A worker whose report stays (stuck, or killed less than 30 s ago) holds the others
-    back only for ``stall_s``, as a partition of this worker that is never fetched does
-    (the first version's stall release left the other worker's partitions holding)."""
+def test_another_workers_partition_is_waited_for_while_it_fetches_and_passed_over_if_not():
+    """A stall (``stall_s`` in which nothing could be released) passes over another worker's
+    partition only if its report did not change meanwhile: that worker is not fetching it.
+    One that keeps fetching records of one day (the two-worker test's 5,000 fillers) is
+    waited for, however long (the first version passed it over after 5 s and the test's
+    other worker applied its partition out of order)."""
     live: LiveAlignment[str] = LiveAlignment(slack_ms=0, stall_s=5.0)
     live.reset([0])
     live.add(0, ["a", "b"], [10, 20])
-    live.set_external({1: 5.0})
-    assert live.release([0], 100.0) == {}
-    assert live.release([0], 104.9) == {}
-    assert live.release([0], 105.0) == {0: ["a", "b"]}
+    for k in range(20):  # 1 fetches records of time 5 for 20 s: its count moves
+        live.set_external({1: (5.0, 100 * k)}, 100.0 + k)
+        assert live.release([0], 100.0 + k) == {}
+    live.set_external({1: (5.0, 2000)}, 121.0)  # its last fetch; the same report from now on
+    assert live.release([0], 125.9) == {}
+    assert live.release([0], 126.0) == {0: ["a", "b"]}  # 5 s without a change
     assert live.forced == 2
-    live.set_external({1: 5.0})  # its next report holds again
     live.add(0, ["c"], [30])
-    assert live.release([], 106.0) == {}
+    live.set_external({1: (5.0, 2000)}, 127.0)  # unchanged: still passed over
+    assert live.release([], 127.0) == {0: ["c"]}
+    live.add(0, ["d"], [40])
+    live.set_external({1: (6.0, 2100)}, 128.0)  # it moves again: waited for again
+    assert live.release([], 128.0) == {}
