@@ -155,7 +155,7 @@ def replay_claim_key(namespace: str) -> str:
 def live_frontier_key(namespace: str) -> str:
     """Hash where the workers of the group that writes ``namespace`` publish the event-time
     frontier of each partition they own (``stream.fastpath``: field = partition, value =
-    ``"<frontier ms> <wall clock ms>"``): ``rfm:live:<namespace>:frontier``."""
+    ``"<frontier ms> <wall clock ms> <records fetched>"``): ``rfm:live:<namespace>:frontier``."""
     return f"rfm:live:{namespace}:frontier"
 
 

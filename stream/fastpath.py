@@ -18,10 +18,10 @@ the consumer's other partitions are held back, not tracked, until those catch up
 other workers, whose frontiers come through ``BatchTransport.frontier_exchange`` (fetched
 records are released against reports at most :data:`FRESH_S` old; again when records stay
 held, and after each release that leaves some; else every :data:`EXCHANGE_EVERY_S`); a
-partition holding :data:`MAX_HELD` records is paused (faust's
-``pause_partitions``) until it holds half as many. Held records are not acknowledged, so a
-rebalance, which drops them, loses nothing: they are fetched again from the committed offset
-(or re-read as a gap). In steady state nothing is held.
+partition holding :data:`MAX_HELD` records is paused (faust's ``pause_partitions``) until it
+holds half as many. Held records are not acknowledged, so a rebalance, which drops them,
+loses nothing: they are fetched again from the committed offset (or re-read as a gap). In
+steady state nothing is held.
 
 Wiring (``stream/app.py``): ``app.transport = BatchTransport(app.conf.broker_consumer, app)``,
 then ``app.transport.batch_handlers[topic] = handler`` and ``app.topics.add(topic)`` (the
@@ -47,7 +47,7 @@ BatchHandler = Callable[[list[Message]], Awaitable[None]]
 FrontierExchange = Callable[[str, dict[int, Report]],
                            Awaitable[dict[int, tuple[float, int, int]]]]
 MAX_HELD = 10_000  # records a partition may hold back before its fetching is paused
-EXCHANGE_EVERY_S = 1.0  # frontiers are exchanged at least this often, each round while held
+EXCHANGE_EVERY_S = 1.0  # reports are exchanged at least this often (more often while held)
 FRESH_S = 0.05  # what is fetched is released against the others' reports of at most this age
 # a fetch waits at most this long for records while records are held: what releases them may be
 # another worker's next report, not a fetch (faust's 1 s made two workers on a backlog move
@@ -256,12 +256,11 @@ class _Alignment:
                     c.resume_partitions([tp])
                     self.paused.discard(tp)
 
-
     async def exchange_frontiers(self, topic: str, aligner: LiveAlignment[Message],
                                  needed: bool) -> bool:
-        """Publish this worker's frontiers of ``topic`` and hold against the other workers'
-        from now on, when ``needed`` or :data:`EXCHANGE_EVERY_S` after the last time; whether
-        it did. When the exchange fails (Redis), the other workers' partitions hold nobody
+        """Publish this worker's reports of ``topic``'s partitions and hold against the other
+        workers' from now on, when ``needed`` or :data:`EXCHANGE_EVERY_S` after the last
+        time; whether it did. When the exchange fails (Redis), the other workers' partitions hold nobody
         back until it works again (a warning when it starts failing)."""
         now = monotonic()
         if self.exchange is None or (

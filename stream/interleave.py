@@ -293,7 +293,7 @@ class LiveAlignment(Generic[T]):
             if p in self.partitions and self._merge.empty(p):
                 self._merge.exhaust(p)
         out = self._merge.release()
-        if not out and any(self._held.values()):
+        if not out and self.holding:
             # the stall clock starts at the first call that releases nothing (not at the last
             # that did: applying what it released may take long)
             if self._stalled_since is None:
@@ -310,7 +310,7 @@ class LiveAlignment(Generic[T]):
                         self._merge.set_frontier(p, math.inf)
                 out = self._merge.release()
                 self.forced += sum(len(v) for v in out.values())
-        if out or not any(self._held.values()):
+        if out or not self.holding:
             self._stalled_since = None
         for p, records in out.items():
             self._held[p] -= len(records)
