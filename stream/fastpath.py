@@ -272,11 +272,14 @@ class _Alignment:
         except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
             if not self.exchange_failing:
                 self.consumer.log.warning("%s: event-time frontiers not exchanged with the "
-                                          "other workers (%r); aligning this worker's "
-                                          "partitions only until it works", topic, exc)
+                                          "other workers (%s: %s); aligning this worker's "
+                                          "partitions only until it works", topic,
+                                          type(exc).__name__, exc)
             self.exchange_failing = True
             others = {}
         else:
+            if self.exchange_failing:
+                self.consumer.log.info("%s: event-time frontiers exchanged again", topic)
             self.exchange_failing = False
         aligner.set_external(others, monotonic())
         return True
