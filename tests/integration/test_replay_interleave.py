@@ -201,8 +201,10 @@ async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time
     """The backlog above, applied by two workers that own one partition each: a worker's
     alignment holds its partition against the other worker's too (the frontiers each
     reports in Redis). Each reports what it has left before it applies what it released,
-    so the two apply at the same time records up to twice the skew apart (a breaker's
-    finding: 105 pairs a week apart of 20,000 fillers' backlog): two weeks here. Before,
+    so the two apply at the same time records up to three times the skew apart: worker B
+    releases up to A's new report + the skew while A applies from its old frontier, at most
+    the skew below B's (breakers: 105 pairs a week apart, then 19-21 days; the test with two
+    weeks failed 2 of 7 runs): three weeks here. Before,
     each aligned only its own partitions: the owner of partition 1 applied its 150 records
     at once while the owner of partition 0 was still in its 5,000 fillers of day 0, so later
     customers of partition 1 were published before earlier ones of partition 0 (and scored
@@ -227,6 +229,6 @@ async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time
             w.stop()
         await store.client.aclose()
     first = await first_changes(s)
-    assert published_out_of_order(first, early, late, week=14) == []
+    assert published_out_of_order(first, early, late, week=21) == []
     clusters = [first[cid]["current"]["cluster"] for cid in late]
     assert None not in clusters[100:]
