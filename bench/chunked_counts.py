@@ -37,6 +37,7 @@ each dimension's range), and the median time of ``--repeat`` calls is printed:
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -134,7 +135,6 @@ LIB_KEYS = ["lib:{p0}:r:", "lib:{p0}:f:", "lib:{p0}:m:"]
 def build_library(r: redis.Redis, population: list[tuple[str, int, int, int]]) -> tuple[float, float]:
     """The population in chunks.lua's layout, customers added in random order; returns its
     Redis memory per customer (bytes) and the build time (s)."""
-    import random
     lib = r.register_script(LIBRARY_LUA)
     rows = population[:]
     random.Random(7).shuffle(rows)
@@ -148,7 +148,6 @@ def build_library(r: redis.Redis, population: list[tuple[str, int, int, int]]) -
 
 def moves(population: list[tuple[str, int, int, int]], n: int) -> list[tuple]:
     """``n`` customers that purchase again: last purchase later, one more order, more money."""
-    import random
     rng = random.Random(11)
     return [(cid, last, f, m, last + rng.randrange(1, 30) * 86_400_000, f + 1,
              m + rng.randrange(100, 20_000)) for cid, last, f, m in rng.sample(population, n)]
