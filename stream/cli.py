@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -274,13 +274,26 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
         if out:
             out.write(json.dumps({"row": r.row, "reason": r.reason, "detail": r.detail}) + "\n")
 
+    bars: dict[str, Any] = {}  # "read" (rows read and checked), then "produce" (events)
+
+    def advance(name: str, unit: str) -> Callable[[int], None]:
+        def update(n: int) -> None:
+            if name not in bars:
+                for bar in bars.values():  # the previous phase is over
+                    bar.close()
+                bars[name] = tqdm(desc=name, unit=unit)
+            bars[name].update(n)
+        return update
+
     try:
-        with tqdm(desc="produce", unit="ev", disable=dry_run) as bar:
-            summary = _run(load_events(settings, load_file(file, opts), topic, dry_run,
-                                       on_reject, bar.update, file_order))
+        summary = _run(load_events(settings, load_file(file, opts), topic, dry_run,
+                                   on_reject, advance("produce", "ev"), file_order,
+                                   advance("read", "row")))
     except (*_kafka_errors(), ValueError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     finally:
+        for bar in bars.values():
+            bar.close()
         if out:
             out.close()
     click.echo(f"{summary.rows:,} rows (numbered from 1 after the header): {summary.events:,} events"

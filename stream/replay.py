@@ -50,8 +50,8 @@ class LoadSummary:
 
 async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = None,
                dry_run: bool = False, on_reject: Callable[[Loaded], None] | None = None,
-               progress: Callable[[int], None] | None = None, file_order: bool = False
-               ) -> LoadSummary:
+               progress: Callable[[int], None] | None = None, file_order: bool = False,
+               read_progress: Callable[[int], None] | None = None) -> LoadSummary:
     """Produce the events of ``rows`` to the purchases topic (key = customer id, record
     timestamp = event time); count and report the rejected rows. Every event is first checked
     with the worker's own validation (currency, amounts, times), so what the worker would
@@ -61,12 +61,17 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
     millisecond keep the rows' order), so the worker and a replay see the history as it
     happened, whatever order the file is in (CDNOW is sorted by customer: in file order, each
     customer's whole history would arrive at once, behind an event-time watermark already
-    years ahead). ``file_order=True`` produces them in the rows' order instead."""
+    years ahead). ``file_order=True`` produces them in the rows' order instead.
+
+    ``read_progress`` receives the number of rows read and checked since its last call (every
+    1,000 rows and at the end); ``progress`` the number of events produced."""
     summary = LoadSummary()
     messages: list[Message] = []
     rules, now = settings.input_rules(), int(time.time() * 1000)
     for r in rows:
         summary.rows += 1
+        if read_progress and summary.rows % 1000 == 0:
+            read_progress(1000)
         if r.event is not None:  # the worker's own checks: rejected now, not dead-lettered later
             key = str(r.event["customer_id"]).encode("utf-8")
             value = compact(orjson.dumps(r.event))
@@ -81,6 +86,8 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
         summary.events += 1
         # record timestamp and sort key: the event time exactly as the worker reads it
         messages.append(Message(key, value, cast(Accepted, verdict).event.occurred_ms))
+    if read_progress and summary.rows % 1000:
+        read_progress(summary.rows % 1000)
     if not file_order:
         messages.sort(key=lambda m: m.timestamp_ms or 0)
     if not dry_run and messages:

@@ -288,6 +288,30 @@ async def test_load_orders_millisecond_times_as_the_worker_reads_them(settings, 
 
 
 
+async def test_load_reports_the_rows_it_read_before_it_produces(settings, tmp_path):
+    """A fresh user saw no progress during the ~28 s ``load`` spends reading and checking a
+    large file before producing anything: the rows read (good and rejected) are reported in
+    steps of 1,000 and the rest at the end, then the events produced."""
+    s = settings.model_copy(update={"partitions": 1})
+    await ensure_topics(s)
+    path = tmp_path / "events.jsonl"
+    rows = [json.dumps({"event_id": f"e{i}", "customer_id": f"c{i % 7}", "order_id": f"o{i}",
+                        "amount": "2.50", "occurred_at": "2024-05-01T10:00:00Z"})
+            for i in range(2_345)]
+    rows[17] = "{not json"
+    path.write_text("\n".join(rows))
+    read: list[int] = []
+    produced: list[int] = []
+    summary = await load(s, load_file(path, LoadOptions("event")), progress=produced.append,
+                         read_progress=read.append)
+    assert read == [1000, 1000, 345]
+    assert (summary.rows, summary.events, sum(produced)) == (2_345, 2_344, 2_344)
+    # dry run: rows are still read and reported, nothing produced
+    read.clear()
+    await load(s, load_file(path, LoadOptions("event")), dry_run=True, read_progress=read.append)
+    assert sum(read) == 2_345
+
+
 @pytest.mark.parametrize("alias", ["hash", "a:b", b"\xff\xfe"])
 async def test_a_namespace_alias_written_by_hand_is_a_clean_error(settings, alias):
     """A breaker's case: an alias key (``replay --switch`` writes it) of another Redis type,
