@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -435,6 +435,7 @@ def export(out: Path, as_of: str | None) -> None:
     of the file and named on stderr, and the command then exits with 1.
     """
     from stream.export import export_customers
+    from stream.timeline import utc
 
     settings = _settings()
     unreadable: list[tuple[str, str]] = []
@@ -442,7 +443,7 @@ def export(out: Path, as_of: str | None) -> None:
         n, t = _run(export_customers(settings, out, _epoch_ms(as_of), unreadable))
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{n:,} customers scored at {datetime.fromtimestamp(t / 1000, UTC).isoformat()} "
+    click.echo(f"{n:,} customers scored at {utc(t).isoformat()} "
                f"-> {out}")
     if unreadable:
         click.echo(f"Error: {len(unreadable):,} stored customer value(s) could not be decoded "

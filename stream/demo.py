@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from stream.kafka_io import Message, client_options, compact, create_topics, pro
 from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
 from stream.segments import SegmentTable
 from stream.settings import Settings
+from stream.timeline import utc
 
 
 def local_settings(stack: localstack.LocalStack, **overrides: object) -> Settings:
@@ -102,7 +103,7 @@ async def export(settings: Settings, out_dir: Path) -> DemoResult:
     changes = await read_all(kafka, settings.segment_changes_topic)
     n_changes = write_jsonl((v for *_, v in changes), out_dir / "segment_changes.jsonl")
     dead = await read_all(kafka, settings.dead_letter_topic, idle_s=0.5)
-    return DemoResult(rows, n_changes, len(dead), datetime.fromtimestamp(as_of / 1000, UTC),
+    return DemoResult(rows, n_changes, len(dead), utc(as_of),
                       int(model["version"]) if model else 0)
 
 

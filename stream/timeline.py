@@ -15,11 +15,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from state.rfm import Window
 from state.store import PartitionClock
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +129,21 @@ class TimePolicy:
 
 @functools.lru_cache(maxsize=4096)
 def utc(ms: int) -> datetime:
-    """An epoch-ms time as an aware UTC datetime (cached: a step stamps many changes with the
+    """An epoch-ms time as an aware UTC datetime, exactly (integer arithmetic: a float of
+    seconds loses microseconds far from 1970) and cached (a step stamps many changes with the
     same as-of and emission times).
+
+    Raises
+    ------
+    OverflowError
+        Beyond the years 1-9999.
 
     >>> utc(0).isoformat()
     '1970-01-01T00:00:00+00:00'
+    >>> utc(253_402_300_799_999).isoformat()  # 9999-12-31T23:59:59.999Z
+    '9999-12-31T23:59:59.999000+00:00'
     """
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def earliest(*times: int | None) -> int | None:
