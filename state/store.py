@@ -414,8 +414,7 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             _queue_mget(pipe, k, unknown)
             values = [v for part in await pipe.execute() for v in part]
-            due_hits.update((cid, _customer_or_none(cid, v, self.text_ids))
-                            for cid, v in zip(unknown, values, strict=True))
+            due_hits.update(await self._others(partition, unknown, values))
         customers.update(due_hits)
         return PartitionView(
             partition, _int(seq, -1), _int(offset, -1), opt_int(wm), opt_int(asof), thr,
@@ -465,8 +464,7 @@ class RedisStore:
             replies = replies[1:]
         values = [v for reply in replies for v in reply]
         if others:
-            out = {cid: _customer_or_none(cid, v, self.text_ids)
-                   for cid, v in zip(ask, values, strict=True)}
+            out = await self._others(partition, ask, values)
         else:
             out, unreadable = self._decode_all(ask, values)
             if unreadable:
@@ -806,6 +804,21 @@ class RedisStore:
                 yield [c for c in page if c is not None]
             if cursor == 0:
                 return
+
+    async def _others(self, partition: int, ids: list[str], values: list[bytes | None]
+                      ) -> dict[str, StoredCustomer | None]:
+        """Customers read for a step of other customers' events (due, or re-scored), as
+        ``_customer_or_none`` reads them; a key of another Redis type (``MGET`` answers nil,
+        as for an erased customer) is logged the same way, found by one more round trip made
+        only when some of them have no value."""
+        out = {cid: _customer_or_none(cid, v, self.text_ids)
+               for cid, v in zip(ids, values, strict=True)}
+        k = self.keys(partition)
+        absent = {k.customer(cid): cid for cid, v in zip(ids, values, strict=True) if v is None}
+        for name, reason in (await self._not_strings(list(absent))).items():
+            log.error("customer %r has an unreadable stored value, left as it is and not "
+                      "re-scored: %s", absent[name], reason)
+        return out
 
     async def _not_strings(self, names: list[str]) -> dict[str, str]:
         """Of keys that ``MGET`` answered nil for, those that exist with another Redis type

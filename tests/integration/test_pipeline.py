@@ -259,15 +259,17 @@ async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_custo
         await store.client.aclose()
 
 
-@pytest.mark.parametrize("bad", [b"", b"\x9e\x03 not MessagePack"])
+@pytest.mark.parametrize("bad", [b"", b"\x9e\x03 not MessagePack", "hash"])
 async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_others(settings,
-                                                                                       bad):
+                                                                                       bad, caplog):
     """A breaker's case: a customer whose stored value cannot be decoded was read, and raised,
     when a threshold refresh re-scored it; the step failed, then each record alone, and the
     worker exited (70) at every restart, its whole partition stuck. Ten one-order customers
     make quintiles (min_population 10); forgetting one makes the next refresh re-score them
     all with the fixed thresholds. Now the unreadable one is left as it is and the others are
-    re-scored (oracle by hand: 40 days apart, the fixed recency bounds 30/90/180/365 days)."""
+    re-scored (oracle by hand: 40 days apart, the fixed recency bounds 30/90/180/365 days).
+    A key of another Redis type (a hash written by hand; ``MGET`` answers nil as for an erased
+    customer) is logged the same way (it was skipped without a word)."""
     from datetime import UTC, datetime, timedelta
 
 
@@ -283,14 +285,24 @@ async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_
         await s.processor.process(0, records, now_ms=NOW)
         assert (await s.processor.current_thresholds(0)).anchor_ms is not None  # quintiles
         k = s.store.keys(0)
-        await s.store.client.set(k.customer("c3"), bad)
+        if bad == "hash":
+            await s.store.client.delete(k.customer("c3"))
+            await s.store.client.hset(k.customer("c3"), "f", "3")
+        else:
+            await s.store.client.set(k.customer("c3"), bad)
         assert (await s.store.forget(0, "c5"))[0]
+        caplog.clear()
         out = await s.processor.process(
             0, [raw(12, "c9", purchase(12, "c9", day360, order="o9"))], now_ms=NOW)
         assert (out.applied, out.dead_letters) == (1, [])
         assert (await s.processor.current_thresholds(0)).version == "fixed"
-        assert await s.store.client.execute_command("GET", k.customer("c3"),
-                                                    NEVER_DECODE=[]) == bad
+        if bad == "hash":
+            assert await s.store.client.type(k.customer("c3")) == "hash"
+        else:
+            assert await s.store.client.execute_command("GET", k.customer("c3"),
+                                                        NEVER_DECODE=[]) == bad
+        assert any("'c3' has an unreadable stored value" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
         # as-of: day 360; c0 bought on day 0 (360 days before: R = 2), c8 on day 320 (R = 4)
         c0, c8 = (await s.store.read_customers(0, ["c0", "c8"])).values()
         assert c0.scores[0] == 2 and c8.scores[0] == 4, (c0.scores, c8.scores)
