@@ -142,7 +142,8 @@ class PartitionView:
     of the customers due by the furthest as-of the step can reach, ascending;
     ``dues_capped``: more may be due than were returned; ``seen_ms``: wall clock of the
     partition's last applied event; ``model_version``: version of the latest clustering
-    model snapshot.
+    model snapshot; ``rules``: the segment rule table the partition's stored segments were
+    assigned under (``SegmentTable.rules_digest``; None before it was recorded).
     """
 
     partition: int
@@ -157,6 +158,7 @@ class PartitionView:
     dues_capped: bool = False
     seen_ms: int | None = None
     model_version: int | None = None
+    rules: str | None = None
 
 
 class CustomerWrite(NamedTuple):
@@ -393,7 +395,7 @@ class RedisStore:
         reply, *rest = await pipe.execute()
         named = [v for part in rest[:chunks] for v in part]
         clocks, version = rest[chunks:-1], rest[-1]
-        (offset, wm, asof, thr, seq, seen, token), due_flat = reply
+        (offset, wm, asof, thr, seq, seen, token, rules), due_flat = reply
         if cache is not None and token != cache.token:  # someone else wrote: read it all
             self._cache.pop(partition, None)  # a commit in flight may have taken it
             return await self.read_partition(partition, ids, partitions, hint_ms, max_due)
@@ -421,7 +423,7 @@ class RedisStore:
             tuple(PartitionClock(p, opt_int(c[0]), opt_int(c[1]))
                   for p, c in zip(others, clocks, strict=True)),
             customers, dues, max_due > 0 and len(dues) >= max_due, opt_int(seen),
-            opt_int(version))
+            opt_int(version), rules)
 
     def _decode_all(self, ids: list[str], values: list[bytes | None]
                     ) -> tuple[dict[str, StoredCustomer | None], dict[str, str]]:
@@ -544,6 +546,25 @@ class RedisStore:
             args += [kinds[kind], _bound(lo), _bound(hi)]
         ids, flat = await self._between(keys=[k.z_last, k.z_freq, k.z_mon], args=args)
         return list(ids), np.asarray(flat, dtype=np.int64).reshape(-1, 3)
+
+    async def due_all(self, partition: int, due_ms: int, page: int = 10_000) -> int:
+        """Make every scored customer of a partition (its recency population) due by
+        ``due_ms`` (an earlier due time stays), ``page`` customers per round trip; returns how
+        many. For a re-score of everyone (a new segment rule table): the steps that follow
+        evaluate them as due customers, at most ``max_due`` per step.
+
+        Not atomic across pages: a customer added meanwhile is scored by its own event, one
+        erased meanwhile is dropped when its due time comes (as any erased due customer), and
+        running it again is harmless."""
+        k = self.keys(partition)
+        done = 0
+        while True:
+            ids = await self.client.zrange(k.z_last, done, done + page - 1)
+            if ids:
+                await self.client.zadd(k.due, dict.fromkeys(ids, due_ms), lt=True)
+            done += len(ids)
+            if len(ids) < page:
+                return done
 
     # --- population statistics ------------------------------------------------------------
     async def population(self, partitions: Iterable[int]) -> int:

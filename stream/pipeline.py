@@ -138,6 +138,9 @@ class BatchProcessor:
         # one step of a partition at a time (the agent's and the sweep timer's); steps of
         # different partitions may interleave: one plans while another waits for Redis
         self._locks: dict[int, asyncio.Lock] = {}
+        # partitions whose customers this processor made due for a new rule table (until the
+        # table is recorded in their meta by a commit)
+        self._rules_scheduled: set[int] = set()
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
@@ -233,6 +236,10 @@ class BatchProcessor:
                 if (check_gap and previous_last is None and remaining is block
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
+            rules = self.table.rules_digest
+            if view.rules not in (None, rules) and partition not in self._rules_scheduled:
+                await self._rescore_all(view)
+                continue  # re-read: its due customers changed
             # thresholds are refreshed (and the model trained) only by steps with records, at
             # offset blocks: never by a timer sweep, whose timing would shape the output
             first = remaining[0].offset if remaining else -1
@@ -254,7 +261,7 @@ class BatchProcessor:
             letters = [dead[r.offset] for r in consumed
                        if r.offset in dead and r.offset > view.last_offset]
             if not (consumed or plan.writes or plan.changes or text
-                    or plan.as_of != view.as_of):
+                    or plan.as_of != view.as_of or view.rules != rules):
                 return
             meta: dict[str, str | int] = {}
             if plan.last_offset > view.last_offset:
@@ -267,6 +274,8 @@ class BatchProcessor:
                 meta["seen"] = now
             if text is not None:
                 meta["thr"] = text
+            if view.rules != rules:
+                meta["rules"] = rules
             outbox = ([("c", c.to_json(), c.customer_id) for c in plan.changes]
                       + [("d", d.model_dump_json(),
                           d.key if d.key_encoding == "utf-8" else None) for d in letters]
@@ -345,6 +354,21 @@ class BatchProcessor:
             self.metrics.segment_exits.labels(*labels).inc(n)
         for d in letters:
             self.metrics.dead_lettered.labels(d.reason).inc()
+
+    async def _rescore_all(self, view: PartitionView) -> None:
+        """A segment rule table other than the one the partition's stored segments were
+        assigned under (``rules_digest``): every scored customer becomes due at the
+        partition's as-of time, so the steps that follow re-score them all (``cause =
+        rescore``; a change only where the segment differs), at most ``max_due`` per step.
+        The table is recorded in the partition's meta by the next commit. A partition that
+        has no table recorded yet (new, or written by a release before this one) records it
+        without a re-score."""
+        self._rules_scheduled.add(view.partition)
+        if view.as_of is None:
+            return
+        n = await self.store.due_all(view.partition, view.as_of)
+        log.warning("partition %d: the segment rule table changed (%s -> %s): %d customers "
+                    "will be re-scored", view.partition, view.rules, self.table.rules_digest, n)
 
     async def _sweep_as_of(self, partition: int, now: int) -> int | None:
         """The as-of time a sweep of ``partition`` can reach now (None: nothing moved)."""

@@ -176,8 +176,10 @@ class _Planner:
             return c.held_cause
         if self.ctx.thresholds.anchor_ms is not None or c.scores is None:
             return "rescore"
-        return "rescore" if any(a > b for a, b in zip(scores, c.scores, strict=True)) \
-            else "inactivity"
+        # with fixed thresholds time only lowers scores; a raised score is a refresh's doing,
+        # and the same scores in another segment the rule table's (a new table)
+        return "rescore" if (scores == c.scores or any(
+            a > b for a, b in zip(scores, c.scores, strict=True))) else "inactivity"
 
     def _change(self, cid: str, c: StoredCustomer, segment: str, cluster: int | None,
                 scores: tuple[int, int, int], strategy: str, days: int, f: int, m: int,

@@ -8,6 +8,7 @@ the per-group strategy customer-portfolio management asks for.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import tomllib
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ class SegmentTable:
             When a score is outside 1-5.
         """
         return self._by_cell[(r, f, m)]
+
+    @functools.cached_property
+    def rules_digest(self) -> str:
+        """16 hex characters of a SHA-256 over which segment each of the 125 score triples
+        maps to: what decides the customers' stored segments (a change of strategy texts or
+        of ``version`` alone leaves it as it is).
+
+        >>> t = SegmentTable.load()
+        >>> t.rules_digest == SegmentTable.load().rules_digest, len(t.rules_digest)
+        (True, 16)
+        """
+        text = "\n".join(f"{r}{f}{m}={self._cells[(r, f, m)]}"
+                         for r, f, m in itertools.product(range(1, 6), repeat=3))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @functools.cached_property
     def _by_cell(self) -> dict[tuple[int, int, int], Segment]:

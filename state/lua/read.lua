@@ -9,9 +9,10 @@
 --
 -- Due customers are those whose due time is <= max(asof, wm, hint): the furthest the step's
 -- as-of time can go. They come in (due, id) order, at most ARGV[2] of them.
--- Returns {{offset, wm, asof, thr, seq, seen, tok}, {id1, due1, id2, due2, ...}}
+-- Returns {{offset, wm, asof, thr, seq, seen, tok, rules}, {id1, due1, id2, due2, ...}}
 
-local meta = redis.call('HMGET', KEYS[1], 'offset', 'wm', 'asof', 'thr', 'seq', 'seen', 'tok')
+local meta = redis.call('HMGET', KEYS[1], 'offset', 'wm', 'asof', 'thr', 'seq', 'seen', 'tok',
+                        'rules')
 local upper = nil
 for _, v in ipairs({meta[2], meta[3], ARGV[1]}) do
   local x = tonumber(v or '')

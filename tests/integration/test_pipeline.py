@@ -259,6 +259,51 @@ async def test_an_unreadable_due_customer_stops_neither_the_step_nor_other_custo
         await store.client.aclose()
 
 
+async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, tmp_path):
+    """Customers keep the segment they were last published with until something re-scores
+    them: after an edit of the rule table (``RFM_SEGMENT_TABLE``) that was their next event
+    or due time, or never, so /segments mixed the old table's names with the new one's for
+    good. A table whose cells map elsewhere re-scores every customer once (``cause =
+    rescore``); back to the first table, every customer is back in the segment it had (the
+    first run's changes are the oracle); a namespace that recorded no table (written by a
+    release before this one) records it without a re-score."""
+    everyone = tmp_path / "everyone.toml"
+    everyone.write_text('version = "one"\n[[segment]]\nname = "Everyone"\n'
+                        'strategy = "Say hello"\nrules = [{}]\n')
+    base = settings.model_copy(update={"partitions": 1, "min_dwell_s": 0, "cache_customers": 0})
+    workers = [build_services(base),
+               build_services(base.model_copy(update={"segment_table": str(everyone)})),
+               build_services(base),
+               build_services(base.model_copy(update={"segment_table": str(everyone)}))]
+    try:
+        records = [raw(n, f"c{n}", purchase(n, f"c{n}", f"2024-0{1 + n % 3}-0{1 + n}",
+                                            f"{10 * (n + 1)}.00")) for n in range(6)]
+        out = await workers[0].processor.process(0, records, now_ms=NOW)
+        original = {c.customer_id: c.current.segment for c in out.changes}
+        assert len(original) == 6 and "Everyone" not in original.values()
+
+        swept = await workers[1].processor.sweep(0, now_ms=NOW)
+        assert {c.customer_id: (c.previous.segment, c.current.segment, c.cause)
+                for c in swept.changes} == {cid: (seg, "Everyone", "rescore")
+                                            for cid, seg in original.items()}
+        assert await workers[1].store.segment_counts([0]) == {"Everyone": 6}
+        assert (await workers[1].processor.sweep(0, now_ms=NOW)).changes == []  # recorded
+
+        back = await workers[2].processor.sweep(0, now_ms=NOW)
+        assert {c.customer_id: c.current.segment for c in back.changes} == original
+
+        meta = workers[3].store.keys(0).meta
+        await workers[3].store.client.hdel(meta, "rules")  # as a release before this one left it
+        assert (await workers[3].processor.sweep(0, now_ms=NOW)).changes == []
+        assert await workers[3].store.client.hget(meta, "rules") == \
+            workers[3].processor.table.rules_digest
+        assert await workers[3].store.segment_counts([0]) == {
+            seg: list(original.values()).count(seg) for seg in set(original.values())}
+    finally:
+        for w in workers:
+            await w.store.client.aclose()
+
+
 @pytest.mark.parametrize("bad", [b"", b"\x9e\x03 not MessagePack", "hash"])
 async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_others(settings,
                                                                                        bad, caplog):
