@@ -363,10 +363,11 @@ class BatchProcessor:
         The table is recorded in the partition's meta by the next commit. A partition that
         has no table recorded yet (new, or written by a release before this one) records it
         without a re-score."""
-        self._rules_scheduled.add(view.partition)
         if view.as_of is None:
+            self._rules_scheduled.add(view.partition)
             return
         n = await self.store.due_all(view.partition, view.as_of)
+        self._rules_scheduled.add(view.partition)  # only once all are due (else: again)
         log.warning("partition %d: the segment rule table changed (%s -> %s): %d customers "
                     "will be re-scored", view.partition, view.rules, self.table.rules_digest, n)
 
