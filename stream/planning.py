@@ -145,7 +145,12 @@ class _Planner:
         else:
             cluster = None
         cause = self._cause(event, c, scores)
-        hold = None if cause == "purchase" else ctx.policy.dwell_until(c.changed_ms)
+        # the same scores in another segment than the one published (no change held): a new
+        # rule table's doing, an operator's decision, applied at once like a purchase
+        by_table = (event is None and c.held_cause is None and c.scores == scores
+                    and c.segment is not None and c.segment != segment.name)
+        hold = (None if cause == "purchase" or by_table
+                else ctx.policy.dwell_until(c.changed_ms))
         deferred = None
         published, changed_ms, held = (c.segment, c.cluster), c.changed_ms, c.held_cause
         if changes(c.segment, c.cluster, segment.name, cluster, event is not None):

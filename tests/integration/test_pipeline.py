@@ -264,13 +264,16 @@ async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, t
     them: after an edit of the rule table (``RFM_SEGMENT_TABLE``) that was their next event
     or due time, or never, so /segments mixed the old table's names with the new one's for
     good. A table whose cells map elsewhere re-scores every customer once (``cause =
-    rescore``); back to the first table, every customer is back in the segment it had (the
-    first run's changes are the oracle); a namespace that recorded no table (written by a
-    release before this one) records it without a re-score."""
+    rescore``), at once: the flapping guard holds a re-score inside its dwell time, and
+    switching back held every customer that had just changed (a fresh user's finding: for
+    good, with no event moving event time on). Back to the first table, every customer is
+    back in the segment it had (the first run's changes are the oracle); a namespace that
+    recorded no table (written by a release before this one) records it without a
+    re-score."""
     everyone = tmp_path / "everyone.toml"
     everyone.write_text('version = "one"\n[[segment]]\nname = "Everyone"\n'
                         'strategy = "Say hello"\nrules = [{}]\n')
-    base = settings.model_copy(update={"partitions": 1, "min_dwell_s": 0, "cache_customers": 0})
+    base = settings.model_copy(update={"partitions": 1, "cache_customers": 0})  # 1-day dwell
     workers = [build_services(base),
                build_services(base.model_copy(update={"segment_table": str(everyone)})),
                build_services(base),
