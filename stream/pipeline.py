@@ -138,9 +138,10 @@ class BatchProcessor:
         # one step of a partition at a time (the agent's and the sweep timer's); steps of
         # different partitions may interleave: one plans while another waits for Redis
         self._locks: dict[int, asyncio.Lock] = {}
-        # partitions whose customers this processor made due for a new rule table (until the
-        # table is recorded in their meta by a commit)
-        self._rules_scheduled: set[int] = set()
+        # partition -> the commit sequence at which this processor made its customers due for
+        # its rule table (the next commit records the table; a sequence moved on without it,
+        # e.g. another worker's table recorded since, schedules them again)
+        self._rules_scheduled: dict[int, int] = {}
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
@@ -237,7 +238,7 @@ class BatchProcessor:
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
             rules = self.table.rules_digest
-            if view.rules not in (None, rules) and partition not in self._rules_scheduled:
+            if view.rules not in (None, rules) and self._rules_scheduled.get(partition) != view.seq:
                 await self._rescore_all(view)
                 continue  # re-read: its due customers changed
             # thresholds are refreshed (and the model trained) only by steps with records, at
@@ -363,11 +364,8 @@ class BatchProcessor:
         The table is recorded in the partition's meta by the next commit. A partition that
         has no table recorded yet (new, or written by a release before this one) records it
         without a re-score."""
-        if view.as_of is None:
-            self._rules_scheduled.add(view.partition)
-            return
-        n = await self.store.due_all(view.partition, view.as_of)
-        self._rules_scheduled.add(view.partition)  # only once all are due (else: again)
+        n = 0 if view.as_of is None else await self.store.due_all(view.partition, view.as_of)
+        self._rules_scheduled[view.partition] = view.seq  # once all are due (else: again)
         log.warning("partition %d: the segment rule table changed (%s -> %s): %d customers "
                     "will be re-scored", view.partition, view.rules, self.table.rules_digest, n)
 

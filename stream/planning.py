@@ -145,10 +145,12 @@ class _Planner:
         else:
             cluster = None
         cause = self._cause(event, c, scores)
-        # the same scores in another segment than the one published (no change held): a new
-        # rule table's doing, an operator's decision, applied at once like a purchase
-        by_table = (event is None and c.held_cause is None and c.scores == scores
-                    and c.segment is not None and c.segment != segment.name)
+        # a new rule table's doing, an operator's decision, applied at once like a purchase:
+        # the same scores in another segment than the one published (no change held), or a
+        # published segment the table no longer has (renamed or dropped)
+        by_table = (event is None and c.segment is not None and c.segment != segment.name
+                    and (c.segment not in ctx.table.segments
+                         or (c.held_cause is None and c.scores == scores)))
         hold = (None if cause == "purchase" or by_table
                 else ctx.policy.dwell_until(c.changed_ms))
         deferred = None

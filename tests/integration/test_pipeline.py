@@ -267,9 +267,9 @@ async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, t
     rescore``), at once: the flapping guard holds a re-score inside its dwell time, and
     switching back held every customer that had just changed (a fresh user's finding: for
     good, with no event moving event time on). Back to the first table, every customer is
-    back in the segment it had (the first run's changes are the oracle); a namespace that
-    recorded no table (written by a release before this one) records it without a
-    re-score."""
+    back in the segment it had (the first run's changes are the oracle), and back at the
+    second table, in it again; a namespace that recorded no table (written by a release
+    before this one) records it without a re-score."""
     everyone = tmp_path / "everyone.toml"
     everyone.write_text('version = "one"\n[[segment]]\nname = "Everyone"\n'
                         'strategy = "Say hello"\nrules = [{}]\n')
@@ -294,14 +294,18 @@ async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, t
 
         back = await workers[2].processor.sweep(0, now_ms=NOW)
         assert {c.customer_id: c.current.segment for c in back.changes} == original
+        # the partition back at the second worker, which re-scored it before (a breaker's
+        # finding: it remembered that and recorded its table without re-scoring)
+        again = await workers[1].processor.sweep(0, now_ms=NOW)
+        assert {c.customer_id: c.current.segment for c in again.changes} == dict.fromkeys(
+            original, "Everyone")
 
         meta = workers[3].store.keys(0).meta
         await workers[3].store.client.hdel(meta, "rules")  # as a release before this one left it
         assert (await workers[3].processor.sweep(0, now_ms=NOW)).changes == []
         assert await workers[3].store.client.hget(meta, "rules") == \
             workers[3].processor.table.rules_digest
-        assert await workers[3].store.segment_counts([0]) == {
-            seg: list(original.values()).count(seg) for seg in set(original.values())}
+        assert await workers[3].store.segment_counts([0]) == {"Everyone": 6}
     finally:
         for w in workers:
             await w.store.client.aclose()

@@ -52,6 +52,33 @@ def test_flapping_guard_holds_a_refund_change_and_publishes_it_when_the_dwell_en
     assert segments(unguarded, "x")[-1] == ("refund", "New Customers")
 
 
+def test_a_published_segment_the_rule_table_no_longer_has_is_replaced_at_once():
+    """A breaker's case: a new rule table that renamed a segment left the customers whose
+    change the flapping guard held (here a refund's, within a day of their last change)
+    under the old name, which /segments no longer lists, until event time passed the hold
+    (on a quiet stream: never). The re-score a new table brings publishes them at once."""
+    import tomllib
+    from importlib import resources
+
+    data = tomllib.loads(resources.files("stream").joinpath("segments.toml").read_text("utf-8"))
+    for seg in data["segment"]:
+        if seg["name"] == "Potential Loyalists":
+            seg["name"] = "Hopefuls"
+    renamed = PlanContext(SegmentTable.from_dict(data), FIXED, None, Limits(), "USD", 2,
+                          now_ms=0, policy=TimePolicy(min_dwell_ms=DAY))
+    recs = [buy(0, "x", 0, "o1"), buy(1, "x", 10 * 60_000, "o2"),
+            buy(2, "x", H, "o2", kind="refund")]
+    plan = plan_step(view(), recs, ctx())
+    (write,) = [w for w in plan.writes if w.customer_id == "x"]
+    assert (write.customer.segment, write.customer.held_cause) == ("Potential Loyalists",
+                                                                   "refund")
+    # the new table's re-score: x due at the partition's as-of time, no event
+    due = view({"x": write.customer}, dues=[(plan.as_of, "x")], as_of=plan.as_of,
+               wm=plan.watermark, last_offset=2)
+    assert segments(plan_step(due, [], renamed), "x") == [("refund", "New Customers")]
+    assert segments(plan_step(due, [], ctx()), "x") == []  # the same table: still held
+
+
 def test_due_customers_fire_in_order_before_the_event_that_passes_them():
     x = StoredCustomer("x", plan_step(view(), [buy(0, "x", 0)], ctx()).writes[0].customer.state,
                        "New Customers", None, (5, 1, 5), 0)
