@@ -16,7 +16,7 @@ import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import IO
@@ -62,12 +62,16 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
     Raises
     ------
     ValueError
-        On a malformed line (names the line number).
+        On a malformed line (names the line number), or a gzip file cut short or corrupt.
     """
     with open_default() if path is None else open(path, "rb") as raw:  # noqa: SIM115
         data = raw.read()
     if data[:2] == b"\x1f\x8b":  # gzip magic
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, gzip.BadGzipFile) as exc:
+            raise ValueError(f"{path or 'the CDNOW file'} is not a whole gzip file: {exc}") \
+                from exc
     seen: dict[tuple[str, str], int] = {}
     for lineno, line in enumerate(data.decode("ascii").splitlines(), start=1):
         parts = line.split()
@@ -75,11 +79,11 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
             continue
         try:
             cust, day, qty, value = parts
-            amount = Decimal(value)
+            amount, quantity = Decimal(value), int(qty)
             datetime.strptime(day + "+0000", "%Y%m%d%z")
-        except ValueError as exc:
+        except (ValueError, InvalidOperation) as exc:
             raise ValueError(f"CDNOW line {lineno} is malformed: {line!r}") from exc
         n = seen.get((cust, day), 0)
         seen[(cust, day)] = n + 1
-        yield CdnowRow(cust, day, int(qty), amount, f"{cust}:{day}:{n}")
+        yield CdnowRow(cust, day, quantity, amount, f"{cust}:{day}:{n}")
 

@@ -70,8 +70,10 @@ async def load(settings: Settings, rows: Iterable[Loaded], topic: str | None = N
     rules, now = settings.input_rules(), int(time.time() * 1000)
     for r in rows:
         summary.rows += 1
-        if read_progress and summary.rows % 1000 == 0:
-            read_progress(1000)
+        if summary.rows % 1000 == 0:
+            if read_progress:
+                read_progress(1000)
+            await asyncio.sleep(0)  # a Ctrl-C (which cancels this task) is not held to the end
         if r.event is not None:  # the worker's own checks: rejected now, not dead-lettered later
             key = str(r.event["customer_id"]).encode("utf-8")
             value = compact(orjson.dumps(r.event))

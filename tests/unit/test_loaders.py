@@ -130,3 +130,26 @@ def test_a_row_of_another_schema_version_is_rejected(tmp_path):
                               for i, v in enumerate(versions)) + "\n")
     rows = list(load_file(path, LoadOptions("event", "UTC", "USD", 2)))
     assert [r.reason for r in rows] == [None, None] + ["unsupported_schema_version"] * 5
+
+
+def test_malformed_cdnow_lines_and_a_cut_gzip_file_name_what_is_wrong(tmp_path):
+    """A breaker's cases: an amount that is not a number raised decimal.InvalidOperation (a
+    traceback from ``load``), a quantity that is not an integer a ValueError naming no line,
+    and a gzip file cut short an EOFError (which click reported as "Aborted!")."""
+    import gzip
+
+    import pytest
+
+    from stream.cdnow import read_rows
+
+    good = "00001 19970101 1 11.77\n"
+    for bad in ("00002 19970101 1 abc", "00002 19970101 x 11.77"):
+        path = tmp_path / "rows.txt"
+        path.write_text(good + bad + "\n")
+        with pytest.raises(ValueError, match="CDNOW line 2 is malformed"):
+            list(read_rows(path))
+    cut = tmp_path / "cut.txt.gz"
+    whole = gzip.compress((good * 5000).encode())
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match="not a whole gzip file"):
+        list(read_rows(cut))
