@@ -20,6 +20,7 @@ Run with ``rfm-stream worker`` (or ``python -m stream worker``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -236,6 +237,22 @@ class PartitionRunner:
         log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
 
 
+def lag_by_partition(ends: Mapping[int, int | None], applied: Mapping[int, int]
+                     ) -> dict[int, int]:
+    """Consumer lag in records of the partitions a worker owns (``ends``: each one's end
+    offset as its fetches last saw it, None before the first) against the last offset
+    applied in Redis (-1: none): only partitions whose end is known. Before this, a
+    partition not owned, or not fetched yet, read 0, which looks like "caught up" (a
+    breaker's finding: every partition read 0 for ~30 s before a restarted worker's
+    assignment).
+
+    >>> lag_by_partition({0: 100, 1: None, 3: 5}, {0: 49, 1: 7, 2: 9, 3: 10})
+    {0: 50, 3: 0}
+    """
+    return {p: max(0, end - applied.get(p, -1) - 1) for p, end in ends.items()
+            if end is not None}
+
+
 def partition_for(customer_id: str, partitions: int) -> int:
     """Partition of a customer id under the default partitioner (murmur2)."""
     return key_partition(customer_id.encode("utf-8"), partitions)
@@ -430,15 +447,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         await services.publisher.revoke(services.publisher.owned)
 
     async def consumer_lag() -> dict[int, int]:
-        """Records behind the end of each partition (0 for partitions not owned)."""
+        """Records behind the end of each owned partition whose end is known."""
         parts = range(settings.partitions)
         applied = await asyncio.wait_for(services.store.partition_meta(parts), 2)
         owned = owned_partitions() if services.started else set()
-        lag = {}
-        for p in parts:
-            hw = app.consumer.highwater(TP(settings.purchases_topic, p)) if p in owned else None
-            lag[p] = max(0, hw - applied[p][0] - 1) if hw else 0
-        return lag
+        ends = {p: app.consumer.highwater(TP(settings.purchases_topic, p)) for p in owned}
+        return lag_by_partition(ends, {p: applied[p][0] for p in parts})
 
     def authorized(request: Any) -> bool:
         """Bearer token check (RFM_HTTP_TOKEN) for every endpoint but /health."""
@@ -463,8 +477,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             for name in services.processor.table.segments:
                 m.customers.labels(name).set(counts.get(name, 0))
             m.outbox_depth.set(await asyncio.wait_for(services.store.outbox_depth(parts), 2))
-            for p, n in (await consumer_lag()).items():
-                m.consumer_lag.labels(str(p)).set(n)
+            lags = await consumer_lag()
+            for p in range(settings.partitions):  # a series only where the lag is known
+                if p in lags:
+                    m.consumer_lag.labels(str(p)).set(lags[p])
+                else:
+                    with contextlib.suppress(KeyError):  # no series yet
+                        m.consumer_lag.remove(str(p))
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
         alignment = cast(BatchTransport, app.transport).alignments.get(settings.purchases_topic)

@@ -113,7 +113,7 @@ class Metrics:
         for call in REDIS_CALLS:
             m.redis_seconds.labels(call)
         for part in range(partitions):
-            for g in (m.applied_offset, m.consumer_lag, m.as_of_seconds):
+            for g in (m.applied_offset, m.as_of_seconds):  # lag: once it is known
                 g.labels(str(part))
         for c in range(clusters):
             m.cluster_customers.labels(str(c))
