@@ -143,7 +143,8 @@ class PartitionView:
     ``dues_capped``: more may be due than were returned; ``seen_ms``: wall clock of the
     partition's last applied event; ``model_version``: version of the latest clustering
     model snapshot; ``rules``: the segment rule table the partition's stored segments were
-    assigned under (``SegmentTable.rules_digest``; None before it was recorded).
+    assigned under, ``"<SegmentTable.rules_digest> <commit sequence it was recorded at>"``
+    (None before one was recorded).
     """
 
     partition: int

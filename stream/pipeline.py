@@ -237,10 +237,15 @@ class BatchProcessor:
                 if (check_gap and previous_last is None and remaining is block
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
+            # meta "rules": "<digest> <commit sequence at which it was recorded>"
             rules = self.table.rules_digest
-            if view.rules not in (None, rules) and self._rules_scheduled.get(partition) != view.seq:
+            recorded, _, since = (view.rules or "").partition(" ")
+            if (view.rules is not None and recorded != rules
+                    and self._rules_scheduled.get(partition) != view.seq):
                 await self._rescore_all(view)
                 continue  # re-read: its due customers changed
+            generation = (int(since) if recorded == rules and since.lstrip("-").isdigit()
+                          else view.seq)
             # thresholds are refreshed (and the model trained) only by steps with records, at
             # offset blocks: never by a timer sweep, whose timing would shape the output
             first = remaining[0].offset if remaining else -1
@@ -254,7 +259,8 @@ class BatchProcessor:
                        if partition == TRAINER_PARTITION and remaining else None)
             model = ClusterModel.from_snapshot(json.loads(trained[1])) if trained else self.model
             ctx = PlanContext(self.table, thresholds, model, self.limits,
-                              self.rules.currency, self.decimals, now, self.policy, self.replay)
+                              self.rules.currency, self.decimals, now, self.policy, self.replay,
+                              generation)
             own_active = bool(remaining) or self.policy.active(view.seen_ms, now)
             plan = plan_step(view, remaining, ctx, rescore, own_active)
             consumed = remaining[:plan.consumed]
@@ -262,7 +268,7 @@ class BatchProcessor:
             letters = [dead[r.offset] for r in consumed
                        if r.offset in dead and r.offset > view.last_offset]
             if not (consumed or plan.writes or plan.changes or text
-                    or plan.as_of != view.as_of or view.rules != rules):
+                    or plan.as_of != view.as_of or recorded != rules):
                 return
             meta: dict[str, str | int] = {}
             if plan.last_offset > view.last_offset:
@@ -275,8 +281,8 @@ class BatchProcessor:
                 meta["seen"] = now
             if text is not None:
                 meta["thr"] = text
-            if view.rules != rules:
-                meta["rules"] = rules
+            if recorded != rules:
+                meta["rules"] = f"{rules} {generation}"
             outbox = ([("c", c.to_json(), c.customer_id) for c in plan.changes]
                       + [("d", d.model_dump_json(),
                           d.key if d.key_encoding == "utf-8" else None) for d in letters]

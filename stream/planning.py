@@ -38,7 +38,9 @@ from stream.timeline import TimePolicy, earliest, utc
 class PlanContext:
     """What scoring needs besides the data: rules, thresholds, the clustering model snapshot
     (None: no cluster ids), currency, time policy and the wall clock (for idleness and
-    ``emitted_at`` only)."""
+    ``emitted_at`` only). ``rules_generation``: the commit sequence at which the partition
+    took up ``table`` (part of the ids of the changes the table itself makes: switching
+    tables back and forth at one as-of time makes the same transitions again)."""
 
     table: SegmentTable
     thresholds: Thresholds
@@ -49,6 +51,7 @@ class PlanContext:
     now_ms: int
     policy: TimePolicy = TimePolicy()
     replay: bool = False
+    rules_generation: int = 0
 
 
 @dataclass
@@ -144,13 +147,14 @@ class _Planner:
             cluster = ctx.model.predict_rfm(days, f, m / 10 ** ctx.currency_decimals)
         else:
             cluster = None
-        cause = self._cause(event, c, scores)
-        # a new rule table's doing, an operator's decision, applied at once like a purchase:
-        # the same scores in another segment than the one published (no change held), or a
-        # published segment the table no longer has (renamed or dropped)
+        # a new rule table's doing, an operator's decision, published at once like a purchase:
+        # the table puts the published scores in another segment (when no change is held,
+        # the stored scores are the published ones), or no longer has the published segment
         by_table = (event is None and c.segment is not None and c.segment != segment.name
                     and (c.segment not in ctx.table.segments
-                         or (c.held_cause is None and c.scores == scores)))
+                         or (c.held_cause is None and c.scores is not None
+                             and ctx.table.lookup(*c.scores).name != c.segment)))
+        cause = "rescore" if by_table else self._cause(event, c, scores)
         hold = (None if cause == "purchase" or by_table
                 else ctx.policy.dwell_until(c.changed_ms))
         deferred = None
@@ -159,9 +163,10 @@ class _Planner:
             if c.segment is not None and hold is not None and t < hold:
                 deferred, held = hold, cause  # the flapping guard: decided again when it ends
             else:
+                ref = f"rules{ctx.rules_generation}@{due_ms}" if by_table else None
                 p.changes.append(self._change(cid, c, segment.name, cluster, scores,
                                               segment.strategy, days, f, m, cause, event,
-                                              due_ms))
+                                              due_ms, ref))
                 published, changed_ms, held = (segment.name, cluster), t, None
         else:
             held = None  # back where it was published (if held): nothing to tell
@@ -183,17 +188,17 @@ class _Planner:
             return c.held_cause
         if self.ctx.thresholds.anchor_ms is not None or c.scores is None:
             return "rescore"
-        # with fixed thresholds time only lowers scores; a raised score is a refresh's doing,
-        # and the same scores in another segment the rule table's (a new table)
-        return "rescore" if (scores == c.scores or any(
-            a > b for a, b in zip(scores, c.scores, strict=True))) else "inactivity"
+        return "rescore" if any(a > b for a, b in zip(scores, c.scores, strict=True)) \
+            else "inactivity"
 
     def _change(self, cid: str, c: StoredCustomer, segment: str, cluster: int | None,
                 scores: tuple[int, int, int], strategy: str, days: int, f: int, m: int,
-                cause: str, event: StateEvent | None, due_ms: int | None) -> Change:
+                cause: str, event: StateEvent | None, due_ms: int | None,
+                ref: str | None = None) -> Change:
         ctx, t = self.ctx, self.plan.as_of
         assert t is not None
-        ref = event.event_id if event is not None else f"{cause}@{due_ms}"
+        if ref is None:
+            ref = event.event_id if event is not None else f"{cause}@{due_ms}"
         previous = None if c.segment is None else Assigned(c.segment, c.cluster)
         new = Assigned(segment, cluster)
         return Change(

@@ -299,11 +299,14 @@ async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, t
         again = await workers[1].processor.sweep(0, now_ms=NOW)
         assert {c.customer_id: c.current.segment for c in again.changes} == dict.fromkeys(
             original, "Everyone")
+        # the same transitions at the same as-of time as the first switch, but new changes:
+        # consumers de-duplicate by change_id (a breaker's finding: the ids were the same)
+        assert not {c.change_id for c in again.changes} & {c.change_id for c in swept.changes}
 
         meta = workers[3].store.keys(0).meta
         await workers[3].store.client.hdel(meta, "rules")  # as a release before this one left it
         assert (await workers[3].processor.sweep(0, now_ms=NOW)).changes == []
-        assert await workers[3].store.client.hget(meta, "rules") == \
+        assert (await workers[3].store.client.hget(meta, "rules")).split()[0] == \
             workers[3].processor.table.rules_digest
         assert await workers[3].store.segment_counts([0]) == {"Everyone": 6}
     finally:

@@ -59,8 +59,9 @@ def metric_names() -> set[str]:
     m = Metrics.create(segments=SegmentTable.load().segments, reasons=REASONS, partitions=1,
                        clusters=1)
     names = set()
-    for family in m.registry.collect():
-        names |= {s.name for s in family.samples}
+    for family in m.registry.collect():  # a family without series yet (rfm_consumer_lag
+        # has one only per partition whose lag is known) still counts by its name
+        names |= {family.name} | {s.name for s in family.samples}
     return names
 
 

@@ -75,8 +75,29 @@ def test_a_published_segment_the_rule_table_no_longer_has_is_replaced_at_once():
     # the new table's re-score: x due at the partition's as-of time, no event
     due = view({"x": write.customer}, dues=[(plan.as_of, "x")], as_of=plan.as_of,
                wm=plan.watermark, last_offset=2)
-    assert segments(plan_step(due, [], renamed), "x") == [("refund", "New Customers")]
+    # published for the table (cause rescore), with the segment the refund had moved it to
+    assert segments(plan_step(due, [], renamed), "x") == [("rescore", "New Customers")]
     assert segments(plan_step(due, [], ctx()), "x") == []  # the same table: still held
+
+
+def test_a_new_table_moves_a_customer_whose_scores_moved_too_at_once():
+    """A breaker's case (quintiles, 4,083 of CDNOW's customers): a customer whose scores
+    moved since they were published (a threshold refresh's re-score pending), re-scored for
+    a new table that puts their published scores elsewhere, was held by the flapping guard
+    like any re-score (for good on a quiet stream). The table's part is published at once.
+    Here: fixed thresholds, R 5 -> 4 at day 31, inside a 60-day dwell."""
+    two = SegmentTable.from_dict({"version": "two", "segment": [
+        {"name": "New Customers", "strategy": "a", "rules": [{"r": [1, 1]}]},
+        {"name": "Others", "strategy": "b", "rules": [{"r": [2, 5]}]}]})
+    (w,) = plan_step(view(), [buy(0, "x", 0)], ctx()).writes
+    assert (w.customer.segment, w.customer.scores[0]) == ("New Customers", 5)
+    due = view({"x": w.customer}, dues=[(31 * DAY, "x")], as_of=0, wm=0, last_offset=0)
+    recs = [buy(1, "y", 31 * DAY)]  # another customer's event moves the as-of to day 31
+    dwell = TimePolicy(min_dwell_ms=60 * DAY)
+    new = PlanContext(two, FIXED, None, Limits(), "USD", 2, now_ms=0, policy=dwell)
+    assert segments(plan_step(due, recs, new), "x") == [("rescore", "Others")]
+    # the table it was published under: the guard holds whatever R's drop changes
+    assert segments(plan_step(due, recs, ctx(dwell_ms=60 * DAY)), "x") == []
 
 
 def test_due_customers_fire_in_order_before_the_event_that_passes_them():
