@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -59,6 +60,22 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+
+
+def recorded_rules(text: str | None) -> tuple[str | None, int | None]:
+    """A partition's meta field ``rules``, ``"<SegmentTable.rules_digest> <commit sequence it
+    was recorded at>"``, as ``(digest, sequence)``; None for what is absent or unreadable
+    (a value written by hand must not stop the partition: a breaker's ``"<digest> --5"``
+    raised at every step).
+
+    >>> recorded_rules("36cbdaaf00fe21be 3"), recorded_rules("36cbdaaf00fe21be --5")
+    (('36cbdaaf00fe21be', 3), ('36cbdaaf00fe21be', None))
+    >>> recorded_rules(None), recorded_rules("garbage")
+    ((None, None), ('garbage', None))
+    """
+    digest, _, since = (text or "").partition(" ")
+    ok = re.fullmatch(r"-?[0-9]{1,19}", since, flags=re.ASCII) is not None
+    return digest or None, int(since) if ok else None
 
 
 class GapError(RuntimeError):
@@ -237,15 +254,14 @@ class BatchProcessor:
                 if (check_gap and previous_last is None and remaining is block
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
-            # meta "rules": "<digest> <commit sequence at which it was recorded>"
             rules = self.table.rules_digest
-            recorded, _, since = (view.rules or "").partition(" ")
+            recorded, since = recorded_rules(view.rules)
             if (view.rules is not None and recorded != rules
                     and self._rules_scheduled.get(partition) != view.seq):
                 await self._rescore_all(view)
                 continue  # re-read: its due customers changed
-            generation = (int(since) if recorded == rules and since.lstrip("-").isdigit()
-                          else view.seq)
+            record = recorded != rules or since is None  # (again, if written by hand)
+            generation = since if since is not None and not record else view.seq
             # thresholds are refreshed (and the model trained) only by steps with records, at
             # offset blocks: never by a timer sweep, whose timing would shape the output
             first = remaining[0].offset if remaining else -1
@@ -268,7 +284,7 @@ class BatchProcessor:
             letters = [dead[r.offset] for r in consumed
                        if r.offset in dead and r.offset > view.last_offset]
             if not (consumed or plan.writes or plan.changes or text
-                    or plan.as_of != view.as_of or recorded != rules):
+                    or plan.as_of != view.as_of or record):
                 return
             meta: dict[str, str | int] = {}
             if plan.last_offset > view.last_offset:
@@ -281,7 +297,7 @@ class BatchProcessor:
                 meta["seen"] = now
             if text is not None:
                 meta["thr"] = text
-            if recorded != rules:
+            if record:
                 meta["rules"] = f"{rules} {generation}"
             outbox = ([("c", c.to_json(), c.customer_id) for c in plan.changes]
                       + [("d", d.model_dump_json(),

@@ -314,6 +314,23 @@ async def test_a_new_segment_rule_table_rescores_every_customer_once(settings, t
             await w.store.client.aclose()
 
 
+@pytest.mark.parametrize("written", ["{digest} --5", "{digest} \u00b2", "{digest}", "junk"])
+async def test_a_rules_field_written_by_hand_stops_nothing(services, written):
+    """A breaker's case: a partition's meta ``rules`` with the table's digest and a sequence
+    that is no integer raised at every step (the worker would exit 70 at every restart). A
+    malformed value with the digest is written again; another value re-scores everyone (the
+    table it names is unknown) and is replaced."""
+    proc, store = services.processor, services.store
+    meta = store.keys(0).meta
+    await proc.process(0, [raw(0, "a", purchase(0, "a", "2024-01-01"))], now_ms=NOW)
+    digest = proc.table.rules_digest
+    await store.client.hset(meta, "rules", written.format(digest=digest))
+    out = await proc.process(0, [raw(1, "b", purchase(1, "b", "2024-01-02"))], now_ms=NOW)
+    assert out.applied == 1
+    stored, _, since = (await store.client.hget(meta, "rules")).partition(" ")
+    assert stored == digest and int(since) >= 0
+
+
 @pytest.mark.parametrize("bad", [b"", b"\x9e\x03 not MessagePack", "hash"])
 async def test_an_unreadable_customer_to_rescore_stops_neither_the_step_nor_the_others(settings,
                                                                                        bad, caplog):
