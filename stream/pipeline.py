@@ -254,6 +254,8 @@ class BatchProcessor:
                 if (check_gap and previous_last is None and remaining is block
                         and block[0].offset > view.last_offset + 1):
                     raise GapError(partition, view.last_offset + 1, block[0].offset)
+            # the rule table: another one recorded re-scores everyone; none recorded (a new
+            # namespace, or one a release before this one wrote) is recorded without that
             rules = self.table.rules_digest
             recorded, since = recorded_rules(view.rules)
             if (view.rules is not None and recorded != rules
@@ -383,9 +385,7 @@ class BatchProcessor:
         assigned under (``rules_digest``): every scored customer becomes due at the
         partition's as-of time, so the steps that follow re-score them all (``cause =
         rescore``; a change only where the segment differs), at most ``max_due`` per step.
-        The table is recorded in the partition's meta by the next commit. A partition that
-        has no table recorded yet (new, or written by a release before this one) records it
-        without a re-score."""
+        The table is recorded in the partition's meta by the next commit."""
         n = 0 if view.as_of is None else await self.store.due_all(view.partition, view.as_of)
         self._rules_scheduled[view.partition] = view.seq  # once all are due (else: again)
         log.warning("partition %d: the segment rule table changed (%s -> %s): %d customers "
