@@ -66,6 +66,32 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = cast(BatchTransport, transport).fetch_max_wait_ms
         return consumer
 
+    async def on_start(self) -> None:
+        await super().on_start()  # creates and starts the aiokafka consumer and its coordinator
+        leave_group_from_generation_zero(self._consumer._coordinator)
+
+
+def leave_group_from_generation_zero(coordinator: Any) -> None:
+    """Make an aiokafka group coordinator leave its group on close at generation 0 too.
+
+    aiokafka 0.14 sends its LeaveGroup request only when ``generation > 0``
+    (``GroupCoordinator._maybe_leave_group``): on Kafka the first generation is 1. The local
+    broker (Tansu) numbers it 0, so the members of a group's first generation (workers started
+    together on a new stack) never left it when stopped: the others took over their partitions
+    only after the session timeout (~45 s instead of ~17 s: a fresh user's finding). A
+    coordinator without a group (``NoGroupCoordinator``), or with a static membership
+    (``group_instance_id``), is left as it is."""
+    original = getattr(coordinator, "_maybe_leave_group", None)
+    if original is None or getattr(coordinator, "_group_instance_id", None) is not None:
+        return
+
+    async def maybe_leave_group() -> None:
+        if coordinator.generation == 0 and coordinator.member_id:
+            coordinator.generation = 1  # what aiokafka requires; LeaveGroup sends no generation
+        await original()
+
+    coordinator._maybe_leave_group = maybe_leave_group
+
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer, with batch delivery for the transport's batch topics."""

@@ -5,6 +5,7 @@ published twice (two offsets) counts once; /metrics serves Prometheus text."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import tomllib
@@ -180,3 +181,34 @@ async def test_a_topic_with_other_than_rfm_partitions_stops_the_worker(settings,
         worker.stop()
     assert not alive, worker.log_tail()
     assert "has 4 partitions but RFM_PARTITIONS is 2" in (tmp_path / "worker.log").read_text()
+
+
+async def test_a_worker_stopped_with_sigterm_leaves_its_consumer_group(settings, tmp_path):
+    """A stopped worker tells the broker it leaves (LeaveGroup), so the group's other workers
+    take its partitions over at their next heartbeat, not after its session timeout. aiokafka
+    leaves only from a generation above 0, which Kafka's first one is; the local broker's is 0
+    (``stream.fastpath.leave_group_from_generation_zero``): a fresh user's two workers started
+    together on a new stack never left, and one's partitions moved after ~45 s, not ~17 s."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    await ensure_topics(settings)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_of(settings.kafka_url))
+    await admin.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 120
+        while True:  # the worker has joined and been given its partitions
+            with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{settings.web_port}/ready", timeout=2) as r:
+                if json.loads(r.read())["partitions"]:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, worker.log_tail()
+            await asyncio.sleep(0.5)
+        [joined] = (await admin.describe_consumer_groups([settings.app_id]))[0].groups
+        assert len(joined[5]) == 1  # (error, group, state, protocol type, protocol, members)
+        assert worker.stop() == 0
+        [left] = (await admin.describe_consumer_groups([settings.app_id]))[0].groups
+    finally:
+        worker.stop()
+        await admin.close()
+    assert left[5] == [] and left[2] == "Empty", left
