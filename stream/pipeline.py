@@ -169,7 +169,9 @@ class BatchProcessor:
         """Process one partition's records (ascending offsets).
 
         ``now_ms`` is the wall clock for the future-skew check, idleness and ``emitted_at``
-        (defaults to the real clock). ``reject`` forces records (by offset) to be dead letters
+        (defaults to the real clock: read once for the records' checks, and again by each
+        step once it holds the partition, so a step that waited for a sweep or retried after
+        a conflict stamps when it ran). ``reject`` forces records (by offset) to be dead letters
         with the given ``(reason, detail)`` (used for a record whose processing failed), and
         ``reject_customers`` the valid records of those customers (whose stored values are
         unreadable: ``state.store.UnreadableCustomers``); ``skip`` offsets only advance the
@@ -210,7 +212,8 @@ class BatchProcessor:
         async with self._locks.setdefault(partition, asyncio.Lock()):
             previous_last: int | None = None
             for block in _blocks(state_records, self.scoring.refresh_every):
-                await self._run(partition, block, dead, now, result, check_gap, previous_last)
+                await self._run(partition, block, dead, now_ms, result, check_gap,
+                                previous_last)
                 previous_last = block[-1].offset
         self.metrics.applied_offset.labels(str(partition)).set(records[-1].offset)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -219,23 +222,27 @@ class BatchProcessor:
     async def sweep(self, partition: int, now_ms: int | None = None) -> BatchResult:
         """Re-score the partition's customers that are due by its as-of time now (no new
         event of its own: the watermark moved on other partitions, or the wall clock moved)."""
-        now = int(time.time() * 1000) if now_ms is None else now_ms
         result = BatchResult()
         async with self._locks.setdefault(partition, asyncio.Lock()):
-            await self._run(partition, [], {}, now, result, False, None)
+            await self._run(partition, [], {}, now_ms, result, False, None)
         return result
 
     async def _run(self, partition: int, block: list[Record], dead: dict[int, DeadLetter],
-                   now: int, result: BatchResult, check_gap: bool,
+                   now_ms: int | None, result: BatchResult, check_gap: bool,
                    previous_last: int | None) -> None:
         """Plan and commit ``block`` (records of one threshold block, or none: a sweep) in as
         many steps as the due customers need. Dead letters go to the outbox with their step.
+        Each step reads the wall clock (``now_ms``: a fixed one) for ``emitted_at``, idleness
+        and ``seen`` when it starts, holding the partition's lock: a breaker found changes
+        stamped seconds before they were made, a customer's later change before its earlier
+        one, when the batch's time was taken before waiting for the lock.
 
         ``previous_last``: the last offset of the block committed just before in this batch;
         Redis must hold at least that (else it lost writes in between: GapError).
         """
         remaining, conflicts = block, 0
         while True:
+            now = int(time.time() * 1000) if now_ms is None else now_ms
             hint = max((r.event.occurred_ms for r in remaining if r.event is not None),
                        default=None)
             if not block:

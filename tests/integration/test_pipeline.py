@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import date
 
 import msgpack
@@ -444,3 +446,20 @@ async def test_a_worker_writing_format_3_keeps_ids_as_text_and_format_4_customer
     finally:
         await old.store.client.aclose()
         await new.store.client.aclose()
+
+
+async def test_a_step_that_waited_for_its_partition_stamps_when_it_ran(services):
+    """``emitted_at`` is the wall clock of the step that made the change, read once it holds
+    the partition: a breaker found changes stamped seconds before they were made (the batch's
+    time, taken before waiting for a sweep of the partition or retrying after a conflict), and
+    a customer's later change stamped before its earlier one."""
+    proc = services.processor
+    lock = proc._locks.setdefault(0, asyncio.Lock())
+    await lock.acquire()  # a sweep of partition 0 in progress
+    task = asyncio.create_task(proc.process(0, [raw(0, "alice",
+                                                    purchase(0, "alice", "2024-03-01"))]))
+    await asyncio.sleep(0.3)
+    released = time.time()
+    lock.release()
+    (change,) = (await task).changes
+    assert change.emitted_at.timestamp() >= int(released * 1000) / 1000
