@@ -1,10 +1,20 @@
-"""Operations on stored customers: erasure (data-protection requests)."""
+"""Operations on stored customers: erasure (data-protection requests), and dropping a
+namespace no longer used."""
 
 from __future__ import annotations
 
+from state.keys import (
+    PartitionKeys,
+    check_namespace,
+    live_frontier_key,
+    replay_claim_key,
+    replay_frontier_key,
+)
 from stream.app import partition_for
-from stream.runner import store_for
+from stream.runner import resolve_namespace, store_for
 from stream.settings import Settings
+
+ALIAS_PATTERN = "rfm:alias:*"
 
 
 async def forget_customer(settings: Settings, customer_id: str) -> bool:
@@ -22,3 +32,46 @@ async def forget_customer(settings: Settings, customer_id: str) -> bool:
     finally:
         await store.client.aclose()
     return found
+
+
+async def drop_namespace(settings: Settings, namespace: str) -> int:
+    """Delete every key of ``namespace`` from Redis: each partition's state, populations, due
+    set, counts, outbox and meta, the clustering model, and its frontier hashes and replay
+    claim (it can be replayed into again). For a namespace no longer used: the one a
+    ``replay --switch`` moved the workers away from, or a replay's kept for comparison; an
+    erased customer (``forget``) stays in those until they are dropped. Returns the number of
+    keys deleted (0: nothing was there). Aliases are kept.
+
+    Raises
+    ------
+    ValueError
+        When ``namespace`` is not a valid name, is the namespace ``settings.namespace``
+        resolves to (the workers'), or is the target of an alias (``rfm:alias:<name>``).
+    redis.exceptions.RedisError
+        When Redis fails; keys deleted before stay deleted (run it again).
+    """
+    check_namespace(namespace)
+    if namespace == resolve_namespace(settings).namespace:
+        raise ValueError(f"namespace {namespace!r} is the one RFM_NAMESPACE="
+                         f"{settings.namespace!r} resolves to: the workers' own")
+    store = store_for(settings)
+    client = store.client
+    try:
+        async for key in client.scan_iter(match=ALIAS_PATTERN, count=1000):
+            if await client.type(key) == "string" and await client.get(key) == namespace:
+                raise ValueError(f"namespace {namespace!r} is the target of the alias {key!r}: "
+                                 "the namespace its name resolves to")
+        # every key of a partition carries its hash tag: "rfm:<ns>:{p<N>}:..." (state.keys);
+        # a namespace has no ':' so this matches no other namespace's keys
+        prefix = PartitionKeys(namespace, 0).prefix.rsplit("{", 1)[0]
+        deleted, batch = 0, []
+        async for key in client.scan_iter(match=prefix + "\\{p*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await client.unlink(*batch)
+                batch = []
+        singles = [live_frontier_key(namespace), replay_frontier_key(namespace),
+                   replay_claim_key(namespace)]
+        return deleted + await client.unlink(*batch, *singles)
+    finally:
+        await client.aclose()

@@ -475,5 +475,30 @@ def forget(customer_id: str) -> None:
         sys.exit(1)
 
 
+@main.command("drop-namespace")
+@click.argument("namespace")
+def drop_namespace(namespace: str) -> None:
+    """Delete every key of NAMESPACE from Redis (a namespace no longer used).
+
+    For the namespace a `replay --switch` moved the workers away from (once they run on the
+    new one), or a replay's kept for comparison: customers erased with `forget` stay in those
+    until they are dropped. Refuses the namespace RFM_NAMESPACE resolves to and the target
+    of any alias. Stop whatever still writes NAMESPACE first.
+    """
+    settings = _settings(resolve=False)
+    from redis.exceptions import RedisError
+
+    from stream.admin import drop_namespace as drop
+
+    try:
+        deleted = _run(drop(settings, namespace))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except RedisError as exc:
+        raise click.ClickException(f"Redis at the configured RFM_REDIS_URL: {exc}") from exc
+    click.echo(f"{namespace}: {deleted} keys deleted" if deleted
+               else f"{namespace}: nothing stored")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from click.testing import CliRunner
 
+from state.keys import alias_key
 from stream import cdnow
 from stream.cli import main
 from stream.demo import cdnow_messages, ensure_topics, run_to_completion
@@ -198,6 +199,23 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
     check = store_for(s.model_copy(update={"namespace": new}))
     try:
         assert not await check.client.exists(check.keys(0).customer(hashed))
+        # the namespace the switch moved away from still holds the erased customer (a
+        # breaker's finding) until it is dropped; the workers' namespace and an alias's
+        # target are refused
+        assert cid in (await stored_state(s, s.namespace))[0]
+        for refused, why in ((new, "resolves to"), (s.namespace + "-spare", "alias")):
+            await check.client.set(alias_key(s.namespace + "-other"), s.namespace + "-spare")
+            out = await cli("drop-namespace", refused)
+            assert out.exit_code == 1 and why in out.output, out.output
+        kept = {k async for k in check.client.scan_iter(match=f"rfm:{new}:*")}
+        dropped = await cli("drop-namespace", s.namespace)
+        assert dropped.exit_code == 0 and "keys deleted" in dropped.output, dropped.output
+        assert [k async for k in check.client.scan_iter(match=f"rfm:{s.namespace}:*")] == []
+        assert [k async for k in check.client.scan_iter(match=f"*:c:{cid}")] == []  # anywhere
+        assert {k async for k in check.client.scan_iter(match=f"rfm:{new}:*")} == kept
+        assert resolve_namespace(s).namespace == new  # the alias is kept
+        again = await cli("drop-namespace", s.namespace)
+        assert again.exit_code == 0 and "nothing stored" in again.output
     finally:
         await check.client.aclose()
 
