@@ -343,7 +343,8 @@ _VALUE_NAMES = {5: ("top", "high", "middle", "low", "lowest")}
 
 
 def profiles(model: ClusterModel, recency_days: npt.ArrayLike, frequency: npt.ArrayLike,
-             monetary: npt.ArrayLike, population: int) -> list[dict[str, Any]]:
+             monetary: npt.ArrayLike, population: int, currency_decimals: int = 2
+             ) -> list[dict[str, Any]]:
     """Readable profiles of the clusters from a sample of customers (original units).
 
     Each profile: ``cluster`` (public id), ``size`` (estimated customers: the cluster's share
@@ -356,6 +357,10 @@ def profiles(model: ClusterModel, recency_days: npt.ArrayLike, frequency: npt.Ar
     ----------
     recency_days, frequency, monetary
         Shape (N,) each: the sampled customers' values.
+    currency_decimals
+        The currency's minor-unit digits: ``median_monetary`` is rounded to one more (a
+        median of an even count is halfway between two amounts), so that binary floats do not
+        show as ``392.46000000000004`` (a fresh user's ``/clusters``).
     """
     r, f, m = (np.asarray(a, dtype=np.float64) for a in (recency_days, frequency, monetary))
     x = np.log1p(np.c_[r, f, m])
@@ -368,7 +373,8 @@ def profiles(model: ClusterModel, recency_days: npt.ArrayLike, frequency: npt.Ar
                      "size": round(population * n / max(len(r), 1)),
                      "median_recency_days": float(np.median(r[mask])) if n else None,
                      "median_frequency": float(np.median(f[mask])) if n else None,
-                     "median_monetary": float(np.median(m[mask])) if n else None})
+                     "median_monetary": (round(float(np.median(m[mask])),
+                                               currency_decimals + 1) if n else None)})
     k = len(rows)
     names = _VALUE_NAMES.get(k) or tuple(f"value rank {i + 1} of {k}" for i in range(k))
     order = sorted(rows, key=lambda p: -((p["median_monetary"] or 0) * (p["median_frequency"]

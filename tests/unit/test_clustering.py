@@ -157,6 +157,11 @@ def test_profiles_rank_clusters_by_value_in_original_units():
                                                                        "top value, active")
     assert worst["size"] == 500 and worst["label"].endswith("value, lapsed")
     assert sum(p["share"] for p in rows.values()) == 1.0
+    # medians in currency units as the amounts' text, not binary floats' noise: the mean of
+    # 392.08 and 392.10 is 392.09000000000003 in floats, of 392.03 and 392.04 392.03499999999997
+    for amounts, median in (([39208, 39210], 392.09), ([39203, 39204], 392.035)):
+        halves = profiles(model, [2.0, 2.0], [12.0, 12.0], np.array(amounts) / 100, 2)
+        assert [p["median_monetary"] for p in halves if p["size"]] == [median]
 
 
 def test_running_scaler_learns_and_transforms_to_the_bits_of_rivers_standard_scaler():
