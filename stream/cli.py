@@ -337,7 +337,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     except ValueError:  # not the main thread (an embedding program): its own signals apply
         previous = None
     try:
-        with tqdm(desc="replay", unit="ev") as bar:
+        with tqdm(desc="replay", unit="ev", delay=1.0) as bar:  # none for a quick refusal
             s = _run(run_replay(settings, namespace, _epoch_ms(from_time), changes_topic,
                                 switch, bar.update, processes=processes,
                                 alias=configured.namespace))
