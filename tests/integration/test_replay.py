@@ -208,7 +208,10 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
             out = await cli("drop-namespace", refused)
             assert out.exit_code == 1 and why in out.output, out.output
         kept = {k async for k in check.client.scan_iter(match=f"rfm:{new}:*")}
+        # a namespace named "alias" shares the aliases' prefix; its values are binary
+        await check.client.set("rfm:alias:{p0}:c:x", b"\x9e\x04\xff")
         dropped = await cli("drop-namespace", s.namespace)
+        await check.client.delete("rfm:alias:{p0}:c:x")
         assert dropped.exit_code == 0 and "keys deleted" in dropped.output, dropped.output
         assert [k async for k in check.client.scan_iter(match=f"rfm:{s.namespace}:*")] == []
         assert [k async for k in check.client.scan_iter(match=f"*:c:{cid}")] == []  # anywhere
