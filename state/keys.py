@@ -33,11 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NAMESPACE_RESERVED = "{}:*?[]"  # the key layout's separators, hash tags and glob characters
+NAMESPACE_RESERVED = "{}:*?[]\\"  # the key layout's separators, hash tags, glob characters
+# and the glob escape (a breaker's l\ive matched, and dropped, the keys of live)
 
 
 def check_namespace(name: str) -> str:
-    """``name`` if it can be a namespace: not empty, none of ``{}:*?[]``, no whitespace or
+    """``name`` if it can be a namespace: not empty, none of ``{}:*?[]\\``, no whitespace or
     control character (an alias set by hand to ``"live "`` pointed every command at an empty
     namespace).
 

@@ -203,7 +203,8 @@ async def test_replay_rebuilds_the_live_state_and_changes(settings, tmp_path):
         # breaker's finding) until it is dropped; the workers' namespace and an alias's
         # target are refused
         assert cid in (await stored_state(s, s.namespace))[0]
-        for refused, why in ((new, "resolves to"), (s.namespace + "-spare", "alias")):
+        for refused, why in ((new, "resolves to"), (s.namespace + "-spare", "alias"),
+                             (new[0] + "\\" + new[1:], "invalid namespace")):  # a glob escape
             await check.client.set(alias_key(s.namespace + "-other"), s.namespace + "-spare")
             out = await cli("drop-namespace", refused)
             assert out.exit_code == 1 and why in out.output, out.output

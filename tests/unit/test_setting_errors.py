@@ -55,11 +55,13 @@ def test_a_malformed_redis_url_is_a_setting_error_that_shows_no_part_of_it(monke
     assert says in text and "pw" not in text and "abc" not in text
 
 
-@pytest.mark.parametrize("name", ["live ", "a b", "tab\there", "new\nline", "", "a:b", "{p0}"])
+@pytest.mark.parametrize("name", ["live ", "a b", "tab\there", "new\nline", "", "a:b", "{p0}",
+                                  "l\\ive", "r2\\"])
 def test_a_namespace_that_the_key_layout_cannot_hold_is_refused_by_name(monkeypatch, name):
     """A namespace with whitespace or a control character was accepted (only ``{}:*?[]`` were
     refused): set by hand as an alias (``"live "``), it pointed every command at an empty
-    namespace."""
+    namespace. A backslash, the key patterns' escape, made ``l\\ive`` match the keys of
+    ``live`` (a breaker dropped the workers' namespace with ``drop-namespace 'l\\ive'``)."""
     text = error_text(monkeypatch, RFM_NAMESPACE=name)
     assert text.startswith(f"RFM_NAMESPACE = {name!r}: ") and "invalid namespace" in text
 
