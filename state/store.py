@@ -845,8 +845,9 @@ class RedisStore:
     async def _not_strings(self, names: list[str]) -> dict[str, str]:
         """Of keys that ``MGET`` answered nil for, those that exist with another Redis type
         (a hash or list written by hand): ``{key: reason}``. Keys deleted meanwhile are left
-        out."""
-        if not names:
+        out. Usually none of them exists (new customers): one ``EXISTS`` says so, where a
+        ``TYPE`` per key cost a reply each (~2% of a worker's main thread on CDNOW)."""
+        if not names or not await self.client.exists(*names):
             return {}
         pipe = self.client.pipeline(transaction=False)
         for name in names:
