@@ -102,7 +102,8 @@ def train(previous: dict[str, Any] | None, config: TrainerConfig,
     r = np.array(days, dtype=np.float64)
     f = np.array([x[1] for x in sample], dtype=np.float64)
     m = np.array([x[2] for x in sample], dtype=np.float64) / scale
-    return model.to_snapshot(version, ids, profiles(scoring, r, f, m, population, currency_decimals),
+    return model.to_snapshot(version, ids,
+                             profiles(scoring, r, f, m, population, currency_decimals),
                              population=population, as_of_ms=as_of_ms)
 
 
