@@ -281,8 +281,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     kafka = client_options(settings)  # the re-read of a gap connects as the worker does
 
     def owned_partitions() -> set[int]:
-        return {tp.partition for tp in app.consumer.assignment()
-                if tp.topic == settings.purchases_topic}
+        """The partitions assigned and not since revoked (during a rebalance: none of those
+        revoked, where the consumer's assignment still listed them for ~15 s)."""
+        assert services.publisher is not None
+        return services.publisher.owned
 
     runner = PartitionRunner(
         services, lambda p, start, end: read_range(kafka, settings.purchases_topic, p,
@@ -422,6 +424,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         for tp, target in targets.items():
             log.info("seek %s[%d] to %d (Redis's last applied offset + 1)", tp.topic,
                      tp.partition, target)
+            if target > 0:  # what is applied (a restarted worker's gauge read 0 until a batch)
+                services.metrics.applied_offset.labels(str(tp.partition)).set(target - 1)
 
     @app.on_partitions_assigned.connect
     async def _claim_outboxes(sender: Any, assigned: Any = (), **kwargs: Any) -> None:

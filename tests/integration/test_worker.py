@@ -212,3 +212,40 @@ async def test_a_worker_stopped_with_sigterm_leaves_its_consumer_group(settings,
         worker.stop()
         await admin.close()
     assert left[5] == [] and left[2] == "Empty", left
+
+
+async def test_a_restarted_worker_shows_its_applied_offsets_before_any_new_batch(settings,
+                                                                               tmp_path):
+    """``rfm_applied_offset`` is Redis's last applied offset of each owned partition from
+    the assignment on: a fresh user saw 0 for every partition after a restart on a quiet
+    topic (the gauge was set only by batches), which reads as lost state."""
+    await ensure_topics(settings)
+    msgs = [Message(f"c{i}".encode(), orjson.dumps(event(i, f"c{i}"))) for i in range(40)]
+    targets = await produce(bootstrap_of(settings.kafka_url), settings.purchases_topic, msgs)
+    store = store_for(settings)
+    worker = start_worker(settings, tmp_path / "first.log")
+    try:
+        await wait_applied(store, targets, [worker], timeout_s=120)
+    finally:
+        worker.stop()
+    worker = start_worker(settings, tmp_path / "second.log")
+    expected = {str(p): float(o) for p, o in targets.items()}
+    shown: dict[str, float] = {}
+    try:
+        deadline = asyncio.get_running_loop().time() + 120
+        while shown != expected:
+            assert asyncio.get_running_loop().time() < deadline, (shown, expected)
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{settings.web_port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+                shown = {m[1]: float(m[2]) for m in re.finditer(
+                    r'^rfm_applied_offset\{partition="(\d+)"\} (\S+)$', text, re.MULTILINE)}
+                shown = {p: v for p, v in shown.items() if p in expected}
+        applied = {str(p): float(o) for p, (o, _) in
+                   (await store.partition_meta(list(targets))).items()}
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    assert applied == expected  # nothing new was applied: the gauge came from the assignment
