@@ -158,6 +158,11 @@ def worker(ctx: click.Context) -> None:
     if asking and "-h" in ctx.args:  # faust's -h is --web-host: give the help people expect
         ctx.args[ctx.args.index("-h")] = "--help"
     settings = _settings(resolve=not asking)
+    if not asking:  # the log names the namespace the worker writes (after a replay --switch)
+        configured = _settings(resolve=False).namespace
+        click.echo(f"rfm-stream worker: state namespace {settings.namespace!r}"
+                   + (f" (RFM_NAMESPACE={configured!r} resolves to it)"
+                      if configured != settings.namespace else ""), err=True)
     os.environ["RFM_NAMESPACE"] = settings.namespace
     from stream.allocator import tune_gc, tune_malloc
     tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
