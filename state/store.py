@@ -170,6 +170,8 @@ class CustomerWrite(NamedTuple):
     minor) for the population sorted sets, or None when it is not scored. ``due_ms``: when
     it must be re-scored without an event (None: never). ``previous_segment``: the segment
     stored before this write, as the step read it (the per-segment counts move from it).
+    ``population_kept``: the population sorted sets hold ``population`` already (a re-score
+    of an unchanged state): they are not written.
     """
 
     customer_id: str
@@ -177,6 +179,7 @@ class CustomerWrite(NamedTuple):
     customer: StoredCustomer | None = None
     population: tuple[int, int, int] | None = None
     previous_segment: str | None = None
+    population_kept: bool = False
 
 
 class OutboxEntry(NamedTuple):
@@ -214,12 +217,13 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-CommitRow = tuple[str, str, "tuple[int, int, int] | None", "bytes | None", str, str]
+CommitRow = tuple[str, str, "tuple[int, int, int] | tuple[()] | None", "bytes | None", str, str]
 
 
 def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
     """The customers' part of a commit as ``commit.lua`` sends it: rows ``(id, due, population,
-    value, old segment, new segment)`` (due ``""``: none; population None: not scored; value
+    value, old segment, new segment)`` (due ``""``: none; population None: not scored, ``()``:
+    kept as stored, no population command; value
     None: a due-only write, keeping the earlier of two due times) gathered by command into
     runs, each ``[due ZADD pairs, due ZADD LT pairs, due ZREM ids, population ZREM ids,
     z:last pairs, z:freq pairs, z:mon pairs, [id, value, ...], [segment, net change, ...]]``.
@@ -252,7 +256,7 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
             run[0] += (due, cid)
         if pop is None:
             run[3].append(cid)
-        else:
+        elif pop:
             run[4] += (str(pop[0]), cid)
             run[5] += (str(pop[1]), cid)
             run[6] += (str(pop[2]), cid)
@@ -497,7 +501,7 @@ class RedisStore:
         token = secrets.token_hex(8)
         payload = commit_payload(
             {**{f: str(v) for f, v in meta.items()}, "tok": token},
-            ((w.customer_id, _opt(w.due_ms), w.population,
+            ((w.customer_id, _opt(w.due_ms), () if w.population_kept else w.population,
               None if w.customer is None else encode(w.customer, self.write_format),
               w.previous_segment or "",
               "" if w.customer is None else w.customer.segment or "") for w in writes),
@@ -711,8 +715,9 @@ class RedisStore:
 
     async def outbox_ack(self, partition: int, entry_ids: Sequence[str],
                          publisher: str | None = None) -> int:
-        """Delete entries the broker acknowledged, ``entry_ids`` being the oldest entries (as
-        :meth:`outbox_read` returns them): every entry up to the newest of them goes (those
+        """Delete entries the broker acknowledged, ``entry_ids`` being the oldest entries in
+        the order :meth:`outbox_read` returns them (ascending ids: only the first and the last
+        are looked at): every entry up to the newest of them goes (those
         a ``forget`` deleted meanwhile are gone already; entries added since are newer).
         Returns how many were deleted. With ``publisher``, only while it holds the partition
         (as :meth:`outbox_read`), and only while the oldest of them is still the oldest
@@ -729,11 +734,11 @@ class RedisStore:
         if not entry_ids:
             return 0
         k = self.keys(partition)
-        ms, seq = max(map(_stream_id, entry_ids))
+        # (max/min over ~1,000 parsed ids per round: ~0.7% of the aligned worker's time)
+        oldest, (ms, seq) = entry_ids[0], _stream_id(entry_ids[-1])
         keep = f"{ms}-{seq + 1}"  # XTRIM MINID deletes the entries with smaller ids
         if publisher is None:
             return int(await self.client.xtrim(k.outbox, minid=keep, approximate=False))
-        oldest = min(entry_ids, key=_stream_id)
         try:
             return int(await self._outbox_ack(keys=[k.meta, k.outbox],
                                               args=[publisher, oldest, keep]))

@@ -258,9 +258,14 @@ class _Planner:
         p.more = stopped
         p.outcome = BatchOutcome(applied, dup_off, dup_ev)
         read = view.customers
-        p.writes = [CustomerWrite(cid, self.due.get(cid), self.book[cid], pop,
-                                  _segment(read.get(cid)))
-                    for cid, pop in self.touched.items()]
+        # a customer re-scored without an event of its own keeps its state, and without a
+        # window its population values (a function of the state alone) are those stored:
+        # no population write (most of a backlog's re-scores)
+        keep = ctx.policy.window is None
+        for cid, pop in self.touched.items():
+            c, r = self.book[cid], read.get(cid)
+            kept = keep and pop is not None and r is not None and c.state is r.state
+            p.writes.append(CustomerWrite(cid, self.due.get(cid), c, pop, _segment(r), kept))
         p.writes += [CustomerWrite(cid, self.due.get(cid)) for cid in sorted(self.due_only)]
         return p
 

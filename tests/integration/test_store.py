@@ -267,6 +267,26 @@ async def test_a_customer_written_twice_in_one_commit_keeps_the_order_of_its_wri
     await store.client.aclose()
 
 
+async def test_a_write_that_keeps_its_population_leaves_the_sorted_sets_alone(stack):
+    """``population_kept``: the value, due time and segment count are written, the population
+    sorted sets are not (hand-worked: the kept write carries other values, which must not
+    land; the same write without the flag lands them)."""
+    store = new_store(stack.redis_url)
+    a = bought("a", 5 * DAY, monetary=100)
+    await store.commit(0, -1, {}, [a, bought("b", 6 * DAY)], [])
+    moved = a.customer._replace(segment="S")
+    seq = await store.commit(0, 0, {}, [CustomerWrite("a", 40, moved, (9 * DAY, 7, 999), None,
+                                                      True)], [])
+    k, r = store.keys(0), store.client
+    scores = lambda: [r.zscore(key, "a") for key in (k.z_last, k.z_freq, k.z_mon)]  # noqa: E731
+    assert [await s for s in scores()] == [5 * DAY, 1, 100]
+    assert await r.zscore(k.due, "a") == 40 and await store.segment_counts([0]) == {"S": 1}
+    assert (await store.read_customers(0, ["a"]))["a"] == moved
+    await store.commit(0, seq, {}, [CustomerWrite("a", 40, moved, (9 * DAY, 7, 999), "S")], [])
+    assert [await s for s in scores()] == [9 * DAY, 7, 999]
+    await store.client.aclose()
+
+
 async def test_a_commit_larger_than_a_call_chunk_writes_every_customer(stack):
     """2,501 customers in one commit: more than commit.lua's 1,000 members per call, so its
     variadic calls go in chunks; every value, population entry, due time and count lands."""

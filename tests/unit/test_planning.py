@@ -3,7 +3,9 @@ due customers read per step."""
 
 from __future__ import annotations
 
-from state.rfm import Limits, Record, StateEvent
+from dataclasses import replace
+
+from state.rfm import Limits, Record, StateEvent, Window
 from state.store import PartitionView, StoredCustomer
 from stream.planning import PlanContext, plan_step
 from stream.scoring import FixedThresholds, Thresholds
@@ -140,3 +142,27 @@ def test_planned_changes_are_valid_segment_changed_events():
         fields["previous"] = change.previous and change.previous._asdict()
         fields["current"] = change.current._asdict()
         assert change.to_json() == SegmentChanged(**fields).model_dump_json()
+
+
+def test_only_a_rescore_of_an_unchanged_state_without_a_window_keeps_its_population():
+    """A customer re-scored at its due time, with no event of its own, has the population
+    values it was stored with (frequency and monetary are its state's, recency its last
+    purchase): the commit leaves its population entries as they are. An event, or a window
+    (whose values move with time alone), writes them."""
+    state = plan_step(view(), [buy(0, "x", 0, amount=1250)], ctx()).writes[0].customer.state
+    x = StoredCustomer("x", state, "New Customers", None, (5, 1, 5), 0)
+    stored = view({"x": x, "y": x._replace(customer_id="y")}, [(31 * DAY, "x")], as_of=0,
+                  wm=0, last_offset=0)
+    plan = plan_step(stored, [buy(1, "y", 40 * DAY, amount=300)], ctx())
+    writes = {w.customer_id: w for w in plan.writes}
+    assert [c.customer_id for c in plan.changes] == ["x", "y"]  # both evaluated, both moved
+    assert writes["x"].population == (0, 1, 1250) and writes["x"].population_kept
+    assert writes["y"].population == (40 * DAY, 2, 1550) and not writes["y"].population_kept
+
+    windowed = replace(ctx(), policy=TimePolicy(min_dwell_ms=DAY, window=Window(360, 30)))
+    state_w = plan_step(view(), [buy(0, "x", 0, amount=1250)], windowed).writes[0].customer.state
+    xw = x._replace(state=state_w)
+    plan = plan_step(view({"x": xw}, [(31 * DAY, "x")], as_of=0, wm=0, last_offset=0),
+                     [buy(1, "z", 40 * DAY)], windowed)
+    (w,) = [w for w in plan.writes if w.customer_id == "x"]
+    assert w.population == (0, 1, 1250) and not w.population_kept
