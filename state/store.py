@@ -876,15 +876,17 @@ class RedisStore:
                 raise ValueError(reason)
         return found
 
-    async def forget(self, partition: int, customer_id: str) -> tuple[bool, int]:
+    async def forget(self, partition: int, customer_id: str, own: bool = True
+                     ) -> tuple[bool, int]:
         """Erase a customer from a partition (state, population, due time, segment count, and
-        its unpublished outbox entries) and queue a tombstone for it in the outbox; returns
-        (whether it existed, outbox entries removed). Steps of the partition in flight
-        re-read (compare-and-set)."""
+        its unpublished outbox entries) and queue a tombstone for it in the outbox: always when
+        ``own`` (the customer's own partition), else only when it existed there or had entries
+        (see ``forget.lua``); returns (whether it existed, outbox entries removed). Steps of
+        the partition in flight re-read (compare-and-set)."""
         k = self.keys(partition)
-        existed, removed = await self._forget(
+        existed, removed, _ = await self._forget(
             keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id),
-                  k.outbox], args=[customer_id])
+                  k.outbox], args=[customer_id, "1" if own else "0"])
         return bool(existed), int(removed)
 
     async def exchange_frontiers(self, own: Mapping[int, tuple[float, int]], partitions: int,

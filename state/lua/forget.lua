@@ -3,11 +3,14 @@
 -- outbox entry not yet published that is about the customer (segment changes, and dead
 -- letters whose record key is the customer id); then queue a tombstone for the compacted
 -- customer-segments topic in the same outbox, so it is published after anything about the
--- customer that a publisher may have in flight. The partition's commit sequence moves on, so
--- a step computed before the erasure cannot write the customer back.
+-- customer that a publisher may have in flight: always with ARGV[2] = '1' (the customer's own
+-- partition), else only where the customer existed or had entries (a partition with neither
+-- has nothing about it in flight; a tombstone there would be one more delete for consumers).
+-- The partition's commit sequence moves on, so a step computed before the erasure cannot
+-- write the customer back.
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
--- KEYS[7] the customer's value  KEYS[8] outbox      ARGV[1] customer id
--- Returns {existed (0|1), outbox entries removed}.
+-- KEYS[7] the customer's value  KEYS[8] outbox      ARGV[1] customer id  ARGV[2] '1' | '0'
+-- Returns {existed (0|1), outbox entries removed, tombstones queued (0|1)}.
 local id = ARGV[1]
 local value = redis.pcall('GET', KEYS[7])  -- an error reply when the key holds another type
 local seg = nil
@@ -33,7 +36,11 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[8], '-', '+')) do
     removed = removed + 1
   end
 end
-redis.call('XADD', KEYS[8], '*', 'k', 't', 'v', id)
+local tombstone = 0
+if ARGV[2] == '1' or existed == 1 or removed > 0 then
+  redis.call('XADD', KEYS[8], '*', 'k', 't', 'v', id)
+  tombstone = 1
+end
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HDEL', KEYS[1], 'tok')  -- the writer's cached customers are stale now
-return {existed, removed}
+return {existed, removed, tombstone}

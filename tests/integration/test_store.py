@@ -19,6 +19,7 @@ from state.codec import encode
 from state.keys import live_frontier_key
 from state.rfm import CustomerState, Limits, StateEvent, Window, apply_event
 from state.store import ConflictError, CustomerWrite, OrderStatistics, RedisStore, StoredCustomer
+from stream.kafka_io import key_partition
 
 DAY = 86_400_000
 _ns = itertools.count()
@@ -479,3 +480,29 @@ async def test_workers_exchange_partition_frontiers_and_old_reports_are_left_out
         {0: (6.0, 3, -1), 1: (9.0, 4, -1), 3: (8.0, 5, 41)}
     for s in (a, b):
         await s.client.aclose()
+
+
+async def test_forget_queues_one_tombstone_unless_the_customer_was_in_other_partitions(stack):
+    """``rfm-stream forget`` erases in every partition; a tombstone goes to the customer's own
+    partition's outbox, and to another's only where the customer had state or entries (a
+    fresh user saw four null records on customer-segments for one customer)."""
+    from stream.admin import forget_customer
+    from stream.settings import Settings
+
+    store = new_store(stack.redis_url)
+    s = Settings(redis_url=stack.redis_url, namespace=store.namespace, partitions=4)
+    own = key_partition(b"kim", 4)  # Kafka's default partitioner (tests/unit/test_partitioner)
+    stray, entry = [p for p in range(4) if p != own][:2]
+    await store.commit(own, -1, {}, [bought("kim", DAY)], [])
+    await store.commit(stray, -1, {}, [bought("kim", 2 * DAY)], [])  # state where it was keyed
+    await store.commit(entry, -1, {}, [], [("c", "{}", "kim")])  # an unpublished change
+
+    async def tombstones() -> dict[int, int]:
+        return {p: n for p in range(4)
+                if (n := sum(e.kind == "t" for e in await store.outbox_read(p)))}
+
+    assert await forget_customer(s, "kim")
+    assert await tombstones() == {own: 1, stray: 1, entry: 1}
+    assert not await forget_customer(s, "kim")  # nothing left: one more, in its own only
+    assert await tombstones() == {own: 2, stray: 1, entry: 1}
+    await store.client.aclose()
