@@ -5,8 +5,9 @@ delivered one fetched batch at a time (:mod:`stream.fastpath`, not an agent: fau
 per-event path costs more than the service's own work per event). The batch handler groups
 records by partition and hands each group to :class:`stream.pipeline.BatchProcessor` (which
 commits state, offset, assignments and outbox entries atomically to Redis), the partitions of
-a batch concurrently; then the outbox publisher sends what the batch produced while the next
-batch is processed. faust commits a batch's offsets only after the handler returned.
+a batch concurrently; then the outbox relay (:mod:`stream.relay`, a process of its own) sends
+what the batch produced while the next batch is processed. faust commits a batch's offsets
+only after the handler returned.
 
 Delivery (README "Guarantees"): Redis, not the broker's committed offset, is the source of truth.
 On assignment the worker seeks to Redis's last applied offset + 1; when the records delivered
@@ -46,10 +47,10 @@ from stream.allocator import freeze_gc
 from stream.fastpath import BatchTransport
 from stream.faustconf import faust_options
 from stream.interleave import Report
-from stream.kafka_io import BatchSender, client_options, key_partition, read_range
+from stream.kafka_io import client_options, key_partition, read_range
 from stream.metrics import Metrics
-from stream.outbox import OutboxPublisher
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
+from stream.relay import Relay
 from stream.segments import SegmentTable
 from stream.settings import Settings
 from stream.timeline import utc
@@ -78,7 +79,7 @@ class Services:
     store: RedisStore
     processor: BatchProcessor
     metrics: Metrics
-    publisher: OutboxPublisher | None = None
+    publisher: Relay | None = None
     started: bool = False
     redis_failing: bool = False
     outbox_error: str | None = None
@@ -265,19 +266,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     app = faust.App(settings.app_id, **faust_options(settings))
     purchases = app.topic(settings.purchases_topic, partitions=settings.partitions,
                           key_type=bytes, value_type=bytes)
-    sender: list[BatchSender] = []
 
-    async def send(topic: str, records: list[tuple[bytes | None, bytes | None]]) -> Any:
-        # the aiokafka client of the app's producer (its settings and credentials), with
-        # aiokafka's batch API: no faust Topic/Channel/FutureMessage layers, one future per
-        # record batch (faust's Producer has no public accessor for it)
-        if not sender:
-            sender.append(BatchSender(app.producer._ensure_producer()))
-        return await sender[0].send(topic, records)
+    def publishing(error: str | None) -> None:
+        services.outbox_error = error
 
-    services.publisher = OutboxPublisher(services.store, send, settings.segment_changes_topic,
-                                         settings.customer_segments_topic,
-                                         settings.dead_letter_topic)
+    services.publisher = Relay(settings, publishing)
     kafka = client_options(settings)  # the re-read of a gap connects as the worker does
 
     def owned_partitions() -> set[int]:
@@ -293,14 +286,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
 
     async def publish_outbox(partitions: set[int]) -> None:
         assert services.publisher is not None
-        try:
-            await services.publisher.drain(partitions)
-            services.outbox_error = None
-        except Exception as exc:  # the outbox keeps the entries; the timer retries
-            services.outbox_error = repr(exc)[:300]
-            log.warning("outbox not published yet (%r); will retry", exc)
-
-    publishing: list[asyncio.Future[None]] = []  # at most one publication in flight
+        await services.publisher.drain(partitions)
 
     async def process_batch(messages: list[Any]) -> None:
         """One fetched batch of the purchases topic (see :mod:`stream.fastpath`): each
@@ -325,9 +311,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         services.last_batch = time.monotonic()
         for partition in by_partition:
             services.last_step[partition] = services.last_batch
-        if publishing:
-            await publishing.pop()
-        publishing.append(asyncio.ensure_future(publish_outbox(set(by_partition))))
+        await publish_outbox(set(by_partition))
 
     app.transport = BatchTransport(app.conf.broker_consumer, app,
                                    fetch_max_wait_ms=settings.fetch_max_wait_ms,
@@ -350,11 +334,6 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         if settings.gc_freeze:
             freeze_gc()
         await services.start()
-
-    @app.timer(1.0)
-    async def outbox_timer() -> None:
-        if services.started:
-            await publish_outbox(owned_partitions())
 
     @app.timer(settings.sweep_interval_s)
     async def sweep_timer() -> None:
@@ -449,6 +428,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         # a stopping worker leaves the group without a revocation: the same, before it leaves
         assert services.publisher is not None
         await services.publisher.revoke(services.publisher.owned)
+        await services.publisher.stop()
 
     async def consumer_lag() -> dict[int, int]:
         """Records behind the end of each owned partition whose end is known."""

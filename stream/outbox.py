@@ -75,11 +75,15 @@ class OutboxPublisher:
         ``segment-changes``, the compacted ``customer-segments`` and ``purchases-dlq``.
     batch
         Entries read per partition and round.
+    on_fenced
+        Called with a partition another publisher claimed (it is no longer drained here).
     """
 
     def __init__(self, store: RedisStore, send: Send, changes_topic: str, segments_topic: str,
-                 dead_letter_topic: str, batch: int = 2000):
+                 dead_letter_topic: str, batch: int = 2000,
+                 on_fenced: Callable[[int], None] | None = None):
         self.store, self.send = store, send
+        self.on_fenced = on_fenced
         self.changes_topic, self.segments_topic = changes_topic, segments_topic
         self.dead_letter_topic = dead_letter_topic
         self.batch = batch
@@ -168,6 +172,8 @@ class OutboxPublisher:
                 log.warning("%s: no longer publishing it (its new owner does)", exc)
                 if self._owned.get(p) is claim:
                     del self._owned[p]
+                    if self.on_fenced is not None:
+                        self.on_fenced(p)
                 return total
             total += len(entries)
             if len(entries) < self.batch:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ from oracles import cdnow_state
 from stream import cdnow, localstack
 from stream.demo import cdnow_messages, ensure_topics, local_settings
 from stream.kafka_io import bootstrap_of, produce, read_all
+from stream.relay import Relay
 from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
 from stream.settings import Settings
 
@@ -287,3 +291,91 @@ def _get(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+async def test_a_killed_outbox_relay_is_started_again_and_nothing_is_lost(stack, unique,
+                                                                          tmp_path):
+    """The worker's outbox relay (stream.relay, a process of its own) SIGKILLed mid-load: the
+    worker starts another, which publishes what the dead one left in the outboxes; every
+    customer's latest published change names its stored segment."""
+    s = crash_settings(stack, unique, partitions=2)
+    rows = [r for r in ROWS if r.customer_id < "03000"]
+    targets = await load(s, rows)
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+
+    def relays() -> list[int]:
+        return [int(pid) for pid in re.findall(r"outbox relay started \(pid (\d+)\)",
+                                               worker.log_path.read_text())]
+    try:
+        await applied_at_least(s, len(rows) // 3, [worker])
+        (first,) = relays()
+        os.kill(first, signal.SIGKILL)
+        await wait_applied(store, targets, [worker], timeout_s=300)
+        await wait_outbox_empty(s)
+        assert len(relays()) == 2 and relays()[0] == first, worker.log_tail()
+        deadline = time.monotonic() + 10  # ready again: the new relay reported publishing
+        while _get(f"http://127.0.0.1:{s.web_port}/ready")[0] != 200:
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.2)
+        stored = {}
+        for p in range(s.partitions):
+            async for page in store.iter_customers(p):
+                stored.update({c.customer_id: c.segment for c in page})
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    latest = {}
+    for change in await changes_without_emitted_at(s):
+        latest[change["customer_id"]] = change["current"]["segment"]
+    assert latest == stored and len(stored) == len({r.customer_id for r in rows})
+    with pytest.raises(ProcessLookupError):  # stopped (and reaped) with its worker
+        os.kill(relays()[1], 0)
+
+
+async def test_revoking_through_the_relay_waits_for_its_publication_in_flight(unique,
+                                                                               tmp_path):
+    """A revocation returns only once what the relay was sending is acknowledged (faust's
+    rebalance waits for it), and the relay publishes nothing of the partition after it: the
+    broker SIGSTOPped while the relay sends an entry."""
+    with localstack.running(tmp_path / "stack") as own:
+        s = crash_settings(own, unique, partitions=1)
+        await ensure_topics(s)
+        store = store_for(s)
+        relay = Relay(s, lambda error: None)
+
+        async def depth() -> int:
+            return await store.outbox_depth([0])
+
+        async def drained(timeout_s: float = 30) -> None:
+            deadline = time.monotonic() + timeout_s
+            while await depth():
+                assert time.monotonic() < deadline, "outbox not drained"
+                await asyncio.sleep(0.05)
+        try:
+            await relay.assign([0])
+            seq = await store.commit(0, -1, {}, [], [("c", '{"n": 1}', "kim")])
+            await relay.drain([0])
+            await drained()  # the relay is up and connected
+            seq = await store.commit(0, seq, {}, [], [("c", '{"n": 2}', "kim")])
+            own.broker.pause()
+            try:
+                await relay.drain([0])
+                await asyncio.sleep(1.0)  # read from Redis, sent, not acknowledged
+                revoke = asyncio.ensure_future(relay.revoke([0]))
+                await asyncio.sleep(2.0)
+                assert not revoke.done() and await depth() == 1
+            finally:
+                own.broker.resume()
+            await asyncio.wait_for(revoke, 60)
+            assert await depth() == 0  # acknowledged, then deleted, before the revocation
+            await store.commit(0, seq, {}, [], [("c", '{"n": 3}', "kim")])
+            await relay.drain([0])
+            await asyncio.sleep(1.5)  # more than the relay's own round of what it owns
+            assert await depth() == 1 and relay.owned == set()
+        finally:
+            await relay.stop()
+            await store.client.aclose()
+        values = [v for *_, v in await read_all(bootstrap_of(s.kafka_url),
+                                                s.segment_changes_topic, idle_s=0.5)]
+    assert values == [b'{"n": 1}', b'{"n": 2}']
