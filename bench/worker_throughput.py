@@ -26,7 +26,8 @@ the rebalance that splits the partitions). Prints figures; asserts nothing.
 
 Timing of (b) to (e): from the first batch applied (the group join and that batch
 excluded) to the last; (d) and (e) stop when Redis's last applied offset of every partition reaches
-the end of the load. ``--loop uvloop`` runs all of them on uvloop, if it is installed. About
+the end of the load and the outboxes are empty (every change published by the worker's outbox
+relay, ``stream/relay.py``). ``--loop uvloop`` runs all of them on uvloop, if it is installed. About
 40-50 s per run with the worker at ~2,000-3,000 events/s.
 """
 
@@ -54,7 +55,7 @@ STRETCH = 15_000
 async def worker_rate(settings: Settings, targets: dict[int, int], total: int, log_paths: list[Path],
                       loop: str) -> tuple[float, float]:
     """Events/s of ``len(log_paths)`` real workers in one consumer group: from the first applied
-    batch to the last event, and sustained (from 25% to 90% of the load applied: with several
+    batch to the last event applied with every change published, and sustained (from 25% to 90% of the load applied: with several
     workers, after their joins and the rebalance that splits the partitions)."""
     store = store_for(settings)
     workers = [benchkit.start_worker(settings if i == 0 else settings.model_copy(
@@ -72,7 +73,10 @@ async def worker_rate(settings: Settings, targets: dict[int, int], total: int, l
             for share in (0.25, 0.9):
                 if share not in marks and applied >= share * total:
                     marks[share] = now
-            if all(meta[p][0] >= t for p, t in targets.items()):
+            # the end: every record applied and every change published (the outbox relay,
+            # a process of its own, may trail the worker)
+            if all(meta[p][0] >= t for p, t in targets.items()) \
+                    and not await store.outbox_depth(targets):
                 break
             for worker in workers:
                 if not worker.alive():
