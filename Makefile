@@ -58,6 +58,7 @@ bench-all: bench
 	$(BIN)/python bench/rss_soak.py
 	$(BIN)/python bench/sweep_cost.py
 	$(BIN)/python bench/clustering_cost.py
+	$(BIN)/python bench/pipeline_cpu.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
