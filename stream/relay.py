@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DRAIN_EVERY_S = 1.0  # the relay drains everything it owns at least this often
 STOP_TIMEOUT_S = 10.0  # for a relay told to stop, before it is killed
+# for a relay's answer to a revocation: longer than a send can take (aiokafka's request
+# timeout, 40 s), so only a relay that cannot answer (stopped, hung) is killed and replaced
+REVOKE_TIMEOUT_S = 60.0
 
 
 class Relay:
@@ -88,7 +91,9 @@ class Relay:
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         """Stop publishing ``partitions``; returns once the relay's publication in flight (if
-        any) is acknowledged or failed, or the relay is gone."""
+        any) is acknowledged or failed, or the relay is gone: a relay that does not answer
+        within :data:`REVOKE_TIMEOUT_S` (stopped, hung) is killed by its PID, and another one
+        started for the partitions still owned."""
         ps = sorted(set(partitions))
         self._owned.difference_update(ps)
         if not ps or self._proc is None:
@@ -96,7 +101,15 @@ class Relay:
         self._next_id += 1
         done = self._revokes[self._next_id] = asyncio.get_running_loop().create_future()
         await self._send({"op": "revoke", "partitions": ps, "id": self._next_id})
-        await done
+        proc = self._proc
+        try:
+            await asyncio.wait_for(asyncio.shield(done), REVOKE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("outbox relay %d did not answer a revocation within %.0f s: killed",
+                      proc.pid, REVOKE_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await done  # its reader resolves it when the process is gone
 
     async def drain(self, partitions: Iterable[int]) -> None:
         """Tell the relay that ``partitions`` have new entries (it publishes those it owns)."""

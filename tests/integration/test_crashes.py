@@ -379,3 +379,38 @@ async def test_revoking_through_the_relay_waits_for_its_publication_in_flight(un
         values = [v for *_, v in await read_all(bootstrap_of(s.kafka_url),
                                                 s.segment_changes_topic, idle_s=0.5)]
     assert values == [b'{"n": 1}', b'{"n": 2}']
+
+
+async def test_a_relay_that_does_not_answer_a_revocation_is_killed_and_replaced(
+        stack, unique, monkeypatch):
+    """A relay SIGSTOPped (or hung) would hold a revocation, and so the group's rebalance,
+    forever: after ``REVOKE_TIMEOUT_S`` it is killed by its PID and another one publishes the
+    partitions still owned, and not the revoked one."""
+    import stream.relay
+
+    monkeypatch.setattr(stream.relay, "REVOKE_TIMEOUT_S", 2.0)
+    s = crash_settings(stack, unique, partitions=2)
+    await ensure_topics(s)
+    store = store_for(s)
+    relay = Relay(s, lambda error: None)
+    try:
+        await relay.assign([0, 1])
+        stopped = relay.pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        await asyncio.wait_for(relay.revoke([1]), 30)
+        assert time.monotonic() - started >= 2.0 and relay.owned == {0}
+        with pytest.raises(ProcessLookupError):  # killed (and reaped)
+            os.kill(stopped, 0)
+        await store.commit(0, -1, {}, [], [("c", '{"n": 1}', "kim")])
+        await store.commit(1, -1, {}, [], [("c", '{"n": 2}', "lee")])
+        await relay.drain([0, 1])
+        deadline = time.monotonic() + 30
+        while await store.outbox_depth([0]):
+            assert time.monotonic() < deadline, "partition 0 not published by the new relay"
+            await asyncio.sleep(0.05)
+        assert relay.pid not in (None, stopped) and await store.outbox_depth([1]) == 1
+    finally:
+        await relay.stop()
+        await store.client.aclose()
