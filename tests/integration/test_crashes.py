@@ -88,6 +88,21 @@ async def changes_without_emitted_at(settings: Settings) -> list[dict]:
     return out
 
 
+async def stored_segments(store, partitions: int) -> dict[str, str | None]:
+    """Each stored customer's published segment."""
+    stored = {}
+    for p in range(partitions):
+        async for page in store.iter_customers(p):
+            stored.update({c.customer_id: c.segment for c in page})
+    return stored
+
+
+async def latest_segments(settings: Settings) -> dict[str, str]:
+    """Each customer's segment in its latest change on the changes topic."""
+    return {c["customer_id"]: c["current"]["segment"]
+            for c in await changes_without_emitted_at(settings)}
+
+
 async def applied_total(settings: Settings) -> int:
     store = store_for(settings)
     try:
@@ -216,17 +231,11 @@ async def test_paused_broker_keeps_changes_in_the_outbox(unique, tmp_path):
             own.broker.resume()
             await wait_applied(store, targets, [worker], timeout_s=300)
             await wait_outbox_empty(s)
-            stored = {}
-            for p in range(s.partitions):
-                async for page in store.iter_customers(p):
-                    stored.update({c.customer_id: c.segment for c in page})
+            stored = await stored_segments(store, s.partitions)
         finally:
             worker.stop()
             await store.client.aclose()
-        latest = {}
-        for change in await changes_without_emitted_at(s):
-            latest[change["customer_id"]] = change["current"]["segment"]
-        assert latest == stored
+        assert await latest_segments(s) == stored
         want = {cid: v for cid, v in cdnow_state().items() if cid < "05000"}
         assert await final_state(s) == want
 
@@ -318,17 +327,12 @@ async def test_a_killed_outbox_relay_is_started_again_and_nothing_is_lost(stack,
         while _get(f"http://127.0.0.1:{s.web_port}/ready")[0] != 200:
             assert time.monotonic() < deadline, worker.log_tail()
             await asyncio.sleep(0.2)
-        stored = {}
-        for p in range(s.partitions):
-            async for page in store.iter_customers(p):
-                stored.update({c.customer_id: c.segment for c in page})
+        stored = await stored_segments(store, s.partitions)
     finally:
         worker.stop()
         await store.client.aclose()
-    latest = {}
-    for change in await changes_without_emitted_at(s):
-        latest[change["customer_id"]] = change["current"]["segment"]
-    assert latest == stored and len(stored) == len({r.customer_id for r in rows})
+    assert await latest_segments(s) == stored
+    assert len(stored) == len({r.customer_id for r in rows})
     with pytest.raises(ProcessLookupError):  # stopped (and reaped) with its worker
         os.kill(relays()[1], 0)
 
