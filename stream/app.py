@@ -270,7 +270,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
     def publishing(error: str | None) -> None:
         services.outbox_error = error
 
-    services.publisher = Relay(settings, publishing)
+    services.publisher = Relay(settings, publishing, services.metrics.relay_restarts.inc)
     kafka = client_options(settings)  # the re-read of a gap connects as the worker does
 
     def owned_partitions() -> set[int]:

@@ -42,6 +42,7 @@ class Metrics:
     consumer_lag: Gauge
     held_back: Gauge
     outbox_depth: Gauge
+    relay_restarts: Counter
     as_of_seconds: Gauge
     model_version: Gauge
     model_age: Gauge
@@ -94,6 +95,9 @@ class Metrics:
                             "(RFM_LIVE_MAX_SKEW_S)", ["partition"], registry=reg),
             outbox_depth=Gauge(f"{p}_outbox_depth", "Segment changes and dead letters waiting "
                                "in the outbox", registry=reg),
+            relay_restarts=Counter(f"{p}_relay_restarts", "Outbox relays (the worker's "
+                                   "publishing process) started again after one died or was "
+                                   "killed", registry=reg),
             as_of_seconds=Gauge(f"{p}_as_of_seconds", "As-of event time each partition "
                                 "scores at (Unix seconds)", ["partition"], registry=reg),
             model_version=Gauge(f"{p}_model_version", "Version of the clustering model "

@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,10 +60,13 @@ class Relay:
         The worker's settings (namespace resolved).
     on_status
         Called with the relay's publishing error (None: publishing again).
+    on_restart
+        Called when a relay that died (or was killed) is started again.
     """
 
-    def __init__(self, settings: Settings, on_status: Callable[[str | None], None]):
-        self.settings, self.on_status = settings, on_status
+    def __init__(self, settings: Settings, on_status: Callable[[str | None], None],
+                 on_restart: Callable[[], None] | None = None):
+        self.settings, self.on_status, self.on_restart = settings, on_status, on_restart
         self._owned: set[int] = set()
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -117,9 +121,10 @@ class Relay:
 
     async def stop(self) -> None:
         """Close the relay's input and wait for it to exit (killed by its PID after
-        :data:`STOP_TIMEOUT_S`)."""
+        :data:`STOP_TIMEOUT_S`); no relay is started after this."""
         self._stopping = True
-        proc = self._proc
+        async with self._starting:  # one being started now is stopped too
+            proc = self._proc
         if proc is None:
             return
         if proc.stdin is not None:
@@ -133,23 +138,27 @@ class Relay:
             await proc.wait()
         if self._reader is not None:
             await self._reader
+        log.info("outbox relay %d stopped", proc.pid)
 
     async def _send(self, message: dict[str, Any]) -> None:
         if self._stopping:
             return
         proc = await self._running()
-        assert proc.stdin is not None
+        if proc is None or proc.stdin is None:
+            return  # stopping
         try:
             proc.stdin.write(json.dumps(message).encode() + b"\n")
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died: the reader starts it again and assigns what is owned
 
-    async def _running(self) -> asyncio.subprocess.Process:
+    async def _running(self) -> asyncio.subprocess.Process | None:
+        """The relay, started if it is not running (None once stopping)."""
         async with self._starting:
+            if self._stopping:
+                return None
             if self._proc is None or self._proc.returncode is not None:
                 await self._spawn()
-            assert self._proc is not None
             return self._proc
 
     async def _spawn(self) -> None:
@@ -195,9 +204,11 @@ class Relay:
         if not self._stopping:
             log.error("outbox relay %d exited (code %s); starting it again", proc.pid, code)
             self.on_status(f"outbox relay exited (code {code}); restarted")
+            if self.on_restart is not None:
+                self.on_restart()
             await asyncio.sleep(1.0)  # no busy loop if it cannot start
             try:
-                await self._running()
+                await self._running()  # (not once stopping)
             except Exception:
                 log.exception("outbox relay could not be started again; the next batch tries")
 
@@ -294,6 +305,9 @@ async def _main() -> None:
 
 def main() -> None:
     """``python -m stream.relay``: started by the worker (see the module docstring)."""
+    # Ctrl-C in a terminal reaches the worker's whole process group: the worker stops the
+    # relay (its input ends), which must not die of it first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] relay: %(message)s")
     asyncio.run(_main())

@@ -327,6 +327,8 @@ async def test_a_killed_outbox_relay_is_started_again_and_nothing_is_lost(stack,
         while _get(f"http://127.0.0.1:{s.web_port}/ready")[0] != 200:
             assert time.monotonic() < deadline, worker.log_tail()
             await asyncio.sleep(0.2)
+        assert "rfm_relay_restarts_total 1.0" in _get(
+            f"http://127.0.0.1:{s.web_port}/metrics")[1].splitlines()
         stored = await stored_segments(store, s.partitions)
     finally:
         worker.stop()
@@ -418,3 +420,41 @@ async def test_a_relay_that_does_not_answer_a_revocation_is_killed_and_replaced(
     finally:
         await relay.stop()
         await store.client.aclose()
+
+
+async def test_ctrl_c_on_a_worker_stops_its_relay_with_it_cleanly(stack, unique, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the worker's whole process group, the relay
+    included (a fresh user: the relay died of it with a traceback, and the worker started
+    another one while shutting down). The relay ignores SIGINT; the worker stops it."""
+    s = crash_settings(stack, unique, partitions=1)
+    targets = await load(s, [r for r in ROWS if r.customer_id < "00300"])
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+    try:
+        await wait_applied(store, targets, [worker], timeout_s=120)
+        os.killpg(worker.pid, signal.SIGINT)  # its own session and group (localstack.spawn)
+        worker.proc.wait(30)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    log = worker.log_path.read_text()
+    (relay,) = [int(pid) for pid in re.findall(r"outbox relay started \(pid (\d+)\)", log)]
+    assert f"outbox relay {relay} stopped" in log and "Traceback" not in log, log[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(relay, 0)
+
+
+async def test_a_relay_that_dies_as_its_worker_stops_is_not_started_again(stack, unique):
+    """A relay that dies is started again 1 s later, unless its worker stopped meanwhile (a
+    fresh user's test run left such a late relay running until pytest ended)."""
+    relay = Relay(crash_settings(stack, unique, partitions=1), lambda error: None)
+    await relay.assign([0])
+    first = relay.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await asyncio.sleep(0.3)  # its reader has seen it die and waits to start another
+    await relay.stop()
+    await asyncio.sleep(1.5)
+    assert relay.pid == first
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)
