@@ -55,8 +55,9 @@ STRETCH = 15_000
 async def worker_rate(settings: Settings, targets: dict[int, int], total: int, log_paths: list[Path],
                       loop: str) -> tuple[float, float]:
     """Events/s of ``len(log_paths)`` real workers in one consumer group: from the first applied
-    batch to the last event applied with every change published, and sustained (from 25% to 90% of the load applied: with several
-    workers, after their joins and the rebalance that splits the partitions)."""
+    batch to the last event applied with every change published, and sustained (from 25% to
+    90% of the load applied: with several workers, after their joins and the rebalance that
+    splits the partitions)."""
     store = store_for(settings)
     workers = [benchkit.start_worker(settings if i == 0 else settings.model_copy(
         update={"web_port": localstack.free_port()}), path, loop)
