@@ -36,10 +36,11 @@ class LocalStackError(RuntimeError):
     """A local server could not be found, started or reached."""
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send the child SIGTERM when the thread that started it
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child ``sig`` when the thread that started it
     ends (``prctl(PR_SET_PDEATHSIG)``, see ``prctl(2)``); None where there is no ``prctl``.
-    Start processes from a thread that lives as long as they should (the main thread)."""
+    Start processes from a thread that lives as long as they should (the main thread). A
+    stopped child (SIGSTOP) keeps a SIGTERM pending: only SIGKILL ends it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -52,14 +53,14 @@ def _die_with_parent() -> Callable[[], None] | None:
 
     def preexec() -> None:
         parent = os.getppid()
-        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        prctl(pr_set_pdeathsig, sig, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
     return preexec
 
 
-DIE_WITH_PARENT = _die_with_parent()
+DIE_WITH_PARENT = die_with_parent()
 
 
 def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None

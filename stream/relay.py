@@ -20,11 +20,17 @@ stdout, one JSON object per line; worker -> relay:
   relay also drains everything it owns every second);
 
 relay -> worker: ``{"op": "status", "error": text | null}`` when publishing starts or stops
-failing, ``{"op": "fenced", "partition": p}`` when another worker claimed a partition.
+failing, ``{"op": "fenced", "partition": p}`` when another worker claimed a partition, and
+``{"op": "beat"}`` after a round of publication, at most once a second (a relay silent for
+:data:`SILENT_S` is a ``/ready`` problem: stopped, or its sends wait for Kafka or Redis).
 
-The relay exits when its stdin closes (the worker stopped it, or died: Linux also sends it
-SIGTERM then, ``prctl(PR_SET_PDEATHSIG)``). Entries it had not published stay in the outboxes:
-the next publisher sends them. A relay that dies while the worker runs is started again.
+The worker never waits for the relay to read: a relay that stops reading (SIGSTOPped, hung)
+must not stop the worker. Messages go into the pipe's buffer without waiting; a drain nudge
+is skipped while the buffer holds more than :data:`MAX_BUFFERED` bytes (the relay drains what
+it owns every second anyway). The relay exits when its stdin closes (the worker stopped it);
+when the worker dies Linux sends it SIGKILL (``prctl(PR_SET_PDEATHSIG)``: SIGTERM would stay
+pending on a stopped relay). Entries it had not published stay in the outboxes: the next
+publisher sends them. A relay that dies while the worker runs is started again.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ STOP_TIMEOUT_S = 10.0  # for a relay told to stop, before it is killed
 # for a relay's answer to a revocation: longer than a send can take (aiokafka's request
 # timeout, 40 s), so only a relay that cannot answer (stopped, hung) is killed and replaced
 REVOKE_TIMEOUT_S = 60.0
+SILENT_S = 15.0  # a relay that has not reported a round of publication for this long
+MAX_BUFFERED = 64 * 1024  # bytes of messages waiting in the pipe before nudges are skipped
 
 
 class Relay:
@@ -74,6 +82,13 @@ class Relay:
         self._next_id = 0
         self._starting = asyncio.Lock()
         self._stopping = False
+        self._heard: float | None = None  # loop time of the relay's last message
+
+    def silent_s(self) -> float:
+        """Seconds since the running relay last reported (0 before it started)."""
+        if self._heard is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._heard
 
     @property
     def owned(self) -> set[int]:
@@ -116,8 +131,9 @@ class Relay:
             await done  # its reader resolves it when the process is gone
 
     async def drain(self, partitions: Iterable[int]) -> None:
-        """Tell the relay that ``partitions`` have new entries (it publishes those it owns)."""
-        await self._send({"op": "drain", "partitions": sorted(set(partitions))})
+        """Tell the relay that ``partitions`` have new entries (it publishes those it owns);
+        skipped while the relay is not reading (it drains everything it owns every second)."""
+        await self._send({"op": "drain", "partitions": sorted(set(partitions))}, nudge=True)
 
     async def stop(self) -> None:
         """Close the relay's input and wait for it to exit (killed by its PID after
@@ -140,17 +156,16 @@ class Relay:
             await self._reader
         log.info("outbox relay %d stopped", proc.pid)
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: dict[str, Any], nudge: bool = False) -> None:
+        """Put ``message`` in the relay's pipe without waiting for the relay to read it."""
         if self._stopping:
             return
         proc = await self._running()
-        if proc is None or proc.stdin is None:
-            return  # stopping
-        try:
-            proc.stdin.write(json.dumps(message).encode() + b"\n")
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died: the reader starts it again and assigns what is owned
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return  # stopping, or it died: the reader starts another and assigns what is owned
+        if nudge and proc.stdin.transport.get_write_buffer_size() > MAX_BUFFERED:
+            return
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
 
     async def _running(self) -> asyncio.subprocess.Process | None:
         """The relay, started if it is not running (None once stopping)."""
@@ -162,20 +177,19 @@ class Relay:
             return self._proc
 
     async def _spawn(self) -> None:
-        from stream.localstack import DIE_WITH_PARENT
+        from stream.localstack import die_with_parent
         from stream.runner import settings_env
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "stream.relay", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env={**env, **settings_env(self.settings)},
-            preexec_fn=DIE_WITH_PARENT)
+            preexec_fn=die_with_parent(signal.SIGKILL))
         assert proc.stdin is not None
         if self._owned:
             proc.stdin.write(json.dumps({"op": "assign", "partitions": sorted(self._owned)})
                              .encode() + b"\n")
-            await proc.stdin.drain()
-        self._proc = proc
+        self._proc, self._heard = proc, asyncio.get_running_loop().time()
         self._reader = asyncio.ensure_future(self._read(proc))
         log.info("outbox relay started (pid %d)", proc.pid)
 
@@ -188,6 +202,7 @@ class Relay:
             except (ValueError, TypeError, KeyError):
                 log.warning("outbox relay %d: not a message: %r", proc.pid, line[:200])
                 continue
+            self._heard = asyncio.get_running_loop().time()
             if message["op"] == "revoked":
                 done = self._revokes.pop(message["id"], None)
                 if done is not None and not done.done():
@@ -248,7 +263,10 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
     pending: set[int] = set()
     wake = asyncio.Event()
 
+    beat = [0.0]  # loop time of the last beat
+
     async def drainer() -> None:
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), DRAIN_EVERY_S)
@@ -264,6 +282,9 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
             if now != error[0]:
                 error[0] = now
                 write({"op": "status", "error": now})
+            if loop.time() - beat[0] >= DRAIN_EVERY_S:
+                beat[0] = loop.time()
+                write({"op": "beat"})
 
     task = asyncio.ensure_future(drainer())
     try:

@@ -16,6 +16,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -458,3 +459,64 @@ async def test_a_relay_that_dies_as_its_worker_stops_is_not_started_again(stack,
     assert relay.pid == first
     with pytest.raises(ProcessLookupError):
         os.kill(first, 0)
+
+
+async def test_a_relay_that_stops_reading_never_blocks_its_worker(stack, unique, monkeypatch):
+    """A breaker SIGSTOPped the relay under many small batches: the pipe to it filled, the
+    worker's next nudge waited for it to read, so the worker stopped applying, and a
+    revocation (a rebalance, a stop) waited forever before its timeout even started. Nudges
+    now never wait (skipped while the pipe is full), and a revocation's timeout covers it."""
+    import stream.relay
+
+    monkeypatch.setattr(stream.relay, "REVOKE_TIMEOUT_S", 2.0)
+    relay = Relay(crash_settings(stack, unique, partitions=2), lambda error: None)
+    try:
+        await relay.assign([0, 1])
+        stopped = relay.pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        for _ in range(20_000):  # ~800 KB of nudges: far more than the pipe holds
+            await asyncio.wait_for(relay.drain([0, 1]), 5)
+        await asyncio.wait_for(relay.revoke([1]), 30)
+        with pytest.raises(ProcessLookupError):  # killed (and reaped)
+            os.kill(stopped, 0)
+        await relay.drain([0])  # a new relay, for what is still owned
+        assert relay.pid not in (None, stopped) and relay.owned == {0}
+    finally:
+        await relay.stop()
+
+
+async def test_a_stopped_relay_is_reported_and_dies_with_its_killed_worker(stack, unique,
+                                                                          tmp_path):
+    """The worker applies the load while its relay is SIGSTOPped (the changes wait in the
+    outbox), /ready names the silent relay, and a SIGKILL of the worker ends the stopped relay
+    too (Linux's SIGTERM on the parent's death would stay pending on a stopped process)."""
+    s = crash_settings(stack, unique, partitions=2)
+    targets = await load(s, [r for r in ROWS if r.customer_id < "00500"])
+    worker = start_worker(s, tmp_path / "worker.log")
+    store = store_for(s)
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := re.findall(r"outbox relay started \(pid (\d+)\)",
+                                       worker.log_path.read_text())):
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.05)
+        relay = int(found[0])
+        os.kill(relay, signal.SIGSTOP)
+        deadline = time.monotonic() + 120
+        while await applied_total(s) < sum(t + 1 for t in targets.values()):
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.1)
+        assert await store.outbox_depth(range(s.partitions)) > 0
+        deadline = time.monotonic() + 40
+        while "outbox relay silent" not in _get(f"http://127.0.0.1:{s.web_port}/ready")[1]:
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.5)
+        worker.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{relay}").exists():  # SIGKILLed by Linux, reaped by init
+            assert time.monotonic() < deadline, "the stopped relay outlived its worker"
+            await asyncio.sleep(0.1)
+    finally:
+        worker.stop()
+        await store.client.aclose()
