@@ -405,9 +405,8 @@ async def test_a_relay_that_does_not_answer_a_revocation_is_killed_and_replaced(
         stopped = relay.pid
         assert stopped is not None
         os.kill(stopped, signal.SIGSTOP)
-        started = time.monotonic()
         await asyncio.wait_for(relay.revoke([1]), 30)
-        assert time.monotonic() - started >= 2.0 and relay.owned == {0}
+        assert relay.owned == {0}
         with pytest.raises(ProcessLookupError):  # killed (and reaped)
             os.kill(stopped, 0)
         await store.commit(0, -1, {}, [], [("c", '{"n": 1}', "kim")])
