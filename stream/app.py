@@ -50,6 +50,7 @@ from stream.interleave import Report
 from stream.kafka_io import client_options, key_partition, read_range
 from stream.metrics import Metrics
 from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
+from stream.relay import KILL_SILENT_S as RELAY_KILL_SILENT_S
 from stream.relay import SILENT_S as RELAY_SILENT_S
 from stream.relay import Relay
 from stream.segments import SegmentTable
@@ -501,8 +502,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             problems.append(f"outbox not published (retrying): {services.outbox_error}")
         relay = services.publisher
         if relay is not None and relay.silent_s() > RELAY_SILENT_S:
-            problems.append(f"outbox relay silent for {relay.silent_s():.0f} s (stopped, or "
-                            "its publication waits for Kafka or Redis)")
+            problems.append(f"outbox relay silent for {relay.silent_s():.0f} s (stopped or "
+                            f"hung; replaced at {RELAY_KILL_SILENT_S:.0f} s)")
         if not services.started:
             problems.append("consumer not started")
         else:

@@ -21,16 +21,19 @@ stdout, one JSON object per line; worker -> relay:
 
 relay -> worker: ``{"op": "status", "error": text | null}`` when publishing starts or stops
 failing, ``{"op": "fenced", "partition": p}`` when another worker claimed a partition, and
-``{"op": "beat"}`` after a round of publication, at most once a second (a relay silent for
-:data:`SILENT_S` is a ``/ready`` problem: stopped, or its sends wait for Kafka or Redis).
+``{"op": "beat"}`` every second from a task of its own (its event loop turns, whatever its
+publication waits for). A relay silent for :data:`SILENT_S` is a ``/ready`` problem; one
+silent for :data:`KILL_SILENT_S` (SIGSTOPped, hung) is killed by its PID and replaced.
 
 The worker never waits for the relay to read: a relay that stops reading (SIGSTOPped, hung)
 must not stop the worker. Messages go into the pipe's buffer without waiting; a drain nudge
 is skipped while the buffer holds more than :data:`MAX_BUFFERED` bytes (the relay drains what
 it owns every second anyway). The relay exits when its stdin closes (the worker stopped it);
-when the worker dies Linux sends it SIGKILL (``prctl(PR_SET_PDEATHSIG)``: SIGTERM would stay
-pending on a stopped relay). Entries it had not published stay in the outboxes: the next
-publisher sends them. A relay that dies while the worker runs is started again.
+it ignores SIGINT and SIGTERM, which reach the worker's whole process group (Ctrl-C,
+``kill -- -PGID``, systemd's default ``KillMode=control-group``): the worker stops it. When the
+worker dies Linux sends it SIGKILL (``prctl(PR_SET_PDEATHSIG)``: SIGTERM would stay pending on
+a stopped relay). Entries it had not published stay in the outboxes: the next publisher sends
+them. A relay that dies while the worker runs is started again.
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ from stream.settings import Settings
 log = logging.getLogger(__name__)
 
 DRAIN_EVERY_S = 1.0  # the relay drains everything it owns at least this often
+BEAT_S = 1.0  # the relay's beats
 STOP_TIMEOUT_S = 10.0  # for a relay told to stop, before it is killed
 # for a relay's answer to a revocation: longer than a send can take (aiokafka's request
 # timeout, 40 s), so only a relay that cannot answer (stopped, hung) is killed and replaced
 REVOKE_TIMEOUT_S = 60.0
-SILENT_S = 15.0  # a relay that has not reported a round of publication for this long
+SILENT_S = 15.0  # a relay that has not beaten for this long is a /ready problem
+KILL_SILENT_S = 30.0  # ... and for this long is killed and replaced (its beats come every 1 s)
 MAX_BUFFERED = 64 * 1024  # bytes of messages waiting in the pipe before nudges are skipped
 
 
@@ -83,6 +88,7 @@ class Relay:
         self._starting = asyncio.Lock()
         self._stopping = False
         self._heard: float | None = None  # loop time of the relay's last message
+        self._watch: asyncio.Task[None] | None = None
 
     def silent_s(self) -> float:
         """Seconds since the running relay last reported (0 before it started)."""
@@ -139,6 +145,8 @@ class Relay:
         """Close the relay's input and wait for it to exit (killed by its PID after
         :data:`STOP_TIMEOUT_S`); no relay is started after this."""
         self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         async with self._starting:  # one being started now is stopped too
             proc = self._proc
         if proc is None:
@@ -191,7 +199,23 @@ class Relay:
                              .encode() + b"\n")
         self._proc, self._heard = proc, asyncio.get_running_loop().time()
         self._reader = asyncio.ensure_future(self._read(proc))
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watchdog())
         log.info("outbox relay started (pid %d)", proc.pid)
+
+    async def _watchdog(self) -> None:
+        """Kill a relay silent for :data:`KILL_SILENT_S` (its reader starts another)."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            proc = self._proc
+            if proc is None or proc.returncode is not None or self._stopping:
+                continue
+            if self.silent_s() > KILL_SILENT_S:
+                log.error("outbox relay %d silent for %.0f s (stopped or hung): killed",
+                          proc.pid, self.silent_s())
+                self._heard = None  # once
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -230,8 +254,8 @@ class Relay:
 
 async def serve(settings: Settings, lines: asyncio.StreamReader,
                 write: Callable[[dict[str, Any]], None]) -> None:
-    """The relay's loop: messages from ``lines`` (after the settings line), answers through
-    ``write``, until ``lines`` ends."""
+    """The relay's loop: messages from ``lines``, answers and beats through ``write``, until
+    ``lines`` ends."""
     import redis.asyncio as aioredis
     from aiokafka import AIOKafkaProducer
 
@@ -244,6 +268,13 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
                                       socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace, 0, settings.state_format)
     error: list[str | None] = ["starting"]  # the last status sent (the first drain's is sent)
+
+    async def beater() -> None:
+        while True:
+            write({"op": "beat"})
+            await asyncio.sleep(BEAT_S)
+
+    beats = asyncio.ensure_future(beater())
     while True:  # a broker that is not there yet: as the worker's own producer waits
         # the worker's faust producer settings (stream/faustconf.py)
         producer = AIOKafkaProducer(**client_options(settings), acks="all", linger_ms=5,
@@ -263,10 +294,7 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
     pending: set[int] = set()
     wake = asyncio.Event()
 
-    beat = [0.0]  # loop time of the last beat
-
     async def drainer() -> None:
-        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), DRAIN_EVERY_S)
@@ -282,11 +310,8 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
             if now != error[0]:
                 error[0] = now
                 write({"op": "status", "error": now})
-            if loop.time() - beat[0] >= DRAIN_EVERY_S:
-                beat[0] = loop.time()
-                write({"op": "beat"})
 
-    task = asyncio.ensure_future(drainer())
+    tasks = [asyncio.ensure_future(drainer()), beats]
     try:
         while line := await lines.readline():
             message = json.loads(line)
@@ -303,9 +328,10 @@ async def serve(settings: Settings, lines: asyncio.StreamReader,
                 pending.update(partitions)
                 wake.set()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await producer.stop()
         await client.aclose()
 
@@ -326,9 +352,10 @@ async def _main() -> None:
 
 def main() -> None:
     """``python -m stream.relay``: started by the worker (see the module docstring)."""
-    # Ctrl-C in a terminal reaches the worker's whole process group: the worker stops the
-    # relay (its input ends), which must not die of it first
+    # Ctrl-C in a terminal, or a SIGTERM to the process group (systemd, ``kill -- -PGID``),
+    # reaches the relay too: the worker stops it (its input ends), it must not die of it first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] relay: %(message)s")
     asyncio.run(_main())

@@ -422,17 +422,21 @@ async def test_a_relay_that_does_not_answer_a_revocation_is_killed_and_replaced(
         await store.client.aclose()
 
 
-async def test_ctrl_c_on_a_worker_stops_its_relay_with_it_cleanly(stack, unique, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_to_the_process_group_stops_the_relay_with_its_worker_cleanly(
+        stack, unique, tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the worker's whole process group, the relay
     included (a fresh user: the relay died of it with a traceback, and the worker started
-    another one while shutting down). The relay ignores SIGINT; the worker stops it."""
+    another one while shutting down); systemd's default ``KillMode=control-group`` and
+    ``kill -- -PGID`` do the same with SIGTERM (a breaker). The relay ignores both; the worker
+    stops it."""
     s = crash_settings(stack, unique, partitions=1)
     targets = await load(s, [r for r in ROWS if r.customer_id < "00300"])
     worker = start_worker(s, tmp_path / "worker.log")
     store = store_for(s)
     try:
         await wait_applied(store, targets, [worker], timeout_s=120)
-        os.killpg(worker.pid, signal.SIGINT)  # its own session and group (localstack.spawn)
+        os.killpg(worker.pid, sig)  # its own session and group (localstack.spawn)
         worker.proc.wait(30)
     finally:
         worker.stop()
@@ -485,13 +489,49 @@ async def test_a_relay_that_stops_reading_never_blocks_its_worker(stack, unique,
         await relay.stop()
 
 
+async def test_a_silent_relay_is_killed_and_replaced(stack, unique, monkeypatch):
+    """A relay SIGSTOPped (or hung) with no rebalance to time out would hold its partitions'
+    changes forever (a breaker): one silent for ``KILL_SILENT_S`` is killed by its PID, and
+    another one publishes what waited."""
+    import stream.relay
+
+    monkeypatch.setattr(stream.relay, "KILL_SILENT_S", 3.0)
+    s = crash_settings(stack, unique, partitions=1)
+    await ensure_topics(s)
+    store = store_for(s)
+    restarts: list[None] = []
+    relay = Relay(s, lambda error: None, lambda: restarts.append(None))
+    try:
+        await relay.assign([0])
+        stopped = relay.pid
+        assert stopped is not None
+        await asyncio.sleep(4.0)  # beating: not killed
+        assert relay.pid == stopped and not restarts
+        os.kill(stopped, signal.SIGSTOP)
+        await store.commit(0, -1, {}, [], [("c", '{"n": 1}', "kim")])
+        await relay.drain([0])
+        deadline = time.monotonic() + 30
+        while await store.outbox_depth([0]):
+            assert time.monotonic() < deadline, "not published by a new relay"
+            await asyncio.sleep(0.05)
+        with pytest.raises(ProcessLookupError):  # killed (and reaped)
+            os.kill(stopped, 0)
+        assert relay.pid not in (None, stopped) and len(restarts) == 1
+    finally:
+        await relay.stop()
+        await store.client.aclose()
+    values = [v for *_, v in await read_all(bootstrap_of(s.kafka_url),
+                                            s.segment_changes_topic, idle_s=0.5)]
+    assert values == [b'{"n": 1}']
+
+
 async def test_a_stopped_relay_is_reported_and_dies_with_its_killed_worker(stack, unique,
                                                                           tmp_path):
-    """The worker applies the load while its relay is SIGSTOPped (the changes wait in the
+    """The worker applies events while its relay is SIGSTOPped (the changes wait in the
     outbox), /ready names the silent relay, and a SIGKILL of the worker ends the stopped relay
     too (Linux's SIGTERM on the parent's death would stay pending on a stopped process)."""
     s = crash_settings(stack, unique, partitions=2)
-    targets = await load(s, [r for r in ROWS if r.customer_id < "00500"])
+    await load(s, [r for r in ROWS if r.customer_id < "00500"])
     worker = start_worker(s, tmp_path / "worker.log")
     store = store_for(s)
     try:
@@ -503,14 +543,14 @@ async def test_a_stopped_relay_is_reported_and_dies_with_its_killed_worker(stack
         relay = int(found[0])
         os.kill(relay, signal.SIGSTOP)
         deadline = time.monotonic() + 120
-        while await applied_total(s) < sum(t + 1 for t in targets.values()):
+        while await applied_total(s) == 0:
             assert time.monotonic() < deadline, worker.log_tail()
             await asyncio.sleep(0.1)
-        assert await store.outbox_depth(range(s.partitions)) > 0
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + 40  # before the worker kills it (KILL_SILENT_S)
         while "outbox relay silent" not in _get(f"http://127.0.0.1:{s.web_port}/ready")[1]:
             assert time.monotonic() < deadline, worker.log_tail()
             await asyncio.sleep(0.5)
+        assert await store.outbox_depth(range(s.partitions)) > 0
         worker.kill()
         deadline = time.monotonic() + 10
         while Path(f"/proc/{relay}").exists():  # SIGKILLed by Linux, reaped by init
