@@ -62,6 +62,10 @@ class Receiver:
         self.wall: dict[str, float] = {}  # produce time, epoch s
         self.to_batch: dict[str, float] = {}  # produce -> the worker's step (emitted_at)
         self.from_batch: dict[str, float] = {}  # emitted_at -> the change received
+        # emitted_at -> the relay's send (the change record's timestamp: the relay's producer
+        # stamps it when the record is put in a batch), and that send -> received
+        self.to_send: dict[str, float] = {}
+        self.from_send: dict[str, float] = {}
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.kafka_url),
                                          group_id=None, enable_auto_commit=False,
                                          auto_offset_reset="latest",
@@ -96,7 +100,10 @@ class Receiver:
                         self.changes[cid] = now - self.sent[cid]
                         emitted = datetime.fromisoformat(change["emitted_at"]).timestamp()
                         self.to_batch[cid] = emitted - self.wall[cid]
-                        self.from_batch[cid] = time.time() - emitted
+                        received = time.time()
+                        self.from_batch[cid] = received - emitted
+                        self.to_send[cid] = r.timestamp / 1000 - emitted
+                        self.from_send[cid] = received - r.timestamp / 1000
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -207,6 +214,8 @@ def report(settings: Settings, rate: float, seconds: float, n: int, produced_s: 
     worker = row("worker: segment change", receiver.changes)
     row("  produce -> worker's step", receiver.to_batch)
     row("  worker's step -> received", receiver.from_batch)
+    row("    step -> relay's send", receiver.to_send)
+    row("    relay's send -> received", receiver.from_send)
     raw = row("ceiling: raw aiokafka record", receiver.raw)
     print(f"  (fetch_max_wait_ms: raw consumer {FETCH_WAIT_MS}, worker "
           f"{settings.fetch_max_wait_ms}; the local broker answers a fetch that found no data "
