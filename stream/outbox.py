@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +88,10 @@ class OutboxPublisher:
         self.changes_topic, self.segments_topic = changes_topic, segments_topic
         self.dead_letter_topic = dead_letter_topic
         self.batch = batch
-        self._lock = asyncio.Lock()  # one drain at a time; revoke waits for it
+        # per partition: held while a drain reads, sends or acknowledges its entries (or an
+        # assignment claims it); a revocation waits only for its own partitions' (a relay
+        # draining a large backlog of another partition held rebalances until killed)
+        self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._owned: dict[int, _Claim] = {}
         self.published = 0
 
@@ -101,10 +105,12 @@ class OutboxPublisher:
         Redis now (after the drain in flight, if any), which fences out any earlier
         publisher of it. A claim that fails (Redis unreachable) is logged and made by the
         next drain of the partition before it reads anything."""
-        async with self._lock:
-            claims = {p: _Claim(secrets.token_hex(8)) for p in sorted(set(partitions))}
-            self._owned.update(claims)
-            for p, claim in claims.items():
+        claims = {p: _Claim(secrets.token_hex(8)) for p in sorted(set(partitions))}
+        self._owned.update(claims)
+        for p, claim in claims.items():
+            async with self._locks[p]:
+                if self._owned.get(p) is not claim:
+                    continue  # revoked (or assigned again) meanwhile
                 try:
                     await self.store.outbox_claim(p, claim.token)
                 except (RedisError, OSError) as exc:
@@ -116,14 +122,16 @@ class OutboxPublisher:
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         """Stop draining ``partitions``: no drain reads them from now on, and this returns
-        only once the drain in flight (if any) has finished, so every entry it read from
-        them is acknowledged by the broker (or its send failed) by then. Waits as long as
-        that drain does (a broker that does not answer holds it, as it holds faust's own
-        producer flush on revocation)."""
-        for p in set(partitions):
+        only once the batches of them in flight (if any) are done, so every entry read from
+        them is acknowledged by the broker (or its send failed) by then; a drain of other
+        partitions goes on. Waits as long as those batches do (a broker that does not answer
+        holds them, as it holds faust's own producer flush on revocation)."""
+        ps = set(partitions)
+        for p in ps:
             self._owned.pop(p, None)
-        async with self._lock:
-            pass
+        for p in sorted(ps):
+            async with self._locks[p]:
+                pass
 
     async def drain(self, partitions: Iterable[int]) -> int:
         """Publish every pending entry of ``partitions`` that this publisher owns (others
@@ -134,8 +142,8 @@ class OutboxPublisher:
         not acknowledged stay in the outbox for the next call.
         """
         total = 0
-        async with self._lock:
-            for p in sorted(set(partitions)):
+        for p in sorted(set(partitions)):
+            async with self._locks[p]:
                 total += await self._drain_partition(p)
         self.published += total
         return total

@@ -129,6 +129,27 @@ async def test_revocation_waits_for_the_publication_in_flight_and_stops_the_rest
     assert await segments_of(s, "bob") == []
 
 
+async def test_revoking_a_partition_does_not_wait_for_another_partitions_drain(world):
+    """A drain holds each partition only while it works on it: a breaker's relay, draining a
+    large backlog of one partition, held the revocation of another (and the group's
+    rebalance) until the revocation timed out and the relay was killed."""
+    s, services, publisher = world
+    gate = Gate()
+    pub = publisher(gate)
+    await pub.assign([0, 1])
+    await services.processor.process(0, [purchase(0, "alice", "2024-03-01")], now_ms=NOW)
+    await services.processor.process(1, [purchase(0, "bob", "2024-03-01", 1)], now_ms=NOW)
+    inflight = asyncio.ensure_future(pub.drain([0, 1]))
+    await gate.entered.wait()  # partition 0's send held: its drain goes on
+    revoking = asyncio.ensure_future(pub.revoke([1]))
+    done, _ = await asyncio.wait({revoking}, timeout=10)
+    assert revoking in done and not inflight.done() and pub.owned == {0}
+    gate.release.set()
+    assert await inflight == 1  # alice's; bob's is left to partition 1's next owner
+    assert [e.key for e in await services.store.outbox_read(1)] == ["bob"]
+    assert await segments_of(s, "alice") == ["New Customers"]
+
+
 async def test_entries_in_flight_at_a_takeover_are_left_to_the_new_owner(world):
     s, services, publisher = world
     gate = Gate()
