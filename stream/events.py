@@ -113,7 +113,8 @@ class SegmentChanged(BaseModel):
     schema_version: int = Field(OUT_SCHEMA_VERSION, description="Version of this schema")
     rules_version: str = Field(description="Version of the segment rule table")
     thresholds_version: str = Field(description="What scored: q<N>@<anchor time> (quintiles "
-                                    "of N customers) or fixed")
+                                    "of N customers at that as-of time, ISO 8601 UTC, e.g. "
+                                    "q2400@1997-03-12T00:00:00Z) or fixed")
     model_version: int | None = Field(description="Version of the clustering model snapshot "
                                       "that gave the cluster id; null when none was given")
     replay: bool = Field(False, description="True when emitted by a replay (rfm-stream "

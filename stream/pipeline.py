@@ -468,7 +468,8 @@ class BatchProcessor:
         self._last_stats = stats
         return Thresholds.from_order_statistics(
             n, stats.recency_kth_largest, stats.frequency_kth_smallest,
-            stats.monetary_kth_smallest, version=f"q{n}@{utc(t).isoformat()}", anchor_ms=t)
+            stats.monetary_kth_smallest,
+            version=f"q{n}@{utc(t).isoformat().replace('+00:00', 'Z')}", anchor_ms=t)
 
     async def current_thresholds(self, partition: int) -> Thresholds:
         """The thresholds a partition scores with now (for views and exports)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from datetime import date
 
@@ -164,6 +165,10 @@ async def test_after_threshold_refreshes_every_segment_is_what_the_current_thres
             rescored += sum(1 for c in result.changes if c.cause == "rescore")
         t = await s.processor.current_thresholds(0)
         assert t.anchor_ms is not None and rescored > 100, (t, rescored)
+        # what scored: quintiles of the 400 customers at the anchor, in UTC as the events' times
+        what = re.fullmatch(r"q(\d+)@(\d{4}-\d\d-\d\dT[\d:.]+Z)", t.version)
+        assert what and 100 <= int(what[1]) <= 400, t.version
+        assert datetime.fromisoformat(what[2]) == datetime.fromtimestamp(t.anchor_ms / 1000, UTC)
         table = s.processor.table
         wrong = []
         async for page in s.store.iter_customers(0):
