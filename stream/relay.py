@@ -190,7 +190,9 @@ class Relay:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "stream.relay", stdin=asyncio.subprocess.PIPE,
+            # -P: not a stream/ or stream.py of the working directory (a breaker's worker,
+            # started in such a folder, ran no relay: or would have run another version's)
+            sys.executable, "-P", "-m", "stream.relay", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env={**env, **settings_env(self.settings)},
             preexec_fn=die_with_parent(signal.SIGKILL))
         assert proc.stdin is not None
@@ -205,9 +207,18 @@ class Relay:
 
     async def _watchdog(self) -> None:
         """Kill a relay silent for :data:`KILL_SILENT_S` (its reader starts another)."""
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
         while not self._stopping:
             await asyncio.sleep(1.0)
             proc = self._proc
+            last, tick = tick, loop.time()
+            if tick - last > 5.0 and self._heard is not None:
+                # the worker itself was stopped (SIGSTOP, docker pause) or blocked: the relay's
+                # beats wait unread in the pipe; count its silence from now (a breaker's
+                # healthy relay was killed after its worker's 40 s pause)
+                self._heard = max(self._heard, tick)
+                continue
             if proc is None or proc.returncode is not None or self._stopping:
                 continue
             if self.silent_s() > KILL_SILENT_S:

@@ -525,6 +525,53 @@ async def test_a_silent_relay_is_killed_and_replaced(stack, unique, monkeypatch)
     assert values == [b'{"n": 1}']
 
 
+async def test_a_relay_beating_while_its_worker_was_stopped_is_not_killed(stack, unique,
+                                                                         monkeypatch):
+    """A worker stopped (SIGSTOP, ``docker pause``) or blocked longer than ``KILL_SILENT_S``
+    has not read its relay's beats: the relay is not silent (a breaker's healthy relay was
+    killed after its worker's 40 s pause)."""
+    import stream.relay
+
+    monkeypatch.setattr(stream.relay, "KILL_SILENT_S", 2.0)
+    restarts: list[None] = []
+    relay = Relay(crash_settings(stack, unique, partitions=1), lambda error: None,
+                  lambda: restarts.append(None))
+    try:
+        await relay.assign([0])
+        running = relay.pid
+        await asyncio.sleep(1.5)
+        time.sleep(6.0)  # the worker's event loop blocked: beats wait in the pipe
+        await asyncio.sleep(2.5)  # the watchdog's next ticks
+        assert relay.pid == running and not restarts and relay.silent_s() < 2.0
+    finally:
+        await relay.stop()
+
+
+async def test_a_relay_starts_from_a_folder_holding_a_stream_module(stack, unique, tmp_path,
+                                                                   monkeypatch):
+    """``python -m stream.relay`` looked in the working directory first: a worker started in
+    a folder with a ``stream.py`` (or another checkout) ran no relay, or another version's
+    (a breaker). The relay is started with ``-P``."""
+    (tmp_path / "stream.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    s = crash_settings(stack, unique, partitions=1)
+    await ensure_topics(s)
+    store = store_for(s)
+    restarts: list[None] = []
+    relay = Relay(s, lambda error: None, lambda: restarts.append(None))
+    try:
+        await relay.assign([0])
+        await store.commit(0, -1, {}, [], [("c", '{"n": 1}', "kim")])
+        await relay.drain([0])
+        deadline = time.monotonic() + 30
+        while await store.outbox_depth([0]):
+            assert time.monotonic() < deadline and not restarts, "no relay publishes"
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await store.client.aclose()
+
+
 async def test_a_stopped_relay_is_reported_and_dies_with_its_killed_worker(stack, unique,
                                                                           tmp_path):
     """The worker applies events while its relay is SIGSTOPped (the changes wait in the
