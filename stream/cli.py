@@ -7,6 +7,7 @@ namespace is resolved through ``rfm-stream replay --switch`` aliases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -141,6 +142,7 @@ Examples:
   rfm-stream customer 00042
   rfm-stream export --out customers.parquet --as-of 1998-06-30T00:00:00Z
   rfm-stream forget 00042
+  rfm-stream changes --follow                       # segment changes as they happen
 """)
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=lambda ctx, _param, value: _version(ctx, value),
@@ -426,6 +428,46 @@ def segments() -> None:
     click.echo(f"{'segment':<22}{'customers':>10}  strategy")
     for name, seg in table.segments.items():
         click.echo(f"{name:<22}{got.get(name, 0):>10,}  {seg.strategy}")
+
+
+@main.command()
+@click.option("--follow", is_flag=True, help="Keep printing new changes until Ctrl-C.")
+def changes(follow: bool) -> None:
+    """Print the segment changes on the segment-changes topic, one JSON object per line
+    (partition by partition, in offset order), from the beginning to its end as of now; with
+    --follow, then every new one as it arrives."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream.kafka_io import client_options, started
+
+    settings = _settings(resolve=False)
+    topic = settings.segment_changes_topic
+
+    async def show() -> None:
+        consumer = AIOKafkaConsumer(**client_options(settings), group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await started(consumer)
+        try:
+            if consumer.partitions_for_topic(topic) is None:
+                await consumer._client.force_metadata_update()
+            parts = sorted(consumer.partitions_for_topic(topic) or ())
+            if not parts:
+                raise click.ClickException(f"no topic {topic!r} on {settings.kafka_url}")
+            tps = [TopicPartition(topic, p) for p in parts]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while follow or [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                batch = await consumer.getmany(timeout_ms=500)
+                for tp in sorted(batch, key=lambda tp: tp.partition):
+                    for r in batch[tp]:
+                        if r.value is not None:
+                            click.echo(r.value.decode("utf-8", "replace"))
+        finally:
+            await consumer.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):  # --follow ends with Ctrl-C
+        _run(show())
 
 
 @main.command()

@@ -1,0 +1,37 @@
+"""``rfm-stream changes``: what is on the segment-changes topic, against the real broker (a
+fresh user: after ``stack``, ``worker`` and ``load`` nothing showed the service's main output)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from click.testing import CliRunner
+
+from stream.cli import main
+from stream.demo import ensure_topics
+from stream.kafka_io import Message, bootstrap_of, produce
+
+
+def env_of(s) -> dict[str, str]:
+    return {"RFM_KAFKA_URL": s.kafka_url, "RFM_REDIS_URL": s.redis_url.get_secret_value(),
+            "RFM_NAMESPACE": s.namespace, "RFM_SEGMENT_CHANGES_TOPIC": s.segment_changes_topic}
+
+
+async def test_changes_prints_every_change_on_the_topic_once_in_order(settings):
+    await ensure_topics(settings)
+    sent = [{"change_id": f"c{i}", "customer_id": "kim", "current": {"segment": seg}}
+            for i, seg in enumerate(["New Customers", "Potential Loyalists", "Champions"])]
+    await produce(bootstrap_of(settings.kafka_url), settings.segment_changes_topic,
+                  [Message(b"kim", json.dumps(c).encode()) for c in sent])
+    shown = await asyncio.to_thread(CliRunner().invoke, main, ["changes"],
+                                    env=env_of(settings))
+    assert shown.exit_code == 0, shown.output
+    assert [json.loads(line) for line in shown.output.splitlines()] == sent
+
+
+async def test_changes_of_a_topic_that_does_not_exist_is_a_clean_error(settings):
+    env = {**env_of(settings), "RFM_SEGMENT_CHANGES_TOPIC": "no-such-topic-here"}
+    shown = await asyncio.to_thread(CliRunner().invoke, main, ["changes"], env=env)
+    assert shown.exit_code == 1 and "no-such-topic-here" in shown.output, shown.output
+    assert "Traceback" not in shown.output
