@@ -303,11 +303,16 @@ def load(file: Path, fmt: str, mapping: tuple[str, ...], timezone: str, currency
             bar.close()
         if out:
             out.close()
-    click.echo(f"{summary.rows:,} rows (numbered from 1 after the header): {summary.events:,} events"
+    def n(count: int, noun: str) -> str:
+        return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+    click.echo(f"{n(summary.rows, 'row')}: {n(summary.events, 'event')}"
                f"{' (dry run: none produced)' if dry_run else ''}, "
                f"{sum(summary.rejected.values()):,} rejected")
-    for reason, n in sorted(summary.rejected.items()):
-        click.echo(f"  {reason}: {n:,}")
+    for reason, count in sorted(summary.rejected.items()):
+        click.echo(f"  {reason}: {count:,}")
+    if summary.rejected:
+        click.echo("(rows are numbered from 1 after any header, as in --rejects)")
 
 
 @main.command()
