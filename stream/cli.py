@@ -461,8 +461,16 @@ def changes(follow: bool) -> None:
             tps = [TopicPartition(topic, p) for p in parts]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while follow or [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+
+            async def at_end() -> bool:  # the high watermarks of fetch responses: the local
+                # broker's end_offsets() is wrong (stream/kafka_io.py)
+                for tp in tps:
+                    hw = consumer.highwater(tp)
+                    if hw is None or await consumer.position(tp) < hw:
+                        return False
+                return True
+
+            while follow or not await at_end():
                 batch = await consumer.getmany(timeout_ms=500)
                 for tp in sorted(batch, key=lambda tp: tp.partition):
                     for r in batch[tp]:

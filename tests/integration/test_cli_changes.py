@@ -35,3 +35,10 @@ async def test_changes_of_a_topic_that_does_not_exist_is_a_clean_error(settings)
     shown = await asyncio.to_thread(CliRunner().invoke, main, ["changes"], env=env)
     assert shown.exit_code == 1 and "no-such-topic-here" in shown.output, shown.output
     assert "Traceback" not in shown.output
+
+
+async def test_changes_of_an_empty_topic_prints_nothing_and_returns(settings):
+    await ensure_topics(settings)
+    shown = await asyncio.wait_for(asyncio.to_thread(CliRunner().invoke, main, ["changes"],
+                                                     env=env_of(settings)), 60)
+    assert shown.exit_code == 0 and shown.output == "", shown.output
