@@ -23,7 +23,8 @@ from stream import localstack
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.replay import replay
-from stream.runner import start_worker, store_for, wait_applied
+from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
+from stream.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 DAYS = 150
@@ -197,6 +198,27 @@ def owned(port: int) -> list[int]:
         return []
 
 
+async def two_workers(settings, tmp_path) -> tuple[Settings, list[WorkerProcess],
+                                                   list[list[int]]]:
+    """Two workers of one group on 2 partitions (``RFM_THRESHOLD_REFRESH_EVERY=20``), once each
+    owns one: the settings, the workers (the caller stops them) and the partitions each owns."""
+    s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
+    await ensure_topics(s)
+    ports = [s.web_port, localstack.free_port()]
+    workers = [start_worker(s.model_copy(update={"web_port": port}), tmp_path / f"w{port}.log")
+               for port in ports]
+    try:
+        deadline = asyncio.get_running_loop().time() + 120
+        while sorted(owns := [await asyncio.to_thread(owned, p) for p in ports]) != [[0], [1]]:
+            assert asyncio.get_running_loop().time() < deadline, "partitions not split"
+            await asyncio.sleep(0.5)
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    return s, workers, owns
+
+
 async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time_together(
         settings, tmp_path):
     """The backlog above, applied by two workers that own one partition each: a worker's
@@ -213,17 +235,9 @@ async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time
     at once while the owner of partition 0 was still in its 5,000 fillers of day 0, so later
     customers of partition 1 were published before earlier ones of partition 0 (and scored
     before partition 0 trained any model)."""
-    s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
-    await ensure_topics(s)
-    ports = [s.web_port, localstack.free_port()]
-    workers = [start_worker(s.model_copy(update={"web_port": port}), tmp_path / f"w{port}.log")
-               for port in ports]
+    s, workers, _ = await two_workers(settings, tmp_path)
     store = store_for(s)
     try:
-        deadline = asyncio.get_running_loop().time() + 120
-        while sorted([len(await asyncio.to_thread(owned, p)) for p in ports]) != [1, 1]:
-            assert asyncio.get_running_loop().time() < deadline, "partitions not split"
-            await asyncio.sleep(0.5)
         early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
         targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic,
                                 backlog(early, late))
@@ -250,17 +264,9 @@ async def test_a_backlog_reaching_a_caught_up_group_waits_for_the_worker_that_ha
     import os
     import signal
 
-    s = settings.model_copy(update={"partitions": 2, "threshold_refresh_every": 20})
-    await ensure_topics(s)
-    ports = [s.web_port, localstack.free_port()]
-    workers = [start_worker(s.model_copy(update={"web_port": port}), tmp_path / f"w{port}.log")
-               for port in ports]
+    s, workers, owns = await two_workers(settings, tmp_path)
     store = store_for(s)
     try:
-        deadline = asyncio.get_running_loop().time() + 120
-        while sorted(owns := [await asyncio.to_thread(owned, p) for p in ports]) != [[0], [1]]:
-            assert asyncio.get_running_loop().time() < deadline, "partitions not split"
-            await asyncio.sleep(0.5)
         await asyncio.sleep(1.5)  # both have reported their partition caught up
         slow = workers[owns.index([0])]
         os.kill(slow.pid, signal.SIGSTOP)
