@@ -472,10 +472,16 @@ def changes(follow: bool) -> None:
 
             while follow or not await at_end():
                 batch = await consumer.getmany(timeout_ms=500)
-                for tp in sorted(batch, key=lambda tp: tp.partition):
-                    for r in batch[tp]:
-                        if r.value is not None:
-                            click.echo(r.value.decode("utf-8", "replace"))
+                lines = [r.value.decode("utf-8", "replace")
+                         for tp in sorted(batch, key=lambda tp: tp.partition)
+                         for r in batch[tp] if r.value is not None]
+                try:
+                    for line in lines:
+                        click.echo(line)
+                    sys.stdout.flush()
+                except BrokenPipeError:  # `rfm-stream changes | head`: the reader is done
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    return
         finally:
             await consumer.stop()
 
@@ -503,7 +509,7 @@ def export(out: Path, as_of: str | None) -> None:
         n, t = _run(export_customers(settings, out, _epoch_ms(as_of), unreadable))
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{n:,} customers scored at {utc(t).isoformat()} "
+    click.echo(f"{n:,} customers scored at {utc(t).isoformat().replace('+00:00', 'Z')} "
                f"-> {out}")
     if unreadable:
         click.echo(f"Error: {len(unreadable):,} stored customer value(s) could not be decoded "

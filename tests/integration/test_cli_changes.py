@@ -42,3 +42,31 @@ async def test_changes_of_an_empty_topic_prints_nothing_and_returns(settings):
     shown = await asyncio.wait_for(asyncio.to_thread(CliRunner().invoke, main, ["changes"],
                                                      env=env_of(settings)), 60)
     assert shown.exit_code == 0 and shown.output == "", shown.output
+
+
+async def test_changes_into_a_pipe_closed_early_ends_cleanly(settings):
+    """``rfm-stream changes | head -2`` exited with 1 and nothing said (a fresh user): a
+    reader that is done is not an error."""
+    import os
+    import subprocess
+    import sys
+
+    await ensure_topics(settings)
+    await produce(bootstrap_of(settings.kafka_url), settings.segment_changes_topic,
+                  [Message(b"kim", json.dumps({"n": i, "pad": "x" * 40}).encode())
+                   for i in range(20_000)])  # ~1 MB: far more than a pipe holds
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "stream", "changes"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env_of(settings)})
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await asyncio.to_thread(proc.stdout.readline)
+        proc.stdout.close()
+        code = await asyncio.to_thread(proc.wait, 60)
+        err = await asyncio.to_thread(proc.stderr.read)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads(first)["n"] == 0
+    assert code == 0 and b"Traceback" not in err and b"Error" not in err, err[-2000:]
