@@ -295,7 +295,9 @@ class _Alignment:
             return False
         self.exchanged[topic] = now
         try:
-            others = await self.exchange(topic, aligner.reports())
+            caught_up = [tp.partition for tp in self.consumer.assignment()
+                         if tp.topic == topic and self.caught_up(tp)]
+            others = await self.exchange(topic, aligner.reports(caught_up))
         except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
             if not self.exchange_failing:
                 self.consumer.log.warning("%s: event-time frontiers not exchanged with the "
