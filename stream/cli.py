@@ -7,7 +7,6 @@ namespace is resolved through ``rfm-stream replay --switch`` aliases.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -485,8 +484,14 @@ def changes(follow: bool) -> None:
         finally:
             await consumer.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):  # --follow ends with Ctrl-C
+    try:
         _run(show())
+    except KeyboardInterrupt:
+        if not follow:  # cut short: a script must not take it for the whole topic
+            raise click.ClickException("interrupted") from None
+    except _kafka_errors() as exc:
+        raise click.ClickException(f"Kafka unreachable at {settings.kafka_url}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
 
 
 @main.command()

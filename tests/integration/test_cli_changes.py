@@ -70,3 +70,13 @@ async def test_changes_into_a_pipe_closed_early_ends_cleanly(settings):
             proc.wait()
     assert json.loads(first)["n"] == 0
     assert code == 0 and b"Traceback" not in err and b"Error" not in err, err[-2000:]
+
+
+def test_changes_with_no_broker_is_a_clean_error(settings):
+    """A breaker: aiokafka's traceback instead of the clean error ``load`` gives."""
+    from stream import localstack
+
+    env = {**env_of(settings), "RFM_KAFKA_URL": f"kafka://127.0.0.1:{localstack.free_port()}"}
+    shown = CliRunner().invoke(main, ["changes"], env=env)
+    assert shown.exit_code == 1 and "Kafka unreachable" in shown.output, shown.output
+    assert "Traceback" not in shown.output
