@@ -55,7 +55,7 @@ from stream.relay import SILENT_S as RELAY_SILENT_S
 from stream.relay import Relay
 from stream.segments import SegmentTable
 from stream.settings import Settings
-from stream.timeline import utc
+from stream.timeline import iso
 from stream.validation import REASONS
 
 log = logging.getLogger("rfm_stream")
@@ -598,15 +598,6 @@ def units(minor: float, decimals: int) -> str:
     ('1234.56', '5', '0.000')
     """
     return str(Decimal(minor).scaleb(-decimals))
-
-
-def iso(ms: int | None) -> str | None:
-    """An epoch-ms time as ISO-8601 UTC text ending in ``Z`` (None stays None).
-
-    >>> iso(1_700_000_000_123), iso(None)
-    ('2023-11-14T22:13:20.123000Z', None)
-    """
-    return None if ms is None else utc(ms).isoformat().replace("+00:00", "Z")
 
 
 settings = Settings()

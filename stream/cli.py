@@ -440,9 +440,9 @@ def changes(follow: bool) -> None:
     """Print the segment changes on the segment-changes topic, one JSON object per line
     (partition by partition, in offset order), from the beginning to its end as of now; with
     --follow, then every new one as it arrives."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
-    from stream.kafka_io import client_options, started
+    from stream.kafka_io import at_end, client_options, from_beginning, started
 
     settings = _settings(resolve=False)
     topic = settings.segment_changes_topic
@@ -452,24 +452,10 @@ def changes(follow: bool) -> None:
                                     enable_auto_commit=False, auto_offset_reset="earliest")
         await started(consumer)
         try:
-            if consumer.partitions_for_topic(topic) is None:
-                await consumer._client.force_metadata_update()
-            parts = sorted(consumer.partitions_for_topic(topic) or ())
-            if not parts:
+            tps = await from_beginning(consumer, topic)
+            if not tps:
                 raise click.ClickException(f"no topic {topic!r} on {settings.kafka_url}")
-            tps = [TopicPartition(topic, p) for p in parts]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-
-            async def at_end() -> bool:  # the high watermarks of fetch responses: the local
-                # broker's end_offsets() is wrong (stream/kafka_io.py)
-                for tp in tps:
-                    hw = consumer.highwater(tp)
-                    if hw is None or await consumer.position(tp) < hw:
-                        return False
-                return True
-
-            while follow or not await at_end():
+            while follow or not await at_end(consumer, tps):
                 batch = await consumer.getmany(timeout_ms=500)
                 lines = [r.value.decode("utf-8", "replace")
                          for tp in sorted(batch, key=lambda tp: tp.partition)
@@ -506,7 +492,7 @@ def export(out: Path, as_of: str | None) -> None:
     of the file and named on stderr, and the command then exits with 1.
     """
     from stream.export import export_customers
-    from stream.timeline import utc
+    from stream.timeline import iso
 
     settings = _settings()
     unreadable: list[tuple[str, str]] = []
@@ -514,7 +500,7 @@ def export(out: Path, as_of: str | None) -> None:
         n, t = _run(export_customers(settings, out, _epoch_ms(as_of), unreadable))
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{n:,} customers scored at {utc(t).isoformat().replace('+00:00', 'Z')} "
+    click.echo(f"{n:,} customers scored at {iso(t)} "
                f"-> {out}")
     if unreadable:
         click.echo(f"Error: {len(unreadable):,} stored customer value(s) could not be decoded "

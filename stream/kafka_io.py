@@ -222,15 +222,9 @@ async def read_all(kafka: Kafka, topic: str, idle_s: float = 2.0, timeout_s: flo
     await started(consumer)
     out: list[tuple[int, int, bytes | None, bytes]] = []
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if parts is None:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await from_beginning(consumer, topic)
         if not tps:
             return out
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         quiet_since = loop.time()
@@ -240,17 +234,37 @@ async def read_all(kafka: Kafka, topic: str, idle_s: float = 2.0, timeout_s: flo
                 out.extend((r.partition, r.offset, r.key, r.value) for r in recs)
             if batch:
                 quiet_since = loop.time()
-            at_end = True
-            for tp in tps:
-                hw = consumer.highwater(tp)
-                if hw is None or await consumer.position(tp) < hw:
-                    at_end = False
-            if at_end and loop.time() - quiet_since >= idle_s:
+            if await at_end(consumer, tps) and loop.time() - quiet_since >= idle_s:
                 break
     finally:
         await consumer.stop()
     out.sort(key=lambda r: (r[0], r[1]))
     return out
+
+
+async def from_beginning(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to a started consumer (no group) and seek them to
+    the beginning; returns them in partition order ([]: no such topic)."""
+    parts = consumer.partitions_for_topic(topic)
+    if parts is None:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    if tps:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+    return tps
+
+
+async def at_end(consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> bool:
+    """Whether the consumer's position in each of ``tps`` has reached its high watermark,
+    as the fetch responses gave it (False before one came; the local broker's
+    ``end_offsets()`` is wrong: module docstring)."""
+    for tp in tps:
+        hw = consumer.highwater(tp)
+        if hw is None or await consumer.position(tp) < hw:
+            return False
+    return True
 
 
 async def read_range(kafka: Kafka, topic: str, partition: int, start: int, end: int,

@@ -33,7 +33,7 @@ from stream.metrics import Metrics
 from stream.planning import Plan, PlanContext, plan_step
 from stream.scoring import ScoringConfig, Thresholds, quintile_ranks
 from stream.segments import SegmentTable
-from stream.timeline import TimePolicy, utc
+from stream.timeline import TimePolicy, iso, utc
 from stream.trainer import TRAINER_PARTITION, TrainerConfig, dumps, sample_ranks, train
 from stream.validation import Accepted, InputRules, Rejected, validate
 
@@ -469,7 +469,7 @@ class BatchProcessor:
         return Thresholds.from_order_statistics(
             n, stats.recency_kth_largest, stats.frequency_kth_smallest,
             stats.monetary_kth_smallest,
-            version=f"q{n}@{utc(t).isoformat().replace('+00:00', 'Z')}", anchor_ms=t)
+            version=f"q{n}@{iso(t)}", anchor_ms=t)
 
     async def current_thresholds(self, partition: int) -> Thresholds:
         """The thresholds a partition scores with now (for views and exports)."""

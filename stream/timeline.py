@@ -146,6 +146,16 @@ def utc(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
+def iso(ms: int | None) -> str | None:
+    """An epoch-ms time as ISO-8601 UTC text ending in ``Z``, as the events' times (None
+    stays None).
+
+    >>> iso(1_700_000_000_123), iso(None)
+    ('2023-11-14T22:13:20.123000Z', None)
+    """
+    return None if ms is None else utc(ms).isoformat().replace("+00:00", "Z")
+
+
 def earliest(*times: int | None) -> int | None:
     """The earliest of the given times, ignoring None.
 
