@@ -85,8 +85,8 @@ class Metrics:
                             registry=reg),
             cluster_customers=Gauge(f"{p}_cluster_customers", "Estimated customers per cluster "
                                     "(latest model snapshot)", ["cluster"], registry=reg),
-            applied_offset=Gauge(f"{p}_applied_offset", "Last applied offset per partition",
-                                 ["partition"], registry=reg),
+            applied_offset=Gauge(f"{p}_applied_offset", "Last applied offset per partition "
+                                 "(-1: none applied yet)", ["partition"], registry=reg),
             consumer_lag=Gauge(f"{p}_consumer_lag", "Records behind the end of each owned "
                                "partition (high watermark - position; 0 when not owned)",
                                ["partition"], registry=reg),
@@ -116,9 +116,9 @@ class Metrics:
                 m.segment_exits.labels(seg, cause)
         for call in REDIS_CALLS:
             m.redis_seconds.labels(call)
-        for part in range(partitions):
-            for g in (m.applied_offset, m.as_of_seconds):  # lag: once it is known
-                g.labels(str(part))
+        for part in range(partitions):  # lag: once it is known
+            m.applied_offset.labels(str(part)).set(-1)  # Kafka's "no offset"; 0 is an offset
+            m.as_of_seconds.labels(str(part))
         for c in range(clusters):
             m.cluster_customers.labels(str(c))
         return m

@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     ready_stall_s: float = Field(60.0, gt=0, description="/ready fails when records wait and "
                                  "no batch was applied for this long (s)")
     metrics_prefix: str = "rfm"
-    data_dir: str = Field(str(Path(tempfile.gettempdir()) / "rfm-stream"),
-                          description="faust's data directory (this service keeps no faust tables)")
+    data_dir: str = Field(str(Path(tempfile.gettempdir()) / f"rfm-stream-{os.getuid()}"),
+                          description="faust's data directory (this service keeps no faust "
+                          "tables); per user by default: another user's is not writable")
 
     # --- input rules
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="Reporting currency (ISO 4217)")
