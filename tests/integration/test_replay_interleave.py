@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -231,6 +233,33 @@ async def two_workers(settings, tmp_path) -> tuple[Settings, list[WorkerProcess]
     return s, workers, owns
 
 
+async def apply_backlog(s: Settings, workers: list[WorkerProcess],
+                        stopped: WorkerProcess | None = None) -> tuple[list[str], list[str]]:
+    """Produce the backlog (:func:`produce_in_order`) to ``workers``, wait until they applied
+    it, and stop them; returns the customers ``(early, late)``. ``stopped``: a worker
+    SIGSTOPped from 1.5 s after the start (both have reported their partition caught up by
+    then) until 2 s after the backlog is produced (the other has fetched its records)."""
+    store = store_for(s)
+    try:
+        early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
+        if stopped is None:
+            targets = await produce_in_order(s, early, late)
+        else:
+            await asyncio.sleep(1.5)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                targets = await produce_in_order(s, early, late)
+                await asyncio.sleep(2.0)
+            finally:
+                os.kill(stopped.pid, signal.SIGCONT)
+        await wait_applied(store, targets, workers, timeout_s=200)
+    finally:
+        for w in workers:
+            w.stop()
+        await store.client.aclose()
+    return early, late
+
+
 async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time_together(
         settings, tmp_path):
     """The backlog above, applied by two workers that own one partition each: a worker's
@@ -248,15 +277,7 @@ async def test_two_workers_on_a_backlog_move_their_partitions_through_event_time
     customers of partition 1 were published before earlier ones of partition 0 (and scored
     before partition 0 trained any model)."""
     s, workers, _ = await two_workers(settings, tmp_path)
-    store = store_for(s)
-    try:
-        early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
-        targets = await produce_in_order(s, early, late)
-        await wait_applied(store, targets, workers, timeout_s=200)
-    finally:
-        for w in workers:
-            w.stop()
-        await store.client.aclose()
+    early, late = await apply_backlog(s, workers)
     first = await first_changes(s)
     assert published_out_of_order(first, early, late, week=23) == []
     clusters = [first[cid]["current"]["cluster"] for cid in late]
@@ -272,26 +293,7 @@ async def test_a_backlog_reaching_a_caught_up_group_waits_for_the_worker_that_ha
     partition 0 is SIGSTOPped for 2 s while the backlog arrives: an ``inf`` whose partition's
     end offset is past its applied offset holds records older than the skew until its owner
     reports again (or 5 s without a change pass it over)."""
-    import os
-    import signal
-
     s, workers, owns = await two_workers(settings, tmp_path)
-    store = store_for(s)
-    try:
-        await asyncio.sleep(1.5)  # both have reported their partition caught up
-        slow = workers[owns.index([0])]
-        os.kill(slow.pid, signal.SIGSTOP)
-        try:
-            early, late = ids_of(0, "a", DAYS), ids_of(1, "b", DAYS)
-            targets = await produce(bootstrap_of(s.kafka_url), s.purchases_topic,
-                                    backlog(early, late))
-            await asyncio.sleep(2.0)  # the owner of partition 1 has fetched its records
-        finally:
-            os.kill(slow.pid, signal.SIGCONT)
-        await wait_applied(store, targets, workers, timeout_s=200)
-    finally:
-        for w in workers:
-            w.stop()
-        await store.client.aclose()
+    early, late = await apply_backlog(s, workers, stopped=workers[owns.index([0])])
     first = await first_changes(s)
     assert published_out_of_order(first, early, late, week=23) == []
