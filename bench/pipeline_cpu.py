@@ -25,12 +25,12 @@ import orjson
 
 from stream import localstack
 from stream.allocator import settle_gc
-from stream.app import build_services
 from stream.cdnow import read_rows
 from stream.interleave import EventTimeMerge
 from stream.kafka_io import key_partition
 from stream.outbox import OutboxPublisher
 from stream.pipeline import RawRecord
+from stream.services import build_services
 from stream.settings import Settings
 
 PARTITIONS, FETCH, SKEW_MS = 4, 2_000, 7 * 86_400_000

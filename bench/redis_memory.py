@@ -59,7 +59,7 @@ SPAN_MS = 730 * MS_PER_DAY
 
 
 def partition_for(customer_id: str) -> int:
-    """The worker's partition of a customer (murmur2, as ``stream.app.partition_for``)."""
+    """The worker's partition of a customer (murmur2, as ``stream.services.partition_for``)."""
     return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 

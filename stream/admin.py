@@ -10,8 +10,8 @@ from state.keys import (
     replay_claim_key,
     replay_frontier_key,
 )
-from stream.app import partition_for
 from stream.runner import resolve_namespace, store_for
+from stream.services import partition_for
 from stream.settings import Settings
 
 ALIAS_PATTERN = "rfm:alias:*"

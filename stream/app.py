@@ -1,4 +1,4 @@
-"""The faust app: the composition root (settings -> clients -> processor -> consumer and views).
+"""The faust app: the composition root (settings -> services -> consumer, timers and views).
 
 faust owns the consumer group, the fetching and the offset commits; the purchases topic is
 delivered one fetched batch at a time (:mod:`stream.fastpath`, not an agent: faust's
@@ -21,42 +21,28 @@ Run with ``rfm-stream worker`` (or ``python -m stream worker``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
-import redis.asyncio as aioredis
-from aiokafka.errors import KafkaError
 from faust.types import TP
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from state.rfm import frequency_monetary, recency_days
-from state.store import ConflictError, RedisStore, UnreadableCustomers
 from stream.allocator import freeze_gc
 from stream.fastpath import BatchTransport
 from stream.faustconf import faust_options
 from stream.interleave import Report
-from stream.kafka_io import client_options, key_partition, read_range
-from stream.metrics import Metrics
-from stream.pipeline import BatchProcessor, BatchResult, GapError, RawRecord
-from stream.relay import KILL_SILENT_S as RELAY_KILL_SILENT_S
-from stream.relay import SILENT_S as RELAY_SILENT_S
+from stream.kafka_io import client_options, read_range
+from stream.partition_runner import PartitionRunner
+from stream.pipeline import RawRecord
 from stream.relay import Relay
-from stream.segments import SegmentTable
+from stream.services import Services, build_services
 from stream.settings import Settings
-from stream.timeline import iso
-from stream.validation import REASONS
+from stream.web import add_views
 
 log = logging.getLogger("rfm_stream")
 
@@ -65,179 +51,9 @@ class PartitionCountError(RuntimeError):
     """The purchases topic's partition count differs from ``RFM_PARTITIONS``."""
 
 
-# retried as they are, never dead-lettered: the record is fine, its step could not commit
-# (Redis or Kafka unreachable, or another writer of the partition during a rebalance)
-RETRYABLE = (RedisError, OSError, KafkaError, ConflictError)
 # another worker's report of a partition's event-time frontier older than this holds nobody
 # back (its worker died or lost the partition; the partition's next owner reports it anew)
 FRONTIER_MAX_AGE_MS = 30_000
-
-
-@dataclass
-class Services:
-    """Everything the batch handler, timers and views use, built once from the settings."""
-
-    settings: Settings
-    store: RedisStore
-    processor: BatchProcessor
-    metrics: Metrics
-    publisher: Relay | None = None
-    started: bool = False
-    redis_failing: bool = False
-    outbox_error: str | None = None
-    last_batch: float = field(default_factory=time.monotonic)
-    last_step: dict[int, float] = field(default_factory=dict)  # partition -> monotonic time
-
-    async def start(self) -> None:
-        """Mark the worker started (idempotent)."""
-        self.started = True
-
-
-def build_services(settings: Settings, metrics: Metrics | None = None,
-                   replay: bool = False) -> Services:
-    """Wire settings -> Redis client -> store -> processor (``replay``: changes are marked
-    as a replay's)."""
-    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
-                                     socket_timeout=10, socket_connect_timeout=5)
-    store = RedisStore(client, settings.namespace, settings.cache_customers,
-                       settings.state_format)
-    table = SegmentTable.load(settings.segment_table)
-    m = metrics or Metrics.create(prefix=settings.metrics_prefix, segments=table.segments,
-                                  reasons=REASONS, partitions=settings.partitions,
-                                  clusters=settings.n_clusters)
-    processor = BatchProcessor(store, settings.input_rules(), table, settings.scoring(),
-                               m, settings.partitions, settings.currency_decimals,
-                               settings.limits, settings.time_policy(),
-                               settings.max_due_per_step, settings.trainer(), replay)
-    return Services(settings, store, processor, m)
-
-
-# reread(partition, start, end) -> the records (offset, key, value) of the purchases topic's
-# partition with start <= offset < end (stream.kafka_io.read_range)
-ReRead = Callable[[int, int, int], Awaitable[list[tuple[int, bytes | None, bytes | None]]]]
-
-
-class PartitionRunner:
-    """How the worker gets one partition's records applied: :meth:`process` retries what is
-    retryable, re-reads a gap from the topic first, and isolates a record whose processing
-    fails (a ``processing_error`` dead letter).
-
-    Parameters
-    ----------
-    services
-        The worker's services (its processor; ``redis_failing`` is set while retrying).
-    reread
-        ``reread(partition, start, end)``: the purchases topic's records ``(offset, key,
-        value)`` of the partition with ``start <= offset < end`` (``read_range``).
-    """
-
-    def __init__(self, services: Services, reread: ReRead):
-        self.services, self.reread = services, reread
-
-    async def process(self, partition: int, records: list[RawRecord]) -> BatchResult:
-        """Process one partition's records (ascending offsets) until they are applied.
-
-        Retries, with exponential backoff (0.1 s doubling, at most 5 s) and without limit,
-        whatever is :data:`RETRYABLE` (Redis or Kafka unreachable, a commit conflict with
-        another writer of the partition); the records of customers whose stored values are
-        unreadable are dead-lettered as ``processing_error`` and the others applied together;
-        any other record is dead-lettered only when processing it alone fails otherwise.
-        Returns the changes and dead letters committed (``applied``/``duplicates`` are not
-        summed here).
-        """
-        async for attempt in AsyncRetrying(
-                wait=wait_exponential(multiplier=0.1, max=5),
-                retry=retry_if_exception_type(RETRYABLE),
-                before_sleep=lambda rs: self._retrying(
-                    rs.outcome.exception() if rs.outcome else None)):
-            with attempt:
-                try:
-                    result = await self.without_unreadable(partition, records)
-                except RETRYABLE:
-                    raise
-                except Exception as exc:
-                    log.exception("batch of partition %d failed; processing its records one by "
-                                  "one", partition)
-                    result = await self.one_by_one(partition, records, exc)
-        self.services.redis_failing = False
-        return result
-
-    async def without_unreadable(self, partition: int, records: list[RawRecord]
-                                 ) -> BatchResult:
-        """Process; the records of customers whose stored values turn out unreadable are
-        dead-lettered (``processing_error``, with why; one log line per customer) and the
-        others processed again together: one more step per round of such customers, where
-        processing each record alone cost a step per record (a partition with 1% of such
-        events caught up five times slower) and a traceback each."""
-        rejected: dict[str, tuple[str, str]] = {}
-        while True:
-            try:
-                return await self.process_filling_gaps(partition, records, rejected)
-            except UnreadableCustomers as exc:
-                if exc.reasons.keys() <= rejected.keys():
-                    raise  # not from these records' customers: no progress this way
-                for cid, reason in exc.reasons.items():
-                    log.error("%s: its records are dead-lettered (processing_error)", reason)
-                    rejected[cid] = ("processing_error", f"{type(exc).__name__}: {reason}")
-
-    async def process_filling_gaps(self, partition: int, records: list[RawRecord],
-                                   rejected: Mapping[str, tuple[str, str]] | None = None
-                                   ) -> BatchResult:
-        """Process; when records start beyond Redis's applied offset + 1, read the missing
-        range from the topic and apply it first (repeatedly, until nothing more is found).
-        ``rejected``: customers whose valid records are dead letters (``reject_customers``)."""
-        processor, topic = self.services.processor, self.services.settings.purchases_topic
-        total, check = BatchResult(), True
-        while True:
-            try:
-                result = await processor.process(partition, records, check_gap=check,
-                                                 reject_customers=rejected)
-            except GapError as gap:
-                log.warning("%s: re-reading the missing records from the topic", gap)
-                missing = await self.reread(partition, gap.expected, gap.got)
-                if not missing:
-                    check = False  # the offsets in between hold no record
-                    continue
-                filled = await processor.process(
-                    partition, [RawRecord(topic, partition, o, k, v) for o, k, v in missing],
-                    check_gap=False, reject_customers=rejected)
-                total.changes += filled.changes
-                total.dead_letters += filled.dead_letters
-                continue
-            total.changes += result.changes
-            total.dead_letters += result.dead_letters
-            return total
-
-    async def one_by_one(self, partition: int, records: list[RawRecord], first: Exception
-                         ) -> BatchResult:
-        """Process each record alone; one whose processing fails (not retryably) becomes a
-        ``processing_error`` dead letter. Retryable errors propagate."""
-        total = BatchResult()
-        for rec in records:
-            try:
-                r = await self.process_filling_gaps(partition, [rec])
-            except RETRYABLE:
-                raise
-            except Exception as exc:
-                log.exception("record %s[%d]@%d cannot be processed: dead-lettered", rec.topic,
-                              rec.partition, rec.offset)
-                r = await self.services.processor.process(
-                    partition, [rec], check_gap=False,
-                    reject={rec.offset: ("processing_error", f"{type(exc).__name__}: {exc}")})
-            total.changes += r.changes
-            total.dead_letters += r.dead_letters
-        return total
-
-    def _retrying(self, exc: BaseException | None) -> None:
-        if isinstance(exc, ConflictError):
-            log.warning("%s: another writer keeps committing to the partition (a rebalance); "
-                        "re-reading", exc)
-            return
-        if isinstance(exc, KafkaError):
-            log.warning("re-reading from Kafka failed (%r); retrying", exc)
-            return
-        self.services.redis_failing = True
-        log.warning("Redis unavailable (%r); retrying, consuming nothing meanwhile", exc)
 
 
 def lag_by_partition(ends: Mapping[int, int | None], applied: Mapping[int, int]
@@ -254,11 +70,6 @@ def lag_by_partition(ends: Mapping[int, int | None], applied: Mapping[int, int]
     """
     return {p: max(0, end - applied.get(p, -1) - 1) for p, end in ends.items()
             if end is not None}
-
-
-def partition_for(customer_id: str, partitions: int) -> int:
-    """Partition of a customer id under the default partitioner (murmur2)."""
-    return key_partition(customer_id.encode("utf-8"), partitions)
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Services]:
@@ -440,164 +251,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         ends = {p: app.consumer.highwater(TP(settings.purchases_topic, p)) for p in owned}
         return lag_by_partition(ends, {p: applied[p][0] for p in parts})
 
-    def authorized(request: Any) -> bool:
-        """Bearer token check (RFM_HTTP_TOKEN) for every endpoint but /health."""
-        token = settings.http_token
-        if token is None:
-            return True
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode())
-
-    def denied(web: Any) -> Any:
-        return web.json({"error": "unauthorized: send Authorization: Bearer <RFM_HTTP_TOKEN>"},
-                        status=401)
-
-    @app.page("/metrics")
-    async def metrics_view(web: Any, request: Any) -> Any:
-        if not authorized(request):
-            return denied(web)
-        m = services.metrics
-        try:  # gauges read from Redis; while it is unreachable the rest is still served
-            parts = range(settings.partitions)
-            counts = await asyncio.wait_for(services.store.segment_counts(parts), 2)
-            for name in services.processor.table.segments:
-                m.customers.labels(name).set(counts.get(name, 0))
-            m.outbox_depth.set(await asyncio.wait_for(services.store.outbox_depth(parts), 2))
-            lags = await consumer_lag()
-            for p in range(settings.partitions):  # a series only where the lag is known
-                if p in lags:
-                    m.consumer_lag.labels(str(p)).set(lags[p])
-                else:
-                    with contextlib.suppress(KeyError):  # no series yet
-                        m.consumer_lag.remove(str(p))
-        except (TimeoutError, RedisError, OSError) as exc:
-            log.warning("/metrics: Redis gauges not refreshed (%r)", exc)
-        alignment = cast(BatchTransport, app.transport).alignments.get(settings.purchases_topic)
-        for p in range(settings.partitions):
-            m.held_back.labels(str(p)).set(alignment.held_back(p) if alignment else 0)
-        model = services.processor.model
-        if model is not None:
-            for prof in model.profiles:
-                m.cluster_customers.labels(str(prof["cluster"])).set(prof.get("size") or 0)
-        return web.bytes(generate_latest(m.registry),
-                         content_type=CONTENT_TYPE_LATEST.split(";")[0])
-
-    @app.page("/health")
-    async def health_view(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok"})
-
-    @app.page("/ready")
-    async def ready_view(web: Any, request: Any) -> Any:
-        if not authorized(request):
-            return denied(web)
-        problems = []
-        if services.redis_failing:
-            problems.append("redis unavailable (retrying)")
-        else:
-            try:
-                await asyncio.wait_for(services.store.client.ping(), 2)
-            except Exception as exc:
-                problems.append(f"redis ping failed: {exc!r}")
-        if services.outbox_error:
-            problems.append(f"outbox not published (retrying): {services.outbox_error}")
-        relay = services.publisher
-        if relay is not None and relay.silent_s() > RELAY_SILENT_S:
-            problems.append(f"outbox relay silent for {relay.silent_s():.0f} s (stopped or "
-                            f"hung; replaced at {RELAY_KILL_SILENT_S:.0f} s)")
-        if not services.started:
-            problems.append("consumer not started")
-        else:
-            try:
-                waiting = sum((await consumer_lag()).values())
-            except (TimeoutError, RedisError, OSError):
-                waiting = 0  # Redis trouble is reported above
-            idle = time.monotonic() - services.last_batch
-            if waiting and idle > settings.ready_stall_s:
-                problems.append(f"{waiting} records wait but no batch was applied for "
-                                f"{idle:.0f} s (stuck?)")
-        body = {"ready": not problems, "problems": problems,
-                "partitions": sorted(owned_partitions()) if services.started else []}
-        return web.json(body, status=200 if not problems else 503)
-
-    @app.page("/segments")
-    async def segments_view(web: Any, request: Any) -> Any:
-        if not authorized(request):
-            return denied(web)
-        counts = await services.store.segment_counts(range(settings.partitions))
-        table = services.processor.table
-        return web.json({"rules_version": table.version, "segments": [
-            {"segment": s.name, "customers": counts.get(s.name, 0), "strategy": s.strategy,
-             "description": s.description} for s in table.segments.values()]})
-
-    @app.page("/clusters")
-    async def clusters_view(web: Any, request: Any) -> Any:
-        if not authorized(request):
-            return denied(web)
-        text = await services.store.load_model()
-        if text is None:
-            return web.json({"model_version": None, "clusters": []})
-        snap = json.loads(text)
-        return web.json({"model_version": snap.get("version"), "as_of_ms": snap.get("as_of_ms"),
-                         "population": snap.get("population"),
-                         "clusters": snap.get("profiles", [])})
-
-    @app.page("/customers/{customer_id:[^/]+}")
-    async def customer_view(web: Any, request: Any, customer_id: str) -> Any:
-        if not authorized(request):
-            return denied(web)
-        body, status = await customer_json(services, customer_id)
-        return web.json(body, status=status)
-
+    add_views(app, services, consumer_lag, owned_partitions)
     return app, services
-
-
-async def customer_json(services: Services, customer_id: str) -> tuple[dict[str, Any], int]:
-    """One customer's state, scores at the watermark, segment and cluster; (body, status):
-    404 for an unknown customer, 500 when its stored value cannot be decoded."""
-    settings = services.settings
-    # the default partitioner's choice first; a producer may have partitioned otherwise
-    first = partition_for(customer_id, settings.partitions)
-    found = None
-    try:
-        for partition in [first, *(p for p in range(settings.partitions) if p != first)]:
-            found = await services.store.read_customer(partition, customer_id)
-            if found is not None:
-                break
-    except ValueError as exc:  # a value written by hand, or by a bug
-        return {"error": "unreadable stored value", "customer_id": customer_id,
-                "detail": str(exc)}, 500
-    if found is None:
-        return {"error": "unknown customer", "customer_id": customer_id}, 404
-    st = found.state
-    segment = services.processor.table.segments.get(found.segment or "")
-    body: dict[str, Any] = {
-        "customer_id": customer_id, "partition": partition, "frequency": st.frequency,
-        "monetary": units(st.monetary_minor, settings.currency_decimals),
-        "currency": settings.currency, "last_purchase_at": iso(st.last_purchase_ms),
-        "first_purchase_at": iso(st.first_purchase_ms), "segment": found.segment,
-        "strategy": segment.strategy if segment else None, "cluster": found.cluster,
-        "monetary_minor": st.monetary_minor, "last_purchase_ms": st.last_purchase_ms,
-        "first_purchase_ms": st.first_purchase_ms}
-    as_of = await services.store.as_of(range(settings.partitions))
-    if st.last_purchase_ms is not None and as_of is not None:
-        thresholds = await services.processor.current_thresholds(partition)
-        days = recency_days(st.last_purchase_ms, as_of)
-        f, m = frequency_monetary(st, as_of, services.processor.policy.window)
-        r, fs, ms = thresholds.score(thresholds.scoring_days(st.last_purchase_ms, as_of), f, m)
-        body.update(as_of=iso(as_of), as_of_ms=as_of, recency_days=days, frequency_in_window=f,
-                    monetary_in_window=units(m, settings.currency_decimals),
-                    monetary_minor_in_window=m, r_score=r, f_score=fs, m_score=ms,
-                    thresholds_version=thresholds.version)
-    return body, 200
-
-
-def units(minor: float, decimals: int) -> str:
-    """An amount in minor units as a decimal string of currency units.
-
-    >>> units(123456, 2), units(5, 0), units(0, 3)
-    ('1234.56', '5', '0.000')
-    """
-    return str(Decimal(minor).scaleb(-decimals))
 
 
 settings = Settings()

@@ -338,7 +338,7 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
     if namespace in (configured.namespace, settings.namespace):
         raise click.BadParameter(f"{namespace!r} is the live namespace (or its alias): replay "
                                  "into a new one", param_hint="--namespace")
-    import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
+    import stream.services  # noqa: F401 - what the replay uses, before the GC freezes start-up
 
     settle_gc(settings.gc_thresholds, settings.gc_freeze)  # the worker's GC settings
     # SIGTERM stops a replay as Ctrl-C does: its processes stopped, its claim released if
@@ -396,8 +396,8 @@ def _left_behind(settings: Any, namespace: str) -> str:
 @click.argument("customer_id")
 def customer(customer_id: str) -> None:
     """Show one customer: state, scores at the as-of time, segment, cluster."""
-    settings = _settings()  # before stream.app, whose import reads the settings itself
-    from stream.app import build_services, customer_json
+    settings = _settings()  # first: bad settings are a clean error
+    from stream.services import build_services, customer_json
 
     async def show() -> tuple[dict[str, Any], int]:
         services = build_services(settings)
@@ -523,7 +523,7 @@ def forget(customer_id: str) -> None:
     it has in flight). Past events on the purchases and segment-changes topics are kept until
     their retention ends.
     """
-    settings = _settings()  # before stream.admin, whose import reads the settings itself
+    settings = _settings()  # first: bad settings are a clean error
     from stream.admin import forget_customer
 
     found = _run(forget_customer(settings, customer_id))

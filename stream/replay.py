@@ -199,7 +199,7 @@ async def _final_sweep(settings: Settings, namespace: str, changes_topic: str | 
     watermarks and fires the customers due by then. A partition's last step scored at the
     minimum of the watermarks at that moment, which other partitions may have passed since:
     without this, CDNOW replays in 4 partitions ended 2 to 6 days before the live state."""
-    from stream.app import build_services
+    from stream.services import build_services
 
     services = build_services(settings.model_copy(update={"namespace": namespace}),
                               replay=True)
@@ -317,7 +317,7 @@ def _replay_process(send: Any, parent: int, settings: Settings, namespace: str,
     type name, message)``."""
     _exit_with_parent(parent)
     try:
-        import stream.app  # noqa: F401 - what the replay imports, before the GC freezes start-up
+        import stream.services  # noqa: F401 - what the replay uses, before the GC freezes start-up
         from stream.allocator import settle_gc
 
         settle_gc(settings.gc_thresholds, settings.gc_freeze)
@@ -348,7 +348,7 @@ async def _replay(settings: Settings, namespace: str, partitions: list[int] | No
                   from_ms: int | None, changes_topic: str | None,
                   progress: Callable[[int], None] | None, batch: int) -> ReplaySummary:
     """The replay of ``partitions`` (None: all) in this process (see :func:`replay`)."""
-    from stream.app import build_services
+    from stream.services import build_services
 
     target = settings.model_copy(update={"namespace": namespace})
     services = build_services(target, replay=True)

@@ -15,9 +15,9 @@ from oracles import cdnow_state
 from state.rfm import StateEvent, apply_event, recency_days
 from state.store import CustomerWrite, StoredCustomer
 from stream import cdnow
-from stream.app import build_services
 from stream.clustering import ClusterModel, features
 from stream.pipeline import RawRecord
+from stream.services import build_services
 from stream.trainer import TrainerConfig, sample_ranks, train
 
 NOW = 1_800_000_000_000

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from stream import localstack
-from stream.app import partition_for
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.runner import start_worker, store_for, wait_applied
+from stream.services import partition_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from stream import localstack
-from stream.app import build_services
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce
 from stream.pipeline import RawRecord
 from stream.runner import start_worker, store_for, wait_applied
+from stream.services import build_services
 
 NOW = 1_800_000_000_000
 

@@ -11,12 +11,12 @@ import json
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream.app import build_services
 from stream.demo import ensure_topics
 from stream.kafka_io import BatchSender, bootstrap_of, read_all
 from stream.outbox import OutboxPublisher
 from stream.pipeline import RawRecord
 from stream.runner import store_for
+from stream.services import build_services
 
 NOW = 1_800_000_000_000
 

@@ -1,4 +1,4 @@
-"""The worker's per-partition path (``stream.app.PartitionRunner``) against a real Redis: a
+"""The worker's per-partition path (``stream.partition_runner.PartitionRunner``) against a real Redis: a
 commit conflict that outlasts the processor's own five tries is retried, never taken for a
 poison record."""
 
@@ -9,8 +9,9 @@ import json
 import redis.asyncio as aioredis
 
 from state.store import ConflictError, RedisStore
-from stream.app import PartitionRunner, build_services
+from stream.partition_runner import PartitionRunner
 from stream.pipeline import RawRecord
+from stream.services import build_services
 
 # more rounds than two runs of the processor's five tries: the batch, then the record alone
 # (the one-by-one path) both give up, so a conflict taken for a processing failure would end

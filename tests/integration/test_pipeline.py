@@ -13,8 +13,8 @@ import msgpack
 import pytest
 from redis.client import NEVER_DECODE
 
-from stream.app import build_services
 from stream.pipeline import RawRecord
+from stream.services import build_services
 
 DAY_MS = 86_400_000
 NOW = 1_800_000_000_000

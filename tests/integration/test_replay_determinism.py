@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from stream import cdnow
-from stream.app import build_services
 from stream.pipeline import RawRecord
+from stream.services import build_services
 
 pytestmark = pytest.mark.timeout(900)
 NOW = 1_800_000_000_000

@@ -288,7 +288,7 @@ async def test_a_replay_ends_at_the_as_of_of_all_partitions_final_watermarks(set
     where live reaches 06-30: each partition's last step scored at the minimum of the
     watermarks at that moment. The oracle: each partition's latest event time (the rows'
     own times, partitioned as the producer does), and the minimum of those."""
-    from stream.app import partition_for
+    from stream.services import partition_for
 
     s, rows = await loaded(settings)
     latest: dict[int, int] = {}

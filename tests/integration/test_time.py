@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from stream.app import build_services
 from stream.pipeline import RawRecord
+from stream.services import build_services
 
 NOW = 1_800_000_000_000  # wall clock of the tests (2027): after every event time used
 DAY = 86_400_000
