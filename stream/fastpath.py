@@ -183,6 +183,7 @@ class _Alignment:
                          for topic in topics if max_skew_ms}
         self.exchange = exchange
         self.exchanged: dict[str, float] = {}  # per topic: monotonic time of the last exchange
+        self.published: dict[str, dict[int, float]] = {}  # per topic: frontiers last reported
         self.exchange_failing = False
         self.generation: int | None = None
         self.next_offset: dict[Any, int] = {}  # per partition: after the last one fetched
@@ -266,7 +267,15 @@ class _Alignment:
                     asked = True
                 else:
                     break
-            await self.exchange_frontiers(topic, aligner, False)  # else at least every second
+            # a partition reported with a held record's time that is now caught up with nothing
+            # held is reported again at once (a trickle of old records would otherwise be seen
+            # as its last record's time until the next exchange, which the next record makes)
+            stale = False
+            if self.exchange is not None and not aligner.holding:
+                last = self.published.get(topic, {})
+                stale = any(last.get(p, math.inf) != math.inf and self.caught_up(tp)
+                            for p, tp in tps.items())
+            await self.exchange_frontiers(topic, aligner, stale)  # else at least every second
             if aligner.forced > forced:
                 c.log.warning("%s: %d records held back for event-time alignment released "
                               "after %.0f s without progress (a partition is not being "
@@ -297,7 +306,9 @@ class _Alignment:
         try:
             caught_up = [tp.partition for tp in self.consumer.assignment()
                          if tp.topic == topic and self.caught_up(tp)]
-            others = await self.exchange(topic, aligner.reports(caught_up))
+            reports = aligner.reports(caught_up)
+            self.published[topic] = {p: r.frontier_ms for p, r in reports.items()}
+            others = await self.exchange(topic, reports)
         except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
             if not self.exchange_failing:
                 self.consumer.log.warning("%s: event-time frontiers not exchanged with the "

@@ -25,7 +25,7 @@ from stream import localstack
 from stream.demo import ensure_topics
 from stream.kafka_io import Message, bootstrap_of, produce, read_all
 from stream.replay import replay
-from stream.runner import WorkerProcess, start_worker, store_for, wait_applied
+from stream.runner import WorkerError, WorkerProcess, start_worker, store_for, wait_applied
 from stream.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -297,3 +297,66 @@ async def test_a_backlog_reaching_a_caught_up_group_waits_for_the_worker_that_ha
     early, late = await apply_backlog(s, workers, stopped=workers[owns.index([0])])
     first = await first_changes(s)
     assert published_out_of_order(first, early, late, week=23) == []
+
+
+async def test_a_trickle_of_old_records_on_one_worker_holds_nothing_of_the_others_live_ones(
+        settings, tmp_path):
+    """A breaker's trickle: purchases dated 60 days back, 3 a second, on the partition of
+    one worker, while the other gets live purchases. Each old record is reported as held
+    (its time) before it is released; without a report right after the release, the next
+    exchange came with the next old record, so the other worker saw that partition 60 days
+    behind for as long as the trickle lasted and applied none of its live records (45-90 s
+    in the breaker's runs, twice: the fix before this one reported ``inf`` only at the
+    periodic exchange, which each new record pre-empted). Here the live records must be
+    applied while the trickle still runs (it stops after 40 s, or once they are)."""
+    from aiokafka import AIOKafkaProducer
+
+    s, workers, owns = await two_workers(settings, tmp_path)
+    store = store_for(s)
+    now = datetime.now(UTC)
+    old = now - timedelta(days=60)
+
+    def record(cid: str, t: datetime, order: str) -> Message:
+        return Message(cid.encode(), orjson.dumps({
+            "event_id": f"e-{order}", "customer_id": cid, "order_id": order,
+            "type": "purchase", "amount": "10.00", "currency": "USD",
+            "occurred_at": t.isoformat().replace("+00:00", "Z")}), int(t.timestamp() * 1000))
+
+    stop = asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_of(s.kafka_url), linger_ms=0)
+    await producer.start()
+
+    async def trickle() -> int:
+        sent = 0
+        for cid in ids_of(1, "t", 120):
+            if stop.is_set():
+                break
+            m = record(cid, old, f"t-{cid}")
+            await (await producer.send(s.purchases_topic, m.value, key=m.key,
+                                       timestamp_ms=m.timestamp_ms))
+            sent += 1
+            await asyncio.sleep(1 / 3)
+        return sent
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        await asyncio.sleep(3.0)  # the owner of partition 1 has fetched and released some
+        live = ids_of(0, "l", 50)
+        offsets = [(await (await producer.send(s.purchases_topic, m.value, key=m.key,
+                                               timestamp_ms=m.timestamp_ms))).offset
+                   for m in (record(cid, now, f"l-{cid}") for cid in live)]
+        applied_during_trickle = False
+        with contextlib.suppress(WorkerError):
+            await wait_applied(store, {0: max(offsets)}, workers, timeout_s=40)
+            applied_during_trickle = not trickling.done()
+        stop.set()
+        sent = await trickling
+    finally:
+        stop.set()
+        trickling.cancel()
+        await producer.stop()
+        for w in workers:
+            w.stop()
+        await store.client.aclose()
+    assert sent > 9  # the trickle was running when the live records came
+    assert applied_during_trickle
