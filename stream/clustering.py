@@ -309,8 +309,8 @@ def predict_many(snap: dict[str, Any], x: npt.ArrayLike) -> npt.NDArray[np.int64
 
     >>> m = CustomerClusterer(min_customers=1)
     >>> m.learn_one(features(3, 1, 20), new_customer=True)
-    >>> predict_many(m.to_snapshot(), [[0.0, 0.0, 0.0]]).shape
-    (1,)
+    >>> predict_many(m.to_snapshot(), [[0.0, 0.0, 0.0], [9.0, 9.0, 9.0]]).tolist()  # one centroid
+    [0, 0]
     """
     return ClusterModel.from_snapshot(snap).predict_many(x)
 

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(3.0, gt=0, description="Kafka heartbeat interval (s)")
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval (s)")
     web_bind: str = Field("127.0.0.1", description="Address of the HTTP server (/metrics, ...)")
-    web_port: int = Field(6066, ge=0, le=65535, description="Port of the HTTP server")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the HTTP server")
     http_token: SecretStr | None = Field(None, description="When set, every endpoint but "
                                          "/health requires 'Authorization: Bearer <token>'")
     ready_stall_s: float = Field(60.0, gt=0, description="/ready fails when records wait and "

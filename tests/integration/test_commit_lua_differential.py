@@ -169,6 +169,9 @@ def test_new_commit_script_equals_reference(r, seed):
         ra = run(r, old, na, p, expected, payload)
         rb = run(r, new, nb, p, expected, payload)
         assert ra == rb, (seed, step, size)
+        # compare-and-set on the sequence (hand rule): the next one, or a conflict naming it
+        assert ra == ("ok", seq + 1) if expected == seq else (
+            ra[0] == "err" and ra[1].endswith(f"CONFLICT {seq}")), (ra, expected, seq)
         if ra[0] == "ok":
             seq = ra[1]
         da, db = dump(r, na), dump(r, nb)
@@ -206,6 +209,8 @@ def test_hand_cases_equal_reference(r, name):
     payload = {"meta": {"offset": "1"}, "writes": CASES[name], "outbox": [], "model": None}
     for script, ns in ((old, na), (new, nb)):
         assert run(r, script, ns, 0, -1, pre) == ("ok", 0)
-    assert run(r, old, na, 0, 0, payload) == run(r, new, nb, 0, 0, payload)
-    assert run(r, old, na, 0, 0, payload) == run(r, new, nb, 0, 0, payload)  # CONFLICT
+    assert run(r, old, na, 0, 0, payload) == run(r, new, nb, 0, 0, payload) == ("ok", 1)
+    conflict = run(r, new, nb, 0, 0, payload)  # seq is 1 now
+    assert conflict[0] == "err" and conflict[1].endswith("CONFLICT 1"), conflict
+    assert run(r, old, na, 0, 0, payload) == conflict
     assert dump(r, na) == dump(r, nb)

@@ -505,4 +505,46 @@ async def test_forget_queues_one_tombstone_unless_the_customer_was_in_other_part
     assert await tombstones() == {own: 1, stray: 1, entry: 1}
     assert not await forget_customer(s, "kim")  # nothing left: one more, in its own only
     assert await tombstones() == {own: 2, stray: 1, entry: 1}
+    # the command says so and exits 1 (README "Erasure"); the tombstone is queued all the same
+    from click.testing import CliRunner
+
+    from stream.cli import main
+    shown = await asyncio.to_thread(CliRunner().invoke, main, ["forget", "kim"], env={
+        "RFM_REDIS_URL": stack.redis_url, "RFM_NAMESPACE": store.namespace,
+        "RFM_PARTITIONS": "4"})
+    assert shown.exit_code == 1 and "kim: not found" in shown.output, shown.output
+    assert await tombstones() == {own: 3, stray: 1, entry: 1}
+    await store.client.aclose()
+
+
+async def test_forget_leaves_no_trace_and_a_step_read_before_cannot_write_the_customer_back(
+        stack):
+    """``forget.lua``'s promises (README "Erasure"): the value, every population sorted set,
+    the due set and the segment count lose the customer; unpublished changes and dead
+    letters keyed by its id go, other customers' stay; and the partition's commit sequence
+    moves, so a step planned from a read before the erasure is refused (ConflictError)."""
+    store = new_store(stack.redis_url)
+    k = store.keys(0)
+    due = bought("ann", 5 * DAY)._replace(due_ms=9 * DAY, previous_segment=None)
+    ann = due._replace(customer=due.customer._replace(segment="Champions"))
+    seq = await store.commit(0, -1, {}, [ann, bought("bo", 6 * DAY)._replace(due_ms=8 * DAY)],
+                             [("c", '{"n": 1}', "ann"), ("d", '{"bad": 1}', "ann"),
+                              ("c", '{"n": 2}', "bo"), ("d", '{"bad": 2}', "bo"),
+                              ("d", '{"bad": 3}', None)])
+    assert await store.segment_counts([0]) == {"Champions": 1}
+    view = await store.read_partition(0, ["ann"], [0])  # a step that read ann before
+    assert view.seq == seq and view.customers["ann"] is not None
+    existed, removed = await store.forget(0, "ann")
+    assert (existed, removed) == (True, 2)
+    for key in (k.z_last, k.z_freq, k.z_mon, k.due):
+        assert await store.client.zscore(key, "ann") is None, key
+        assert await store.client.zscore(key, "bo") is not None, key
+    assert await store.client.exists(k.customer("ann")) == 0
+    assert await store.segment_counts([0]) == {}
+    assert [(e.kind, e.key) for e in await store.outbox_read(0)] == [
+        ("c", "bo"), ("d", "bo"), ("d", None), ("t", "ann")]
+    with pytest.raises(ConflictError):
+        await store.commit(0, view.seq, {}, [ann], [("c", '{"n": 3}', "ann")])
+    assert await store.client.exists(k.customer("ann")) == 0
+    assert await store.client.zscore(k.z_last, "ann") is None
     await store.client.aclose()

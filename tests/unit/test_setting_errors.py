@@ -86,3 +86,11 @@ def test_commands_that_import_the_worker_app_name_an_invalid_setting_without_a_t
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert "RFM_NAMESPACE = 'live ': " in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_a_web_port_outside_1_to_65535_is_refused(monkeypatch, port):
+    """README "Scaling out": each worker needs a port of its own, from 1 to 65535. Port 0
+    (any free one) was accepted, and nothing would say which port the worker took."""
+    text = error_text(monkeypatch, RFM_WEB_PORT=port)
+    assert text.startswith(f"RFM_WEB_PORT = '{port}': "), text
