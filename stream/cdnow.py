@@ -37,7 +37,8 @@ class CdnowRow:
 
     @property
     def occurred_at(self) -> datetime:
-        return datetime.strptime(self.day + "+0000", "%Y%m%d%z").astimezone(UTC)
+        d = self.day  # midnight UTC of the day (strptime took ~10 µs a call)
+        return datetime(int(d[:4]), int(d[4:6]), int(d[6:8]), tzinfo=UTC)
 
     @property
     def event_id(self) -> str:
@@ -80,7 +81,9 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
         try:
             cust, day, qty, value = parts
             amount, quantity = Decimal(value), int(qty)
-            datetime.strptime(day + "+0000", "%Y%m%d%z")
+            if len(day) != 8 or not day.isdigit():  # strptime alone reads 1997111 too
+                raise ValueError(f"date {day!r} is not YYYYMMDD")
+            datetime(int(day[:4]), int(day[4:6]), int(day[6:]), tzinfo=UTC)  # a real day
         except (ValueError, InvalidOperation) as exc:
             raise ValueError(f"CDNOW line {lineno} is malformed: {line!r}") from exc
         n = seen.get((cust, day), 0)

@@ -9,7 +9,7 @@ import sys
 
 import pandas as pd
 
-from oracles import GRID, cdnow_rfm
+from oracles import GRID, cdnow_frame, cdnow_rfm
 from stream.events import SegmentChanged
 
 
@@ -44,3 +44,20 @@ def test_demo_writes_exports_equal_to_the_pandas_oracle(tmp_path):
         first.setdefault(c.customer_id, c)
     assert all(c.previous is None for c in first.values())
     assert len({c.change_id for c in changes}) == len(changes)
+
+    # the stream itself (one partition: publication order per customer), against rules that
+    # do not come from the pipeline: each change starts where the customer's last one ended,
+    # changes something, moves the cluster alone only for the customer's own event, and a
+    # purchase's change names a purchase of that customer on a day of the file
+    days = cdnow_frame().groupby("customer_id")["date"].agg(set)
+    last: dict[str, SegmentChanged] = {}
+    for c in changes:
+        before = last.get(c.customer_id)
+        assert c.previous == (before.current if before else None), c
+        assert c.previous != c.current, c
+        if c.previous is not None and c.previous.segment == c.current.segment:
+            assert c.cause in ("purchase", "refund"), c
+        if c.cause == "purchase":
+            assert c.cause_event_id is not None, c
+            assert c.occurred_at.strftime("%Y%m%d") in days[c.customer_id], c
+        last[c.customer_id] = c

@@ -143,7 +143,8 @@ def test_malformed_cdnow_lines_and_a_cut_gzip_file_name_what_is_wrong(tmp_path):
     from stream.cdnow import read_rows
 
     good = "00001 19970101 1 11.77\n"
-    for bad in ("00002 19970101 1 abc", "00002 19970101 x 11.77"):
+    for bad in ("00002 19970101 1 abc", "00002 19970101 x 11.77", "00002 1997111 1 11.77",
+                "00002 19970230 1 11.77", "00002 1997-1-1 1 11.77"):
         path = tmp_path / "rows.txt"
         path.write_text(good + bad + "\n")
         with pytest.raises(ValueError, match="CDNOW line 2 is malformed"):
