@@ -169,3 +169,38 @@ async def test_a_small_cap_on_due_customers_per_step_changes_nothing(settings, m
     assert [(c.customer_id, c.cause, c.current.segment) for c in changes[5:]] == [
         *((f"c{i}", "inactivity", "About To Sleep") for i in range(5)),
         ("z", "purchase", "New Customers")]
+
+
+@pytest.fixture
+async def windowed(settings):
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "scoring_mode": "fixed", "window_days": 60, "window_bucket_days": 30}))
+    yield s
+    await s.store.client.aclose()
+
+
+async def test_a_window_bucket_leaving_the_window_moves_the_segment_exactly_then(windowed):
+    """README "RFM definitions": with ``RFM_WINDOW_DAYS`` frequency and monetary count only
+    the window's buckets, and a customer is re-scored when a bucket leaves it. Hand-worked:
+    buckets of 30 days from the epoch, so 2024-01-18 (day 19,740 = 658 * 30) starts bucket
+    658; a window of 60 days is that bucket and the next, so y's two orders (2024-01-18 and
+    01-19, bucket 658) leave it when bucket 660 starts: day 19,800 = 2024-03-18. Before: R5
+    (then R4 from 2024-02-19, day 31), F2 (two orders) -> Potential Loyalists both times, so
+    no change at day 31; at 2024-03-18: recency 59 days (R4), F 0 -> F1, monetary 0 ->
+    Promising, one inactivity change then and not a second earlier."""
+    rows = [(0, "y", "2024-01-18"), (1, "y", "2024-01-19"),
+            (2, "a", "2024-02-19"),            # y: day 31, R5 -> R4, same segment
+            (3, "b", "2024-03-17T23:59:59Z"),  # bucket 658 still inside
+            (4, "c", "2024-03-18"),            # bucket 660 starts: 658 leaves
+            (5, "d", "2024-03-19")]
+    seen = []
+    for rec in records(rows):
+        out = await windowed.processor.process(0, [rec], now_ms=NOW)
+        seen.append([c for c in out.changes if c.customer_id == "y"])
+    assert [[c.current.segment for c in cs] for cs in seen] == [
+        ["New Customers"], ["Potential Loyalists"], [], [], ["Promising"], []]
+    (c,) = seen[4]
+    assert (c.cause, c.previous.segment, c.recency_days, c.frequency, c.monetary) == (
+        "inactivity", "Potential Loyalists", 59, 0, 0)
+    assert (c.r_score, c.f_score, c.m_score) == (4, 1, 1)
+    assert c.occurred_at == c.as_of == datetime(2024, 3, 18, tzinfo=UTC)
