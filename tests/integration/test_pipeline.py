@@ -169,6 +169,27 @@ async def test_after_threshold_refreshes_every_segment_is_what_the_current_thres
         what = re.fullmatch(r"q(\d+)@(\d{4}-\d\d-\d\dT[\d:.]+Z)", t.version)
         assert what and 100 <= int(what[1]) <= 400, t.version
         assert datetime.fromisoformat(what[2]) == datetime.fromtimestamp(t.anchor_ms / 1000, UTC)
+        # the bounds themselves, from the raw events applied by the anchor (event times rise
+        # with the offsets): the k-th largest recency and k-th smallest orders and spend of
+        # that population, k = ceil(j * N / 5)
+        at_anchor: dict[str, tuple[int, int, int]] = {}
+        for rec in batch:
+            event = json.loads(rec.value)
+            t_ms = int(datetime.fromisoformat(event["occurred_at"]).timestamp() * 1000)
+            if t_ms <= t.anchor_ms:
+                last, orders, spend = at_anchor.get(event["customer_id"], (0, 0, 0))
+                at_anchor[event["customer_id"]] = (
+                    max(last, t_ms), orders + 1, spend + round(float(event["amount"]) * 100))
+        pop = len(at_anchor)
+        assert pop == int(what[1])
+        ks = [-(-j * pop // 5) for j in range(1, 5)]
+        days = sorted((recency_days(v[0], t.anchor_ms) for v in at_anchor.values()),
+                      reverse=True)
+        orders = sorted(v[1] for v in at_anchor.values())
+        spend = sorted(v[2] for v in at_anchor.values())
+        assert list(t.r_below) == [days[k - 1] for k in ks]
+        assert list(t.f_above) == [orders[k - 1] for k in ks]
+        assert list(t.m_above) == [spend[k - 1] for k in ks]
         table = s.processor.table
         wrong = []
         async for page in s.store.iter_customers(0):
