@@ -89,6 +89,18 @@ async def changes_without_emitted_at(settings: Settings) -> list[dict]:
     return out
 
 
+def chain_breaks(changes: list[dict]) -> list[dict]:
+    """The changes whose ``previous`` is not the ``current`` of the customer's change before
+    (None for the first): one lost, or published out of order, breaks its customer's chain."""
+    last: dict[str, dict | None] = {}
+    breaks = []
+    for c in changes:
+        if c["previous"] != last.get(c["customer_id"]):
+            breaks.append(c)
+        last[c["customer_id"]] = c["current"]
+    return breaks
+
+
 async def stored_segments(store, partitions: int) -> dict[str, str | None]:
     """Each stored customer's published segment."""
     stored = {}
@@ -237,6 +249,7 @@ async def test_paused_broker_keeps_changes_in_the_outbox(unique, tmp_path):
             worker.stop()
             await store.client.aclose()
         assert await latest_segments(s) == stored
+        assert chain_breaks(await changes_without_emitted_at(s)) == []
         want = {cid: v for cid, v in cdnow_state().items() if cid < "05000"}
         assert await final_state(s) == want
 
@@ -335,6 +348,7 @@ async def test_a_killed_outbox_relay_is_started_again_and_nothing_is_lost(stack,
         worker.stop()
         await store.client.aclose()
     assert await latest_segments(s) == stored
+    assert chain_breaks(await changes_without_emitted_at(s)) == []
     assert len(stored) == len({r.customer_id for r in rows})
     with pytest.raises(ProcessLookupError):  # stopped (and reaped) with its worker
         os.kill(relays()[1], 0)
