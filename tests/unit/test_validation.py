@@ -95,3 +95,17 @@ def test_other_currency_decimals():
     jpy = InputRules(currency="JPY", currency_decimals=0)
     assert check(with_(currency="JPY", amount="1200"), rules=jpy).event.amount_minor == 1200
     assert check(with_(currency="JPY", amount="12.5"), rules=jpy).reason == "invalid_amount"
+
+
+def test_an_event_time_is_accepted_up_to_the_future_skew_and_refused_one_ms_past_it():
+    """``RFM_MAX_FUTURE_SKEW_S`` (default one day) past the wall clock is still accepted; a
+    millisecond more is ``future_event_time``. NOW = 2027-01-15T08:00:00Z, hand-converted."""
+    assert NOW == 1_800_000_000_000
+    at_limit = check(with_(occurred_at="2027-01-16T08:00:00.000Z"))
+    past = check(with_(occurred_at="2027-01-16T08:00:00.001Z"))
+    assert isinstance(at_limit, Accepted) and at_limit.event.occurred_ms == NOW + 86_400_000
+    assert isinstance(past, Rejected) and past.reason == "future_event_time"
+    tight = InputRules(max_future_skew_ms=0)
+    assert isinstance(check(with_(occurred_at="2027-01-15T08:00:00Z"), rules=tight), Accepted)
+    assert check(with_(occurred_at="2027-01-15T08:00:01Z"), rules=tight).reason == \
+        "future_event_time"
