@@ -527,7 +527,8 @@ def forget(customer_id: str) -> None:
     from stream.admin import forget_customer
 
     found = _run(forget_customer(settings, customer_id))
-    click.echo(f"{customer_id}: {'erased' if found else 'not found (nothing stored)'}")
+    click.echo(f"{customer_id}: {'erased' if found else 'not found (nothing stored)'}; "
+               "a tombstone is queued for the customer-segments topic")
     if not found:
         sys.exit(1)
 

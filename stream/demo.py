@@ -33,11 +33,12 @@ from stream.timeline import utc
 
 
 def local_settings(stack: localstack.LocalStack, **overrides: object) -> Settings:
-    """Settings for a worker on the local stack: loopback, free web port, fast group join."""
+    """Settings for a worker on the local stack: loopback, free web port, fast group join,
+    faust's data directory in the stack's folder (gone with the stack)."""
     values: dict[str, object] = dict(
         kafka_url=stack.kafka_url, redis_url=stack.redis_url, web_bind=localstack.LOOPBACK,
         web_port=localstack.free_port(), session_timeout_s=6.0, heartbeat_interval_s=1.0,
-        commit_interval_s=0.5)
+        commit_interval_s=0.5, data_dir=str(stack.workdir / "faust"))
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

@@ -113,12 +113,22 @@ def write_csv(rows: Iterable[ExportRow], path: Path) -> int:
 
 
 def write_jsonl(values: Iterable[bytes], path: Path) -> int:
-    """Write raw JSON values one per line; returns the number written."""
+    """Write JSON values (a topic's record values) one per line, as they are (the bytes
+    ``rfm-stream changes`` prints); a value spanning lines is written again compact, in its
+    own key order. Returns the number written.
+
+    Raises
+    ------
+    ValueError
+        When a value is not JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path, "wb") as fh:
         for v in values:
-            fh.write(json.dumps(json.loads(v), sort_keys=True) + "\n")
+            doc = json.loads(v)
+            if b"\n" in v or b"\r" in v:
+                v = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            fh.write(v + b"\n")
             n += 1
     return n
 
