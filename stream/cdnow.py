@@ -37,8 +37,7 @@ class CdnowRow:
 
     @property
     def occurred_at(self) -> datetime:
-        d = self.day  # midnight UTC of the day (strptime took ~10 µs a call)
-        return datetime(int(d[:4]), int(d[4:6]), int(d[6:8]), tzinfo=UTC)
+        return _midnight(self.day)
 
     @property
     def event_id(self) -> str:
@@ -50,6 +49,19 @@ class CdnowRow:
                 "order_id": self.order_id, "type": "purchase", "amount": str(self.amount),
                 "currency": "USD", "occurred_at": self.occurred_at.isoformat(),
                 "quantity": self.quantity, "attributes": {"source": "cdnow"}}
+
+
+def _midnight(day: str) -> datetime:
+    """Midnight UTC of a CDNOW date ``YYYYMMDD`` (without strptime: ~10 µs a call, and it
+    reads 1997111 too).
+
+    Raises
+    ------
+    ValueError
+        When ``day`` is not 8 digits of a real day."""
+    if len(day) != 8 or not day.isdigit():
+        raise ValueError(f"date {day!r} is not YYYYMMDD")
+    return datetime(int(day[:4]), int(day[4:6]), int(day[6:]), tzinfo=UTC)
 
 
 def open_default() -> IO[bytes]:
@@ -81,9 +93,7 @@ def read_rows(path: str | Path | None = None) -> Iterator[CdnowRow]:
         try:
             cust, day, qty, value = parts
             amount, quantity = Decimal(value), int(qty)
-            if len(day) != 8 or not day.isdigit():  # strptime alone reads 1997111 too
-                raise ValueError(f"date {day!r} is not YYYYMMDD")
-            datetime(int(day[:4]), int(day[4:6]), int(day[6:]), tzinfo=UTC)  # a real day
+            _midnight(day)
         except (ValueError, InvalidOperation) as exc:
             raise ValueError(f"CDNOW line {lineno} is malformed: {line!r}") from exc
         n = seen.get((cust, day), 0)

@@ -183,7 +183,8 @@ class _Alignment:
                          for topic in topics if max_skew_ms}
         self.exchange = exchange
         self.exchanged: dict[str, float] = {}  # per topic: monotonic time of the last exchange
-        self.published: dict[str, dict[int, float]] = {}  # per topic: frontiers last reported
+        # per topic: the partitions last reported with a finite frontier (not caught up)
+        self.reported_behind: dict[str, set[int]] = {}
         self.exchange_failing = False
         self.generation: int | None = None
         self.next_offset: dict[Any, int] = {}  # per partition: after the last one fetched
@@ -270,11 +271,9 @@ class _Alignment:
             # a partition reported with a held record's time that is now caught up with nothing
             # held is reported again at once (a trickle of old records would otherwise be seen
             # as its last record's time until the next exchange, which the next record makes)
-            stale = False
-            if self.exchange is not None and not aligner.holding:
-                last = self.published.get(topic, {})
-                stale = any(last.get(p, math.inf) != math.inf and self.caught_up(tp)
-                            for p, tp in tps.items())
+            behind = self.reported_behind.get(topic, set())
+            stale = not aligner.holding and any(
+                p in behind and self.caught_up(tp) for p, tp in tps.items())
             await self.exchange_frontiers(topic, aligner, stale)  # else at least every second
             if aligner.forced > forced:
                 c.log.warning("%s: %d records held back for event-time alignment released "
@@ -307,7 +306,8 @@ class _Alignment:
             caught_up = [tp.partition for tp in self.consumer.assignment()
                          if tp.topic == topic and self.caught_up(tp)]
             reports = aligner.reports(caught_up)
-            self.published[topic] = {p: r.frontier_ms for p, r in reports.items()}
+            self.reported_behind[topic] = {p for p, r in reports.items()
+                                           if r.frontier_ms != math.inf}
             others = await self.exchange(topic, reports)
         except Exception as exc:  # noqa: BLE001 - consuming goes on, aligned per worker
             if not self.exchange_failing:
