@@ -22,8 +22,14 @@ Kinds
 ``z:last``        sorted set: customer -> last purchase (epoch ms), the recency population
 ``z:freq``        sorted set: customer -> frequency, the frequency population
 ``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
+``p:<dim>:...``    the chunked population layout (``RFM_POPULATION_LAYOUT=chunked``, instead of
+                  the three sorted sets), ``<dim>`` one of ``last``, ``freq``, ``mon``: the
+                  same customer -> value populations as chunks of at most 127 customers,
+                  with their index, sizes and groups (``state/lua/chunks.lua``)
 ``segcount``      hash: segment name -> number of customers whose stored segment it is
 ``outbox``        stream: segment-change events not yet acknowledged by Kafka (field ``v``)
+``layout``        string (partition 0's slot only): the namespace's population layout,
+                  ``sorted_sets`` or ``chunked``, set by the first worker or replay
 ``model``         string: the latest clustering model snapshot (JSON), written by the commit of
                   the trainer's partition (0) only; ``model:version``: its version, which
                   workers poll
@@ -103,6 +109,11 @@ class PartitionKeys:
         return self.prefix + "z:mon"
 
     @property
+    def chunk_bases(self) -> tuple[str, str, str]:
+        """Key prefixes of the chunked recency, frequency and monetary populations."""
+        return self.prefix + "p:last:", self.prefix + "p:freq:", self.prefix + "p:mon:"
+
+    @property
     def segcount(self) -> str:
         return self.prefix + "segcount"
 
@@ -139,6 +150,15 @@ def model_keys(namespace: str) -> tuple[str, str]:
     """
     k = PartitionKeys(namespace, 0)
     return k.model, k.model_version
+
+
+def layout_key(namespace: str) -> str:
+    """Key of the namespace's population layout (in partition 0's slot).
+
+    >>> layout_key("live")
+    'rfm:live:{p0}:layout'
+    """
+    return PartitionKeys(namespace, 0).prefix + "layout"
 
 
 def alias_key(name: str) -> str:

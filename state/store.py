@@ -32,7 +32,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from state.codec import FORMAT, StoredCustomer, decode, encode, opt_int
-from state.keys import PartitionKeys, live_frontier_key, model_keys
+from state.keys import PartitionKeys, layout_key, live_frontier_key, model_keys
 from state.rfm import MS_PER_DAY
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ def _script_text(name: str) -> str:
     return resources.files("state").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+LAYOUTS = ("sorted_sets", "chunked")
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionClock:
     """A partition's event-time progress: highest applied event time and the wall clock of
@@ -171,7 +174,9 @@ class CustomerWrite(NamedTuple):
     it must be re-scored without an event (None: never). ``previous_segment``: the segment
     stored before this write, as the step read it (the per-segment counts move from it).
     ``population_kept``: the population sorted sets hold ``population`` already (a re-score
-    of an unchanged state): they are not written.
+    of an unchanged state): they are not written. ``previous_population``: the values the
+    populations hold for the customer before this write (None: in none), which the chunked
+    layout finds it by.
     """
 
     customer_id: str
@@ -180,6 +185,7 @@ class CustomerWrite(NamedTuple):
     population: tuple[int, int, int] | None = None
     previous_segment: str | None = None
     population_kept: bool = False
+    previous_population: tuple[int, int, int] | None = None
 
 
 class OutboxEntry(NamedTuple):
@@ -217,16 +223,26 @@ def _opt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-CommitRow = tuple[str, str, "tuple[int, int, int] | tuple[()] | None", "bytes | None", str, str]
+Population = tuple[int, int, int]
+CommitRow = tuple[str, str, "Population | tuple[()] | None", "bytes | None", str, str,
+                  "Population | None"]
 
 
-def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
+def commit_runs(rows: Iterable[CommitRow], chunked: bool = False
+                ) -> list[list[list[str | bytes]]]:
     """The customers' part of a commit as ``commit.lua`` sends it: rows ``(id, due, population,
-    value, old segment, new segment)`` (due ``""``: none; population None: not scored, ``()``:
-    kept as stored, no population command; value
-    None: a due-only write, keeping the earlier of two due times) gathered by command into
-    runs, each ``[due ZADD pairs, due ZADD LT pairs, due ZREM ids, population ZREM ids,
-    z:last pairs, z:freq pairs, z:mon pairs, [id, value, ...], [segment, net change, ...]]``.
+    value, old segment, new segment, old population)`` (due ``""``: none; population None: not
+    scored, ``()``: kept as stored, no population command; value None: a due-only write,
+    keeping the earlier of two due times; old population: the values the customer is stored
+    with in the populations, None when it is in none) gathered by command into runs, each
+    ``[due ZADD pairs, due ZADD LT pairs, due ZREM ids, population ZREM ids, z:last pairs,
+    z:freq pairs, z:mon pairs, [id, value, ...], chunked removals of last, freq, mon (value,
+    id) pairs, [segment, net change, ...]]``.
+
+    ``chunked``: for the chunked populations (``chunks.lua``), which find a customer by its
+    old value: a changed value of a dimension is a removal of the old pair and an addition of
+    the new one, an unchanged one neither, and the ZREM ids stay empty. Else the sorted sets
+    are written by id (ZADD overwrites) and the removals stay empty.
 
     Commands of one kind on different customers commute, so a run sends each kind as one
     variadic call; a customer written twice starts a new run, so its writes keep their order.
@@ -237,11 +253,11 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
     seen: set[str] = set()
     run: list[list[str | bytes]] = []
     delta: dict[str, int] = {}
-    for cid, due, pop, value, old, new in rows:
+    for cid, due, pop, value, old, new, before in rows:
         if not run or cid in seen:
             if run:
                 run.append([x for seg, n in delta.items() for x in (seg, str(n))])
-            run, delta, seen = [[], [], [], [], [], [], [], []], {}, set()
+            run, delta, seen = [[] for _ in range(11)], {}, set()
             runs.append(run)
         seen.add(cid)
         if value is None:
@@ -254,7 +270,17 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
             run[2].append(cid)
         else:
             run[0] += (due, cid)
-        if pop is None:
+        if chunked:
+            if pop != ():
+                for k in range(3):
+                    was = None if before is None else before[k]
+                    now = None if pop is None else pop[k]
+                    if was != now:
+                        if was is not None:
+                            run[8 + k] += (str(was), cid)
+                        if now is not None:
+                            run[4 + k] += (str(now), cid)
+        elif pop is None:
             run[3].append(cid)
         elif pop:
             run[4] += (str(pop[0]), cid)
@@ -273,14 +299,17 @@ def commit_runs(rows: Iterable[CommitRow]) -> list[list[list[str | bytes]]]:
 
 def commit_payload(meta: Mapping[str, str], rows: Iterable[CommitRow], key_prefix: str,
                    outbox: Iterable[tuple[str, str, str | None]],
-                   model: tuple[str, str] | None) -> bytes:
+                   model: tuple[str, str] | None,
+                   chunk_bases: tuple[str, str, str] | None = None) -> bytes:
     """``commit.lua``'s ARGV[2] (MessagePack): the meta fields to set, the customers' rows
     gathered by :func:`commit_runs`, the customers' key prefix, the outbox entries ``(kind,
-    text, record key or None)`` and the model snapshot ``(version, JSON)`` or None. What is
-    absent travels as false (a nil would end a Lua array). The customers' values (bytes) travel
-    as MessagePack raw strings: Redis's Lua cmsgpack reads no bin type."""
+    text, record key or None)``, the model snapshot ``(version, JSON)`` or None, and the
+    chunked populations' key prefixes (None: the sorted sets). What is absent travels as
+    false (a nil would end a Lua array). The customers' values (bytes) travel as MessagePack
+    raw strings: Redis's Lua cmsgpack reads no bin type."""
     return msgpack.packb({
-        "meta": meta, "runs": commit_runs(rows), "keyprefix": key_prefix,
+        "meta": meta, "runs": commit_runs(rows, chunk_bases is not None),
+        "keyprefix": key_prefix, "chunks": list(chunk_bases) if chunk_bases else False,
         "outbox": [[kind, text, False if key is None else key] for kind, text, key in outbox],
         "model": list(model) if model else False}, use_bin_type=False)  # values: bytes
 
@@ -337,20 +366,33 @@ class RedisStore:
         reads the customers of those formats with their ids as text
         (``state.rfm.Limits.text_ids``, which its pipeline sets too), and writes a customer
         already in format 4 in format 4 (its ids are digests).
+    population_layout
+        ``sorted_sets`` (one sorted set per population: ``z:last``, ``z:freq``, ``z:mon``) or
+        ``chunked`` (``state/lua/chunks.lua``: ~60 B per customer instead of ~310, for several
+        times the Redis time per write and per count; its commits need each write's
+        ``previous_population``, so it cannot serve a window, whose values move without a
+        write). :meth:`check_layout` holds a namespace to one.
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0,
-                 write_format: int = FORMAT):
+                 write_format: int = FORMAT, population_layout: str = "sorted_sets"):
+        if population_layout not in LAYOUTS:
+            raise ValueError(f"population layout {population_layout!r}: not one of {LAYOUTS}")
         self.client = client
+        self.population_layout = population_layout
+        self.chunked = population_layout == "chunked"
         self.namespace = namespace
         self.cache_customers = cache_customers
         self.write_format = write_format
         self.text_ids = write_format < FORMAT
         self._cache: dict[int, _PartitionCache] = {}
         PartitionKeys(namespace, 0)  # validates the namespace
-        self._commit = client.register_script(_script_text("commit.lua"))
+        chunks = _script_text("chunks.lua")
+        self._commit = client.register_script((chunks if self.chunked else "")
+                                              + _script_text("commit.lua"))
         self._read = client.register_script(_script_text("read.lua"))
-        self._forget = client.register_script(_script_text("forget.lua"))
+        self._forget = client.register_script(chunks + _script_text("forget.lua"))
+        self._populations = client.register_script(chunks + _script_text("populations.lua"))
         self._sample = client.register_script(_script_text("sample.lua"))
         self._between = client.register_script(_script_text("between.lua"))
         self._counts = client.register_script(_script_text("counts.lua"))
@@ -359,6 +401,31 @@ class RedisStore:
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.namespace, partition)
+
+    async def check_layout(self, partitions: Iterable[int]) -> None:
+        """Hold the namespace to this store's population layout: the first store to ask
+        records its own (``state.keys.layout_key``), or ``sorted_sets`` when some of
+        ``partitions`` already hold population sorted sets (a namespace written before
+        layouts were recorded).
+
+        Raises
+        ------
+        ValueError
+            When the namespace was written with the other layout (its populations would be
+            read as empty and written twice over).
+        """
+        key = layout_key(self.namespace)
+        stored = await self.client.get(key)
+        if stored is None:
+            legacy = await self.client.exists(*(self.keys(p).z_last for p in partitions))
+            await self.client.set(key, "sorted_sets" if legacy else self.population_layout,
+                                  nx=True)
+            stored = await self.client.get(key)
+        if stored != self.population_layout:
+            raise ValueError(
+                f"namespace {self.namespace!r} keeps its populations as {stored}, not "
+                f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored}, or "
+                f"replay into a new namespace with the layout wanted")
 
     # --- the step path ----------------------------------------------------------------------
     async def read_partition(self, partition: int, customer_ids: Iterable[str],
@@ -504,8 +571,10 @@ class RedisStore:
             ((w.customer_id, _opt(w.due_ms), () if w.population_kept else w.population,
               None if w.customer is None else encode(w.customer, self.write_format),
               w.previous_segment or "",
-              "" if w.customer is None else w.customer.segment or "") for w in writes),
-            k.customer(""), outbox, (str(model[0]), model[1]) if model else None)
+              "" if w.customer is None else w.customer.segment or "",
+              w.previous_population) for w in writes),
+            k.customer(""), outbox, (str(model[0]), model[1]) if model else None,
+            k.chunk_bases if self.chunked else None)
         args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version]
@@ -549,8 +618,27 @@ class RedisStore:
         args: list[str | int] = []
         for kind, lo, hi in ranges:
             args += [kinds[kind], _bound(lo), _bound(hi)]
+        if self.chunked:  # the other dimensions' values: from the customers' states
+            return await self._with_values(partition, await self._pops(k, "range", args))
         ids, flat = await self._between(keys=[k.z_last, k.z_freq, k.z_mon], args=args)
         return list(ids), np.asarray(flat, dtype=np.int64).reshape(-1, 3)
+
+    def _pops(self, k: PartitionKeys, op: str, args: Sequence[str | int],
+              client: Any = None) -> Any:
+        """``populations.lua``'s ``op`` on a partition's chunked populations (an awaitable)."""
+        return self._populations(keys=[k.meta], args=[op, *k.chunk_bases, *args],
+                                 client=client or self.client)
+
+    async def _with_values(self, partition: int, ids: Sequence[str]
+                           ) -> tuple[list[str], npt.NDArray[np.int64]]:
+        """``ids`` that are scored, with their (last purchase ms, frequency, monetary minor)
+        from their states (the chunked layout's values are the all-time ones: no window).
+        A customer unreadable or without a purchase is left out."""
+        found = await self.read_customers(partition, ids, others=True)
+        out = [(cid, c.state) for cid, c in found.items()
+               if c is not None and c.state.last_purchase_ms is not None]
+        values = [(s.last_purchase_ms, s.frequency, s.monetary_minor) for _, s in out]
+        return [cid for cid, _ in out], np.asarray(values, dtype=np.int64).reshape(-1, 3)
 
     async def due_all(self, partition: int, due_ms: int, page: int = 10_000) -> int:
         """Make every scored customer of a partition (its recency population) due by
@@ -562,22 +650,44 @@ class RedisStore:
         erased meanwhile is dropped when its due time comes (as any erased due customer), and
         running it again is harmless."""
         k = self.keys(partition)
-        done = 0
+        done = chunks = 0
         while True:
-            ids = await self.client.zrange(k.z_last, done, done + page - 1)
+            if self.chunked:  # ~page customers: chunks hold 32-127
+                ids = await self._pops(k, "page", [chunks, max(1, page // 64)])
+                chunks += max(1, page // 64)
+            else:
+                ids = await self.client.zrange(k.z_last, done, done + page - 1)
             if ids:
                 await self.client.zadd(k.due, dict.fromkeys(ids, due_ms), lt=True)
             done += len(ids)
-            if len(ids) < page:
+            if not ids if self.chunked else len(ids) < page:
                 return done
 
     # --- population statistics ------------------------------------------------------------
     async def population(self, partitions: Iterable[int]) -> int:
         """Customers with at least one purchase, over ``partitions``."""
+        return sum(n for n, *_ in await self._extremes(list(partitions)))
+
+    async def _extremes(self, parts: list[int]
+                        ) -> list[tuple[int, int | None, int | None, int | None]]:
+        """Per partition: (customers, lowest last purchase ms, highest frequency, highest
+        monetary minor), None where the population is empty; one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        for p in partitions:
-            pipe.zcard(self.keys(p).z_last)
-        return sum(int(x) for x in await pipe.execute())
+        for p in parts:
+            k = self.keys(p)
+            if self.chunked:
+                await self._pops(k, "stats", [], client=pipe)
+                continue
+            pipe.zcard(k.z_last)
+            pipe.zrange(k.z_last, 0, 0, withscores=True)
+            pipe.zrange(k.z_freq, -1, -1, withscores=True)
+            pipe.zrange(k.z_mon, -1, -1, withscores=True)
+        reply = await pipe.execute()
+        if self.chunked:
+            return [(int(n), *(None if x is None else int(x) for x in rest))
+                    for n, *rest in reply]
+        return [(int(reply[i]), *(int(r[0][1]) if r else None for r in reply[i + 1:i + 4]))
+                for i in range(0, len(reply), 4)]
 
     async def order_statistics(self, partitions: Iterable[int], as_of_ms: int,
                                ranks: Sequence[int] | Callable[[int], Sequence[int]],
@@ -600,26 +710,17 @@ class RedisStore:
         """
         parts = list(partitions)
         keysets = [self.keys(p) for p in parts]
-        pipe = self.client.pipeline(transaction=False)
-        for k in keysets:
-            pipe.zcard(k.z_last)
-            pipe.zrange(k.z_last, 0, 0, withscores=True)
-            pipe.zrange(k.z_freq, -1, -1, withscores=True)
-            pipe.zrange(k.z_mon, -1, -1, withscores=True)
-        reply = await pipe.execute()
-        n = sum(int(reply[4 * i]) for i in range(len(parts)))
+        extremes = await self._extremes(parts)
+        n = sum(e[0] for e in extremes)
         if callable(ranks):
             ranks = ranks(n)
         if not ranks:
             return OrderStatistics(n, (), (), ())
         if any(not 1 <= r <= n for r in ranks):
             raise ValueError(f"ranks {list(ranks)} outside 1..{n}")
-        first_last = min(int(reply[4 * i + 1][0][1]) for i in range(len(parts))
-                         if reply[4 * i + 1])
-        max_f = max((int(reply[4 * i + 2][0][1]) for i in range(len(parts)) if reply[4 * i + 2]),
-                    default=0)
-        max_m = max((int(reply[4 * i + 3][0][1]) for i in range(len(parts)) if reply[4 * i + 3]),
-                    default=0)
+        first_last = min(e[1] for e in extremes if e[1] is not None)
+        max_f = max((e[2] for e in extremes if e[2] is not None), default=0)
+        max_m = max((e[3] for e in extremes if e[3] is not None), default=0)
         max_days = max(0, (as_of_ms - first_last) // MS_PER_DAY)
 
         # recency: largest m with #(recency >= m) >= k; #(recency >= m) = #(last <= as_of - m d)
@@ -656,7 +757,11 @@ class RedisStore:
                              else [kind_code[kind], x])
             pipe = self.client.pipeline(transaction=False)
             for ks in keysets:
-                await self._counts(keys=[ks.z_last, ks.z_freq, ks.z_mon], args=args, client=pipe)
+                if self.chunked:
+                    await self._pops(ks, "count", args, client=pipe)
+                else:
+                    await self._counts(keys=[ks.z_last, ks.z_freq, ks.z_mon], args=args,
+                                       client=pipe)
             totals = [sum(column) for column in zip(*await pipe.execute(), strict=True)]
             at = 0
             for i, (kind, k, _, _) in enumerate(searches):
@@ -886,7 +991,7 @@ class RedisStore:
         k = self.keys(partition)
         existed, removed, _ = await self._forget(
             keys=[k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.customer(customer_id),
-                  k.outbox], args=[customer_id, "1" if own else "0"])
+                  k.outbox], args=[customer_id, "1" if own else "0", *k.chunk_bases])
         return bool(existed), int(removed)
 
     async def exchange_frontiers(self, own: Mapping[int, tuple[float, int]], partitions: int,
@@ -936,26 +1041,41 @@ class RedisStore:
         then by last purchase and id: ``(last purchase ms, frequency, monetary minor)`` each.
         Ranks beyond the population are skipped."""
         parts = list(partitions)
-        pipe = self.client.pipeline(transaction=False)
-        for p in parts:
-            pipe.zcard(self.keys(p).z_last)
         starts, total = [], 0
-        for n in await pipe.execute():
+        for n, *_ in await self._extremes(parts):
             starts.append(total)
-            total += int(n)
+            total += n
         local: dict[int, list[int]] = {}  # partition index -> ranks within it, in order
         for r in ranks:
             if 0 <= r < total:
                 i = max(j for j, s0 in enumerate(starts) if s0 <= r)
                 local.setdefault(i, []).append(r - starts[i])
-        pipe = self.client.pipeline(transaction=False)
-        for i, rs in local.items():
-            k = self.keys(parts[i])
-            await self._sample(keys=[k.z_last, k.z_freq, k.z_mon], args=rs, client=pipe)
-        found = {i: iter(reply) for i, reply in zip(local, await pipe.execute(), strict=True)}
+        if self.chunked:
+            found = {i: iter(await self._sample_chunked(parts[i], rs)) for i, rs in local.items()}
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for i, rs in local.items():
+                k = self.keys(parts[i])
+                await self._sample(keys=[k.z_last, k.z_freq, k.z_mon], args=rs, client=pipe)
+            found = {i: iter(reply) for i, reply in zip(local, await pipe.execute(), strict=True)}
         out = []
         for r in ranks:
             if 0 <= r < total:
                 it = found[max(j for j, s0 in enumerate(starts) if s0 <= r)]
+                if self.chunked:
+                    if (row := next(it)) is not None:
+                        out.append(row)
+                    continue
                 out.append((int(float(next(it))), int(float(next(it))), int(float(next(it)))))
         return out
+
+    async def _sample_chunked(self, partition: int, ranks: Sequence[int]
+                              ) -> list[tuple[int, int, int] | None]:
+        """The chunked layout's part of :meth:`sample_by_rank` for one partition: the values of
+        the customers at ``ranks`` (in their order), from their states (None: unreadable)."""
+        order = sorted(set(ranks))
+        flat = await self._pops(self.keys(partition), "ranks", order)
+        at = dict(zip(order, flat[::2], strict=True))
+        ids, values = await self._with_values(partition, list(at.values()))
+        row = {cid: (int(v[0]), int(v[1]), int(v[2])) for cid, v in zip(ids, values, strict=True)}
+        return [row.get(at[r]) for r in ranks]

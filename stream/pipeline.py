@@ -159,6 +159,7 @@ class BatchProcessor:
         # its rule table (the next commit records the table; a sequence moved on without it,
         # e.g. another worker's table recorded since, schedules them again)
         self._rules_scheduled: dict[int, int] = {}
+        self._layout_checked = False
 
     async def process(self, partition: int, records: list[RawRecord],
                       now_ms: int | None = None, check_gap: bool = True,
@@ -240,6 +241,9 @@ class BatchProcessor:
         ``previous_last``: the last offset of the block committed just before in this batch;
         Redis must hold at least that (else it lost writes in between: GapError).
         """
+        if not self._layout_checked:  # ValueError: the namespace has the other layout
+            await self.store.check_layout(self.partitions)
+            self._layout_checked = True
         remaining, conflicts = block, 0
         while True:
             now = int(time.time() * 1000) if now_ms is None else now_ms

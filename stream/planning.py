@@ -261,11 +261,16 @@ class _Planner:
         # a customer re-scored without an event of its own keeps its state, and without a
         # window its population values (a function of the state alone) are those stored:
         # no population write (most of a backlog's re-scores)
+        # (the values stored before are the read state's then: the chunked layout finds the
+        # customer by them; with a window they are unknown, and that layout refuses windows)
         keep = ctx.policy.window is None
         for cid, pop in self.touched.items():
             c, r = self.book[cid], read.get(cid)
             kept = keep and pop is not None and r is not None and c.state is r.state
-            p.writes.append(CustomerWrite(cid, self.due.get(cid), c, pop, _segment(r), kept))
+            before = (None if not keep or r is None or r.state.last_purchase_ms is None
+                      else (r.state.last_purchase_ms, r.state.frequency, r.state.monetary_minor))
+            p.writes.append(CustomerWrite(cid, self.due.get(cid), c, pop, _segment(r), kept,
+                                          before))
         p.writes += [CustomerWrite(cid, self.due.get(cid)) for cid in sorted(self.due_only)]
         return p
 

@@ -101,7 +101,8 @@ def spawn_with_settings(argv: Sequence[str], settings: Settings, log_path: Path,
 def store_for(settings: Settings) -> RedisStore:
     """A store on the settings' Redis and namespace (the caller closes ``store.client``)."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
-    return RedisStore(client, settings.namespace, write_format=settings.state_format)
+    return RedisStore(client, settings.namespace, write_format=settings.state_format,
+                      population_layout=settings.population_layout)
 
 
 async def wait_applied(store: RedisStore, targets: Mapping[int, int],

@@ -52,7 +52,7 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace, settings.cache_customers,
-                       settings.state_format)
+                       settings.state_format, settings.population_layout)
     table = SegmentTable.load(settings.segment_table)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix, segments=table.segments,
                                   reasons=REASONS, partitions=settings.partitions,

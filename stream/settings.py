@@ -116,6 +116,11 @@ class Settings(BaseSettings):
                               description="Format of the customer values written: 4, or 3 or 2 "
                               "while workers of a release before format 4 or 3 may still run "
                               "(all are read)")
+    population_layout: Literal["sorted_sets", "chunked"] = Field(
+        "sorted_sets", description="How Redis keeps each partition's recency, frequency and "
+        "monetary populations: one sorted set each (~310 B per customer), or chunks of at most "
+        "127 customers (~60 B per customer, several times the Redis time per write and per "
+        "threshold refresh; no window_days). A namespace keeps the layout it was written with")
 
     # --- scoring
     scoring_mode: Literal["quintiles", "fixed"] = Field(
@@ -209,6 +214,10 @@ class Settings(BaseSettings):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if self.window_days and self.window_days % self.window_bucket_days:
             raise ValueError("window_days must be a multiple of window_bucket_days")
+        if self.window_days and self.population_layout == "chunked":
+            raise ValueError("population_layout chunked keeps no window: window_days must be 0 "
+                             "(a chunk finds a customer by the values it was stored with, which "
+                             "a window moves without a write)")
         if not all(1 <= t <= MAX_GC_THRESHOLD for t in self.gc_thresholds):
             raise ValueError(f"gc_thresholds must all be in 1..{MAX_GC_THRESHOLD:,} (0 or huge "
                              f"values turn collection off), got {self.gc_thresholds}")

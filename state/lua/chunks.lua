@@ -3,10 +3,11 @@
 -- each chunk as a listpack/ziplist sorted set (~20 B per member) instead of one skiplist
 -- sorted set (~100 B per member; docs/performance.md "Twelfth pass").
 --
--- NOT USED BY THE SERVICE (yet): a design study of the population layout that would meet the
--- memory target (docs/performance.md "Eighteenth pass": ~60 B per customer for the three
--- populations instead of ~310, for several times the Redis time per write and per count),
--- tested (tests/integration/test_chunks.py) and measured (bench/chunked_counts.py).
+-- The service's populations with RFM_POPULATION_LAYOUT=chunked (commit.lua, forget.lua and
+-- populations.lua prepend it); the default keeps one sorted set per population, which is
+-- faster (docs/performance.md "Eighteenth pass": ~60 B per customer for the three populations
+-- instead of ~310, for several times the Redis time per write and per count). Tested
+-- against a sorted list (tests/integration/test_chunks.py), measured (bench/chunked_counts.py).
 --
 -- Prepended to the scripts that would use it (RedisStore loads "chunks.lua" + the script), so it
 -- defines local functions only. A script that adds or removes calls pc_flush_all() before
@@ -232,6 +233,18 @@ local function pc_remove(base, v, id)
   pc_resize(base, f, g, -1)
   if f ~= '' and pc_seen[base].size[f] < PC_MERGE then pc_merge(base, f, g) end
   return 1
+end
+
+-- remove a customer whatever its value, by looking in every chunk (one ZSCORE each: for an
+-- erasure, or a customer not found at the value it was said to have); 0 when it is in none
+local function pc_forget(base, id)
+  local fences = redis.call('ZRANGE', base .. 'i', 0, -1)
+  if fences[1] ~= '' then table.insert(fences, 1, '') end
+  for _, f in ipairs(fences) do
+    local v = redis.call('ZSCORE', base .. 'c:' .. f, id)
+    if v then return pc_remove(base, tonumber(v), id) end
+  end
+  return 0
 end
 
 -- the fences of the chunks that may hold values in [lo, hi], in order

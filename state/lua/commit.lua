@@ -15,9 +15,15 @@
 --                                   arguments cost the worker more than the rest of the commit),
 --                      "runs": [[due ZADD (due, id) pairs, due ZADD LT pairs, due ZREM ids,
 --                                population ZREM ids, z:last pairs, z:freq pairs, z:mon pairs,
---                                {id, value, ...}, {segment, net change, ...}]],
+--                                {id, value, ...}, chunked removals of last, freq, mon
+--                                (old value, id) pairs, {segment, net change, ...}]],
 --                      "outbox": [[kind, text, record key | false]],
---                      "model": false | [version, snapshot JSON]}
+--                      "model": false | [version, snapshot JSON],
+--                      "chunks": false | [key prefix of the last, freq, mon chunked populations]}
+--   With "chunks" (RFM_POPULATION_LAYOUT=chunked; the script is then chunks.lua + this one) the
+--   populations are chunks.lua's: each run removes the (old value, id) pairs, then adds the
+--   new ones; KEYS[2..4] are not used. A customer not found at its old value (a population
+--   written otherwise) is looked for in every chunk, so it is never left in two.
 --   The caller (RedisStore.commit, state.store.commit_runs) gathered the customers' writes by
 --   command: commands of one kind on different customers commute, so each kind of a run is
 --   one variadic call (a few calls per step instead of ~7 per customer); a customer written
@@ -51,12 +57,20 @@ for _, run in ipairs(p.runs) do
   send('ZADD', KEYS[5], nil, run[1], 2); send('ZADD', KEYS[5], 'LT', run[2], 2)
   send('ZREM', KEYS[5], nil, run[3], 1)
   for k = 1, 3 do
-    send('ZREM', KEYS[k + 1], nil, run[4], 1); send('ZADD', KEYS[k + 1], nil, run[4 + k], 2)
+    if p.chunks then
+      local base, gone, added = p.chunks[k], run[8 + k], run[4 + k]
+      for i = 1, #gone, 2 do
+        if pc_remove(base, tonumber(gone[i]), gone[i + 1]) == 0 then pc_forget(base, gone[i + 1]) end
+      end
+      for i = 1, #added, 2 do pc_add(base, tonumber(added[i]), added[i + 1]) end
+    else
+      send('ZREM', KEYS[k + 1], nil, run[4], 1); send('ZADD', KEYS[k + 1], nil, run[4 + k], 2)
+    end
   end
   local values = run[8]
   for i = 1, #values, 2 do values[i] = prefix .. values[i] end
   send('MSET', nil, nil, values, 2)
-  local delta = run[9]
+  local delta = run[12]
   for i = 1, #delta, 2 do redis.call('HINCRBY', KEYS[6], delta[i], delta[i + 1]) end
 end
 for _, entry in ipairs(p.outbox) do
@@ -70,5 +84,6 @@ if p.model then
   redis.call('SET', KEYS[8], p.model[2])
   redis.call('SET', KEYS[9], p.model[1])
 end
+if p.chunks then pc_flush_all() end
 redis.call('HSET', KEYS[1], 'seq', string.format('%.0f', stored + 1))
 return stored + 1

@@ -10,6 +10,9 @@
 -- write the customer back.
 -- KEYS[1] meta  KEYS[2] z:last  KEYS[3] z:freq  KEYS[4] z:mon  KEYS[5] due  KEYS[6] segcount
 -- KEYS[7] the customer's value  KEYS[8] outbox      ARGV[1] customer id  ARGV[2] '1' | '0'
+-- ARGV[3..5] key prefixes of the chunked populations (last, freq, mon): the script is
+-- chunks.lua + this one, and erases the customer from both layouts (the one not used is
+-- empty), so it needs no layout setting.
 -- Returns {existed (0|1), outbox entries removed, tombstones queued (0|1)}.
 local id = ARGV[1]
 local value = redis.pcall('GET', KEYS[7])  -- an error reply when the key holds another type
@@ -22,6 +25,8 @@ if type(value) == 'string' then  -- the stored value is [format, segment, ...] (
 end
 local existed = redis.call('DEL', KEYS[7])
 for k = 2, 5 do redis.call('ZREM', KEYS[k], id) end
+for k = 3, 5 do pc_forget(ARGV[k], id) end
+pc_flush_all()
 -- only a segment that is counted: a value written by hand may name anything
 if seg and seg ~= '' and redis.call('HEXISTS', KEYS[6], seg) == 1 then
   redis.call('HINCRBY', KEYS[6], seg, -1)

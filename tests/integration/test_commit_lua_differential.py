@@ -132,8 +132,8 @@ def encoded(doc: dict, reference: bool, prefix: str) -> bytes:
     (:func:`state.store.commit_payload`; commit.lua)."""
     if reference:
         return json.dumps(doc).encode()
-    rows = [(w[0], w[1], None, None, "", "") if w[3] is None
-            else (w[0], w[1], None if w[2] is False else w[2], w[3], w[4], w[5])
+    rows = [(w[0], w[1], None, None, "", "", None) if w[3] is None
+            else (w[0], w[1], None if w[2] is False else w[2], w[3], w[4], w[5], None)
             for w in doc["writes"]]
     return commit_payload(doc["meta"], rows, prefix, doc["outbox"],
                           tuple(doc["model"]) if doc["model"] else None)
