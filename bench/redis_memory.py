@@ -3,6 +3,10 @@ written through the store's real commit path, against the 500 bytes/customer tar
 figures; asserts nothing.
 
     .venv/bin/python bench/redis_memory.py [--customers 1000000] [--uuid-ids] [--scoring fixed]
+        [--layout chunked]
+
+``--layout chunked``: the populations as ``RFM_POPULATION_LAYOUT=chunked`` keeps them
+(``state/lua/chunks.lua``) instead of one sorted set each.
 
 Each customer's orders (1 + Poisson(7), so 8 on average; one purchase event per order, times
 spread over two years, amounts 5-200 USD) are folded with ``state.rfm.apply_event``, scored
@@ -134,6 +138,13 @@ async def breakdown(client: aioredis.Redis, store: RedisStore, n: int, sample: i
     parts: dict[str, float] = defaultdict(float)
     for p in range(PARTITIONS):
         k: PartitionKeys = store.keys(p)
+        if store.chunked:
+            for dim, base in zip(("recency", "frequency", "monetary"), k.chunk_bases,
+                                 strict=True):
+                glob = base.replace("{", "\\{").replace("}", "\\}") + "*"
+                async for key in client.scan_iter(match=glob, count=1000):
+                    parts[f"p:{base.split(':')[-2]}:* ({dim} population, chunked)"] += \
+                        await usage(client, key) / n
         for name, key in [("z:last (recency population)", k.z_last),
                           ("z:freq (frequency population)", k.z_freq),
                           ("z:mon (monetary population)", k.z_mon), ("due (due times)", k.due),
@@ -154,7 +165,8 @@ async def breakdown(client: aioredis.Redis, store: RedisStore, n: int, sample: i
     return parts, note
 
 
-async def main(n: int, uuid_ids: bool, batch: int, sample: int, scoring: str) -> None:
+async def main(n: int, uuid_ids: bool, batch: int, sample: int, scoring: str, layout: str
+               ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = localstack.start_redis(Path(tmp))
         client = aioredis.Redis(host=localstack.LOOPBACK, port=server.port,
@@ -162,14 +174,16 @@ async def main(n: int, uuid_ids: bool, batch: int, sample: int, scoring: str) ->
         try:
             info = await client.info("server")
             before = int((await client.info("memory"))["used_memory"])
-            store = RedisStore(client, "mem")
+            store = RedisStore(client, "mem", population_layout=layout)
             started = time.perf_counter()
             written = await populate(store, n, uuid_ids, batch, scoring)
             seconds = time.perf_counter() - started
             mem = await client.info("memory")
             used = int(mem["used_memory"]) - before
             parts, note = await breakdown(client, store, n, sample)
-            zset_enc = await client.object("encoding", store.keys(0).z_last)
+            zset_enc = await client.object(
+                "encoding", store.keys(0).chunk_bases[0] + "c:" if store.chunked
+                else store.keys(0).z_last)
             config = await client.config_get("zset-max-*")
         finally:
             await client.aclose()
@@ -177,7 +191,7 @@ async def main(n: int, uuid_ids: bool, batch: int, sample: int, scoring: str) ->
     print(benchkit.machine())
     print(f"Redis memory: {n:,} customers, {written:,} orders ({written / n:.2f} per customer), "
           f"{PARTITIONS} partitions, ids {'UUID' if uuid_ids else 'pos-<n> / pos-<n>-1'}, "
-          f"{scoring} scoring; "
+          f"{scoring} scoring, populations {layout}; "
           f"written through RedisStore.commit in {seconds:.0f} s")
     print(f"  redis-server {info['redis_version']}; population sets: {zset_enc} ({config})")
     print(f"  {note}")
@@ -205,5 +219,7 @@ if __name__ == "__main__":
                     help="customer values measured with MEMORY USAGE")
     ap.add_argument("--scoring", choices=("quintiles", "fixed"), default="quintiles",
                     help="quintiles (the default: no due times) or fixed thresholds")
+    ap.add_argument("--layout", choices=("sorted_sets", "chunked"), default="sorted_sets",
+                    help="how the populations are kept (RFM_POPULATION_LAYOUT)")
     a = ap.parse_args()
-    asyncio.run(main(a.customers, a.uuid_ids, a.batch, a.sample, a.scoring))
+    asyncio.run(main(a.customers, a.uuid_ids, a.batch, a.sample, a.scoring, a.layout))

@@ -548,3 +548,35 @@ async def test_forget_leaves_no_trace_and_a_step_read_before_cannot_write_the_cu
     assert await store.client.exists(k.customer("ann")) == 0
     assert await store.client.zscore(k.z_last, "ann") is None
     await store.client.aclose()
+
+
+async def chunk_members(store: RedisStore, partition: int) -> list[dict[str, float]]:
+    """Each chunked population of a partition as read from its chunks directly: id -> value,
+    an id found twice kept as a list (none should be)."""
+    out = []
+    for base in store.keys(partition).chunk_bases:
+        members: dict[str, list[float]] = {}
+        fences = await store.client.zrange(base + "i", 0, -1)  # '' first
+        for f in fences if fences[:1] == [""] else ["", *fences]:
+            for cid, v in await store.client.zrange(base + "c:" + f, 0, -1, withscores=True):
+                members.setdefault(cid, []).append(v)
+        out.append({cid: vs[0] if len(vs) == 1 else vs for cid, vs in members.items()})
+    return out
+
+
+async def test_a_chunked_commit_given_wrong_old_values_still_moves_the_customer(redis_url):
+    store = RedisStore(aioredis.Redis.from_url(redis_url, decode_responses=True),
+                       f"store{next(_ns)}", population_layout="chunked")
+    others = [bought(f"x{i}", i * DAY, 1, 100 + i) for i in range(300)]  # chunks split
+    seq = await store.commit(0, -1, {}, [bought("a", 10 * DAY, 1, 100), *others], [])
+    moved = bought("a", 20 * DAY, 2, 300)
+    # told it was stored at (200 days, 1, 350): last and monetary values whose chunks do not
+    # hold it (it is at 10 days and 100), so it is looked for in every chunk and removed there
+    assert await store.client.zrange(store.keys(0).chunk_bases[0] + "i", 0, -1) != [""]
+    seq = await store.commit(0, seq, {},
+                             [moved._replace(previous_population=(200 * DAY, 1, 350))], [])
+    last, freq, mon = await chunk_members(store, 0)
+    assert (last["a"], freq["a"], mon["a"]) == (20 * DAY, 2, 300)
+    assert len(last) == len(freq) == len(mon) == 301
+    assert await store.population([0]) == 301
+    await store.client.aclose()
