@@ -652,15 +652,18 @@ class RedisStore:
         k = self.keys(partition)
         done = chunks = 0
         while True:
+            last = False
             if self.chunked:  # ~page customers: chunks hold 32-127
-                ids = await self._pops(k, "page", [chunks, max(1, page // 64)])
-                chunks += max(1, page // 64)
+                n = max(1, page // 64)
+                ids, read = await self._pops(k, "page", [chunks, n])
+                chunks, last = chunks + n, read < n
             else:
                 ids = await self.client.zrange(k.z_last, done, done + page - 1)
+                last = len(ids) < page
             if ids:
                 await self.client.zadd(k.due, dict.fromkeys(ids, due_ms), lt=True)
             done += len(ids)
-            if not ids if self.chunked else len(ids) < page:
+            if last:
                 return done
 
     # --- population statistics ------------------------------------------------------------

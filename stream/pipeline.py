@@ -143,6 +143,9 @@ class BatchProcessor:
                  partitions: int, currency_decimals: int = 2, limits: Limits = Limits(),
                  policy: TimePolicy = TimePolicy(), max_due: int = 10_000,
                  trainer: TrainerConfig = TrainerConfig(), replay: bool = False):
+        if store.chunked and policy.window is not None:
+            raise ValueError("the chunked population layout keeps no window (see "
+                             "RedisStore's population_layout)")
         self.store, self.rules, self.table = store, rules, table
         self.scoring, self.metrics = scoring, metrics
         self.model: ClusterModel | None = None  # the latest published snapshot

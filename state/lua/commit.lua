@@ -23,7 +23,9 @@
 --   With "chunks" (RFM_POPULATION_LAYOUT=chunked; the script is then chunks.lua + this one) the
 --   populations are chunks.lua's: each run removes the (old value, id) pairs, then adds the
 --   new ones; KEYS[2..4] are not used. A customer not found at its old value (a population
---   written otherwise) is looked for in every chunk, so it is never left in two.
+--   written otherwise) is looked for in every chunk, so it is not left in two. A customer
+--   written as new (no old values) is not looked for: one whose value was deleted outside
+--   the service keeps its old entries too (README "Limits"; forget.lua removes every copy).
 --   The caller (RedisStore.commit, state.store.commit_runs) gathered the customers' writes by
 --   command: commands of one kind on different customers commute, so each kind of a run is
 --   one variadic call (a few calls per step instead of ~7 per customer); a customer written

@@ -25,7 +25,9 @@ if type(value) == 'string' then  -- the stored value is [format, segment, ...] (
 end
 local existed = redis.call('DEL', KEYS[7])
 for k = 2, 5 do redis.call('ZREM', KEYS[k], id) end
-for k = 3, 5 do pc_forget(ARGV[k], id) end
+for k = 3, 5 do  -- every copy (a value deleted outside the service can leave one behind)
+  while pc_forget(ARGV[k], id) == 1 do end
+end
 pc_flush_all()
 -- only a segment that is counted: a value written by hand may name anything
 if seg and seg ~= '' and redis.call('HEXISTS', KEYS[6], seg) == 1 then

@@ -9,8 +9,9 @@
 --                          range ('-inf' / '+inf' allowed), each once, in first-found order
 --   'ranks' r*         -> {id, last, ...} at the 0-based ranks r (ascending) of the recency
 --                          population in (last purchase, id) order
---   'page' from n      -> {id, ...} of the recency population's chunks from..from+n-1 (in
---                          index order; fewer than n chunks: the last page)
+--   'page' from n      -> {{id, ...}, chunks read}: the customers of the recency population's
+--                          chunks from..from+n-1 in index order (fewer than n read: the last
+--                          page; a page may hold no one, as the first chunk may be empty)
 local op, bases = ARGV[1], {ARGV[2], ARGV[3], ARGV[4]}
 
 local function bound(x)
@@ -67,6 +68,6 @@ elseif op == 'page' then
   for _, f in ipairs(fences) do
     for _, id in ipairs(redis.call('ZRANGE', bases[1] .. 'c:' .. f, 0, -1)) do ids[#ids + 1] = id end
   end
-  return ids
+  return {ids, #fences}
 end
 return redis.error_reply('unknown operation ' .. tostring(op))
