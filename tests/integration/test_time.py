@@ -204,3 +204,58 @@ async def test_a_window_bucket_leaving_the_window_moves_the_segment_exactly_then
         "inactivity", "Potential Loyalists", 59, 0, 0)
     assert (c.r_score, c.f_score, c.m_score) == (4, 1, 1)
     assert c.occurred_at == c.as_of == datetime(2024, 3, 18, tzinfo=UTC)
+
+
+async def test_wall_clock_mode_scores_at_the_wall_clock_and_sweeps_move_it(settings):
+    """RFM_AS_OF_MODE=wall_clock, fixed thresholds (R5 up to 30 days, R4 31-90, R3 91-180),
+    by hand: x buys on 2024-01-01 and the step runs 40 days later, so x is scored at 40 days
+    (R4, Promising) where the watermark would give 0 (R5, New Customers); with no event, a
+    sweep 90 days after the purchase changes nothing, one at 91 days moves x to R3."""
+    s = build_services(settings.model_copy(update={"partitions": 1, "scoring_mode": "fixed",
+                                                   "as_of_mode": "wall_clock"}))
+    try:
+        bought = ms("2024-01-01")
+        out = await s.processor.process(0, [raw(0, "x", purchase(0, "x", "2024-01-01"))],
+                                        now_ms=bought + 40 * DAY)
+        (c,) = out.changes
+        assert (c.current.segment, c.recency_days, c.r_score, c.cause) == (
+            "Promising", 40, 4, "purchase")
+        assert c.as_of == datetime(2024, 2, 10, tzinfo=UTC)
+        assert (await s.processor.sweep(0, now_ms=bought + 90 * DAY)).changes == []
+        (r3,) = (await s.processor.sweep(0, now_ms=bought + 91 * DAY)).changes
+        assert (r3.cause, r3.previous.segment, r3.current.segment, r3.recency_days) == (
+            "inactivity", "Promising", "About To Sleep", 91)
+    finally:
+        await s.store.client.aclose()
+
+
+async def test_rescores_after_a_refresh_are_spaced_in_event_time(settings):
+    """RFM_RESCORE_SPACING_MS: the customers a threshold refresh moves are re-scored from its
+    anchor, one every spacing ms in id order (the rate limit of cause=rescore). By hand:
+    quintile scoring from 5 customers, a refresh every 5 offsets. a..e buy once on days 0..4
+    for $10..$50 (fixed thresholds: all New Customers). f's record (offset 5) starts the next
+    block: the refresh is anchored at the watermark before it (day 4), where a..e have
+    recency 4..0 days (R 1..5: worse = customers with a larger recency), one order each (F1:
+    nobody worse) and $10..$50 (M 1..5). So a (1,1,1) and b (2,1,2) become Hibernating,
+    c (3,1,3) About To Sleep, d (4,1,4) Promising, and e (5,1,5) stays New Customers: a..d
+    are re-scored at the anchor + 0, 1, 2, 3 spacings."""
+    spacing = 3_600_000  # an hour of event time
+    s = build_services(settings.model_copy(update={
+        "partitions": 1, "min_population": 5, "threshold_refresh_every": 5,
+        "rescore_spacing_ms": spacing, "min_dwell_s": 0}))
+    try:
+        days = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
+        first = [raw(k, cid, purchase(k, cid, day, amount=f"{10 * (k + 1)}.00"))
+                 for k, (cid, day) in enumerate(zip("abcde", days, strict=True))]
+        assert {c.current.segment for c in
+                (await s.processor.process(0, first, now_ms=NOW)).changes} == {"New Customers"}
+        out = await s.processor.process(
+            0, [raw(5, "f", purchase(5, "f", "2025-02-04"))], now_ms=NOW)
+        anchor = ms("2024-01-05")
+        got = [(c.customer_id, c.current.segment, int(c.occurred_at.timestamp() * 1000))
+               for c in out.changes if c.cause == "rescore"]
+        assert got == [("a", "Hibernating", anchor), ("b", "Hibernating", anchor + spacing),
+                       ("c", "About To Sleep", anchor + 2 * spacing),
+                       ("d", "Promising", anchor + 3 * spacing)]
+    finally:
+        await s.store.client.aclose()
