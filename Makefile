@@ -50,11 +50,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/worker_throughput.py
 
 ## make bench-all: every benchmark (bench/README.md): throughput, latency, replay, Redis memory
-## over 1M customers, worker RSS soak, sweep over 1M customers, clustering
+## over 1M customers (both population layouts) and what each layout costs Redis, worker RSS soak, sweep over 1M customers, clustering
 bench-all: bench
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/replay_throughput.py
 	$(BIN)/python bench/redis_memory.py
+	$(BIN)/python bench/redis_memory.py --layout chunked
+	$(BIN)/python bench/layout_cost.py
 	$(BIN)/python bench/rss_soak.py
 	$(BIN)/python bench/sweep_cost.py
 	$(BIN)/python bench/clustering_cost.py
