@@ -45,6 +45,47 @@ def test_malloc_settings_beyond_what_mallopt_takes_are_refused(field, value):
         Settings(**{field: value})
 
 
+MAPPED = """
+import ctypes, ctypes.util, sys
+from stream.allocator import tune_malloc
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                "keepcost")]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped(size):  # whether a block of this size is served by its own mmap
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    during = libc.mallinfo2().hblks
+    libc.free(block)
+    return during - before
+
+assert tune_malloc(int(sys.argv[1]), 0)
+print(*(mapped(size) for size in (256 * 1024, 2 * 2**20, 8 * 2**20)))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
+@pytest.mark.parametrize("threshold, expected", [(4 * 2**20, "0 0 1"), (1 * 2**20, "0 1 1"),
+                                                 (128 * 1024, "1 1 1")])
+def test_the_mmap_threshold_decides_which_blocks_are_mapped(threshold, expected):
+    """What the setting does, seen from glibc (``mallinfo2``'s count of mmap-ed blocks) in a
+    process of its own: blocks of 256 KiB, 2 MiB and 8 MiB are each mmap-ed exactly when
+    they are at least the threshold (mallopt(3), M_MMAP_THRESHOLD)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MAPPED, str(threshold)], capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout.split() == expected.split()
+
+
 def test_a_libc_without_mallopt_is_reported_not_raised(monkeypatch):
     def no_glibc(name):
         raise OSError(f"{name}: cannot open shared object file")
