@@ -6,12 +6,15 @@ import, as faust's worker command needs).
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from state.rfm import frequency_monetary, recency_days
 from state.store import RedisStore
@@ -23,6 +26,8 @@ from stream.segments import SegmentTable
 from stream.settings import Settings
 from stream.timeline import iso
 from stream.validation import REASONS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +46,16 @@ class Services:
     last_step: dict[int, float] = field(default_factory=dict)  # partition -> monotonic time
 
     async def start(self) -> None:
-        """Mark the worker started (idempotent)."""
+        """Mark the worker started (idempotent), and set the model version gauge to the
+        snapshot in force (else it reads 0 until the worker's first step: a restarted, idle
+        worker looked as if it had no model). Redis unreachable: the first step sets it."""
         self.started = True
+        try:
+            text = await self.store.load_model()
+            if text:
+                self.metrics.model_version.set(int(json.loads(text)["version"]))
+        except (RedisError, ValueError, KeyError, TypeError) as exc:
+            log.warning("model version not read at start (%s): set by the first step", exc)
 
 
 def build_services(settings: Settings, metrics: Metrics | None = None,

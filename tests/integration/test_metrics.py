@@ -70,6 +70,31 @@ async def test_series_count_is_the_same_after_10_and_10000_customers(settings):
     assert not any("c1" in s for s in large)  # never a customer id in a label
 
 
+async def test_a_restarted_worker_shows_the_model_version_in_force_before_any_step(settings):
+    """The model version gauge of a new worker's services, started on a namespace whose
+    trainer published snapshots, reads the stored snapshot's version at once (it read 0 until
+    the worker's first step)."""
+    tuned = settings.model_copy(update={"partitions": 1, "threshold_refresh_every": 50,
+                                        "cluster_min_customers": 20, "min_population": 20})
+    first = build_services(tuned)
+    try:
+        await first.processor.process(0, [RawRecord("purchases", 0, i, f"c{i % 90}".encode(),
+                                                    event(i, f"c{i % 90}", i // 4))
+                                          for i in range(400)], now_ms=NOW)
+        version = json.loads(await first.store.load_model() or "{}").get("version")
+    finally:
+        await first.store.client.aclose()
+    assert isinstance(version, int) and version >= 2
+    again = build_services(tuned)
+    try:
+        gauge = lambda: again.metrics.registry.get_sample_value("rfm_model_version")  # noqa: E731
+        assert gauge() == 0
+        await again.start()
+        assert gauge() == version
+    finally:
+        await again.store.client.aclose()
+
+
 @pytest.mark.timeout(300)
 async def test_a_real_prometheus_scrapes_the_worker(settings, tmp_path):
     binary = shutil.which("prometheus")
