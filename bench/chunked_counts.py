@@ -100,9 +100,9 @@ return out
 """
 
 
-# KEYS: the three populations' key prefixes. ARGV[1] 'add' | 'move' | 'count', then:
-# add: id, last, freq, mon, ...; move: id, old last, old freq, old mon, new ..., ...;
-# count: pairs of kind (1 last, 2 freq, 3 mon), upper bound (as counts.lua)
+# KEYS: the three populations' key prefixes. ARGV[1] 'add' | 'move', then:
+# add: id, last, freq, mon, ...; move: id, old last, old freq, old mon, new ..., ...
+# (the counts are the service's: populations.lua, COUNT_LUA)
 LIBRARY_LUA = _script_text("chunks.lua") + """
 local op = ARGV[1]
 if op == 'add' then
@@ -121,15 +121,9 @@ elseif op == 'move' then
   pc_flush_all()
   return 1
 end
-local counters, out = {}, {}
-for i = 2, #ARGV, 2 do
-  local k = tonumber(ARGV[i])
-  counters[k] = counters[k] or pc_counter(KEYS[k])
-  out[#out + 1] = counters[k](tonumber(ARGV[i + 1]))
-end
-return out
 """
 LIB_KEYS = ["lib:{p0}:r:", "lib:{p0}:f:", "lib:{p0}:m:"]
+COUNT_LUA = _script_text("chunks.lua") + _script_text("populations.lua")
 
 
 def build_library(r: redis.Redis, population: list[tuple[str, int, int, int]]) -> tuple[float, float]:
@@ -237,12 +231,15 @@ def main(n: int, per_dim: int, repeat: int) -> None:
             build = timed(lambda: cumulate(r), max(3, repeat // 4))[0]
             per_customer, built = build_library(r, population)
             lib = r.register_script(LIBRARY_LUA)
-            rows.append(("chunks.lua", timed(lambda: lib(keys=LIB_KEYS, args=["count", *args]),
+            counts_lib = r.register_script(COUNT_LUA)
+            rows.append(("chunks.lua", timed(lambda: counts_lib(keys=["lib:{p0}:meta"],
+                                                              args=["count", *LIB_KEYS, *args]),
                                              repeat)))
             near = hinted_probes(population)
             hinted = [(name, timed(call, repeat)) for name, call in (
                 ("sorted sets", lambda: counts(keys=["z:last", "z:freq", "z:mon"], args=near)),
-                ("chunks.lua", lambda: lib(keys=LIB_KEYS, args=["count", *near])))]
+                ("chunks.lua", lambda: counts_lib(keys=["lib:{p0}:meta"],
+                                                 args=["count", *LIB_KEYS, *near])))]
             groups = [r.zcard(k + "g") for k in LIB_KEYS]
             lib_chunks = [r.zcard(k + "i") for k in LIB_KEYS]
             # 1,000 writes that move customers, as one commit would: chunks.lua, then the same
