@@ -20,15 +20,14 @@ local function bound(x)
   return tonumber(x)
 end
 
--- the members of the first (lowest) or last (highest) nonempty chunk: only the first chunk
--- ('') can be empty, since an emptied chunk after it merges into its predecessor
+-- the lowest value of the first nonempty chunk, or the highest of the last: only the first
+-- chunk ('') can be empty, since an emptied chunk after it merges into its predecessor
 local function edge(base, highest)
-  local fences = redis.call('ZRANGE', base .. 'i', 0, -1)
-  local from, to, step = 1, #fences, 1
-  if highest then from, to, step = #fences, 1, -1 end
-  for i = from, to, step do
-    local r = highest and redis.call('ZRANGE', base .. 'c:' .. fences[i], -1, -1, 'WITHSCORES')
-              or redis.call('ZRANGE', base .. 'c:' .. fences[i], 0, 0, 'WITHSCORES')
+  local fences = highest and redis.call('ZRANGE', base .. 'i', -1, -1)
+                 or redis.call('ZRANGE', base .. 'i', 0, 1)
+  local at = highest and -1 or 0
+  for _, f in ipairs(fences) do
+    local r = redis.call('ZRANGE', base .. 'c:' .. f, at, at, 'WITHSCORES')
     if #r > 0 then return tonumber(r[2]) end
   end
   return false
