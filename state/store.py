@@ -77,6 +77,10 @@ class FencedError(StoreError):
         self.partition, self.holder = partition, holder
 
 
+class LayoutError(ValueError):
+    """A namespace written with one population layout, asked to work with the other."""
+
+
 def _raise_fenced(partition: int, exc: ResponseError) -> None:
     """Raise FencedError when a script's error reply is ``FENCED <holder>``."""
     text = str(exc)
@@ -410,7 +414,7 @@ class RedisStore:
 
         Raises
         ------
-        ValueError
+        LayoutError
             When the namespace was written with the other layout (its populations would be
             read as empty and written twice over).
         """
@@ -422,7 +426,7 @@ class RedisStore:
                                   nx=True)
             stored = await self.client.get(key)
         if stored != self.population_layout:
-            raise ValueError(
+            raise LayoutError(
                 f"namespace {self.namespace!r} keeps its populations as {stored}, not "
                 f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored}, or "
                 f"replay into a new namespace with the layout wanted")

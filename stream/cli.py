@@ -100,6 +100,36 @@ def _settings(resolve: bool = True) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
+def _check_layout(settings: Any) -> None:
+    """Refuse, before the worker starts, a namespace written with the other population layout
+    (``RFM_POPULATION_LAYOUT``; ``RedisStore.check_layout``).
+
+    Raises
+    ------
+    click.ClickException
+        With what to set, or when Redis is unreachable.
+    """
+    from redis.exceptions import RedisError
+
+    from state.store import LayoutError
+    from stream.runner import store_for
+
+    async def check() -> None:
+        store = store_for(settings)
+        try:
+            await store.check_layout(range(settings.partitions))
+        finally:
+            await store.client.aclose()
+
+    try:
+        asyncio.run(check())
+    except LayoutError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except RedisError as exc:
+        raise click.ClickException(
+            f"Redis unreachable at the configured RFM_REDIS_URL: {exc}") from exc
+
+
 def _version(ctx: click.Context, asked: bool) -> None:
     """``--version``: the release and the format of the customer values it writes (README
     "Upgrading"); imported only when asked, as the CLI imports what a command needs."""
@@ -165,6 +195,8 @@ def worker(ctx: click.Context) -> None:
                    + (f" (RFM_NAMESPACE={configured!r} resolves to it)"
                       if configured != settings.namespace else ""), err=True)
     os.environ["RFM_NAMESPACE"] = settings.namespace
+    if not asking:
+        _check_layout(settings)
     from stream.allocator import tune_gc, tune_malloc
     tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
     tune_gc(settings.gc_thresholds)

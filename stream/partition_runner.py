@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from state.store import ConflictError, UnreadableCustomers
+from state.store import ConflictError, LayoutError, UnreadableCustomers
 from stream.pipeline import BatchResult, GapError, RawRecord
 from stream.services import Services
 
@@ -61,7 +61,7 @@ class PartitionRunner:
             with attempt:
                 try:
                     result = await self.without_unreadable(partition, records)
-                except RETRYABLE:
+                except (*RETRYABLE, LayoutError):  # a layout error is no record's fault
                     raise
                 except Exception as exc:
                     log.exception("batch of partition %d failed; processing its records one by "

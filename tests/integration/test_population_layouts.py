@@ -14,7 +14,9 @@ the setting that refuses a window with chunks.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -595,6 +597,30 @@ async def test_a_namespace_refuses_a_store_of_the_other_layout(settings, written
     finally:
         await client.aclose()
         await wrong.store.client.aclose()
+
+
+async def test_the_worker_command_refuses_the_other_layout_before_it_starts(settings):
+    """``rfm-stream worker`` on a namespace written in the default layout, with
+    RFM_POPULATION_LAYOUT=chunked: it exits 1 with the message, before faust starts (else it
+    would run until the timeout: the process is then killed and the test fails)."""
+    import subprocess
+    import sys
+
+    from stream.runner import settings_env
+
+    s = build_services(settings.model_copy(update={"partitions": 1}))
+    try:
+        assert (await s.processor.process(0, one_purchase("a", 0), now_ms=NOW)).applied == 1
+    finally:
+        await s.store.client.aclose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RFM_")}
+    env |= settings_env(settings.model_copy(update={"partitions": 1,
+                                                    "population_layout": "chunked"}))
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "stream", "worker"],
+                                   env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "keeps its populations as sorted_sets, not chunked" in done.stderr
+    assert "faust" not in done.stderr.lower().replace("rfm-stream worker", "")
 
 
 @pytest.mark.parametrize("data_in", [0, 1])
