@@ -187,7 +187,7 @@ def hinted_probes(population: list[tuple[str, int, int, int]]) -> list[int]:
     """The first round of a refresh with a hint (``RedisStore.order_statistics``): around each
     dimension's quintile bounds, the offsets ``_AROUND`` (in days for recency: here in the
     stored milliseconds)."""
-    from state.store import _AROUND
+    from state.populations import _AROUND
     args: list[int] = []
     for kind, col, unit in ((1, 1, 86_400_000), (2, 2, 1), (3, 3, 1)):
         values = sorted(row[col] for row in population)
