@@ -85,21 +85,29 @@ class PopulationQueries:
 
     async def check_layout(self, partitions: Iterable[int]) -> None:
         """Hold the namespace to this store's population layout: the first store to ask
-        records its own (``state.keys.layout_key``), or ``sorted_sets`` when some of
-        ``partitions`` already hold population sorted sets (a namespace written before
-        layouts were recorded).
+        records its own (``state.keys.layout_key``), or the one whose keys some of ``partitions``
+        already hold (a namespace written before layouts were recorded, or whose record was
+        lost).
 
         Raises
         ------
         LayoutError
             When the namespace was written with the other layout (its populations would be
-            read as empty and written twice over).
+            read as empty and written twice over), or holds both.
         """
         key = layout_key(self.namespace)
         stored = await self.client.get(key)
-        if stored is None:
-            legacy = await self.client.exists(*(self.keys(p).z_last for p in partitions))
-            await self.client.set(key, "sorted_sets" if legacy else self.population_layout,
+        if stored is None:  # the data says which, if there is any
+            parts = list(partitions)
+            found = {name for name, n in (
+                ("sorted_sets", await self.client.exists(*(self.keys(p).z_last for p in parts))),
+                ("chunked", await self.client.exists(
+                    *(self.keys(p).chunk_bases[0] + "i" for p in parts)))) if n}
+            if len(found) > 1:
+                raise LayoutError(f"namespace {self.namespace!r} holds populations in both "
+                                  f"layouts (some partitions' sorted sets, others' chunks): "
+                                  f"replay it into a new namespace")
+            await self.client.set(key, found.pop() if found else self.population_layout,
                                   nx=True)
             stored = await self.client.get(key)
         if stored != self.population_layout:
@@ -326,7 +334,8 @@ class PopulationQueries:
         the customers at ``ranks`` (in their order), from their states (None: unreadable)."""
         order = sorted(set(ranks))
         flat = await self._pops(self.keys(partition), "ranks", order)
-        at = dict(zip(order, flat[::2], strict=True))
+        # a population that shrank since its size was read (an erasure) has fewer ranks
+        at = dict(zip(order, flat[::2], strict=False))
         ids, values = await self._with_values(partition, list(at.values()))
         row = {cid: (int(v[0]), int(v[1]), int(v[2])) for cid, v in zip(ids, values, strict=True)}
-        return [row.get(at[r]) for r in ranks]
+        return [row.get(at[r]) if r in at else None for r in ranks]

@@ -209,6 +209,7 @@ def _opt(value: Any) -> str:
 
 
 Population = tuple[int, int, int]
+CHUNK_VALUE_MAX = 2**53 - 1  # the chunked populations rank larger values as this one
 CommitRow = tuple[str, str, "Population | tuple[()] | None", "bytes | None", str, str,
                   "Population | None"]
 
@@ -226,7 +227,9 @@ def commit_runs(rows: Iterable[CommitRow], chunked: bool = False
 
     ``chunked``: for the chunked populations (``chunks.lua``), which find a customer by its
     old value: a changed value of a dimension is a removal of the old pair and an addition of
-    the new one, an unchanged one neither, and the ZREM ids stay empty. Else the sorted sets
+    the new one, an unchanged one neither, and the ZREM ids stay empty. Values above
+    :data:`CHUNK_VALUE_MAX` count as it (a chunk's fence holds 16 digits; Redis's scores and
+    Lua's numbers are exact up to 2^53 anyway). Else the sorted sets
     are written by id (ZADD overwrites) and the removals stay empty.
 
     Commands of one kind on different customers commute, so a run sends each kind as one
@@ -258,8 +261,8 @@ def commit_runs(rows: Iterable[CommitRow], chunked: bool = False
         if chunked:
             if pop != ():
                 for k in range(3):
-                    was = None if before is None else before[k]
-                    now = None if pop is None else pop[k]
+                    was = None if before is None else min(before[k], CHUNK_VALUE_MAX)
+                    now = None if pop is None else min(pop[k], CHUNK_VALUE_MAX)
                     if was != now:
                         if was is not None:
                             run[8 + k] += (str(was), cid)

@@ -38,6 +38,20 @@
 
 local PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX = 127, 64, 32, 64
 
+-- redis.call(cmd, key, items...) in slices (Redis's Lua unpacks at most ~8,000 values: a
+-- population of 500,000 customers in one partition has that many chunks), the replies joined
+local PC_SLICE = 1000
+local function pc_sliced(cmd, key, items)
+  local out = {}
+  for i = 1, #items, PC_SLICE do
+    local r = redis.call(cmd, key, unpack(items, i, math.min(i + PC_SLICE - 1, #items)))
+    if type(r) == 'table' then
+      for _, x in ipairs(r) do out[#out + 1] = x end
+    end
+  end
+  return out
+end
+
 local function pc_enc(v)
   return string.format('%016.0f', v)
 end
@@ -83,7 +97,7 @@ local function pc_flush(base)
   if c == nil then return end
   local args = {}
   for f in pairs(c.dirty) do args[#args + 1] = f; args[#args + 1] = c.size[f] end
-  if #args > 0 then redis.call('HSET', base .. 's', unpack(args)) end
+  pc_sliced('HSET', base .. 's', args)
   for g, d in pairs(c.gdelta) do
     if d ~= 0 then redis.call('HINCRBY', base .. 'gn', g, d) end
   end
@@ -224,9 +238,10 @@ local function pc_add(base, v, id)
   if pc_seen[base].size[f] > PC_MAX then pc_split(base, f, g) end
 end
 
--- remove a customer stored with value v; returns 0 when it is not there
-local function pc_remove(base, v, id)
-  local f = pc_fence(base, v, id)
+-- remove a customer stored with value v (from the chunk of fence f when given); returns 0
+-- when it is not there
+local function pc_remove(base, v, id, f)
+  f = f or pc_fence(base, v, id)
   pc_size(base, f)
   if redis.call('ZREM', base .. 'c:' .. f, id) == 0 then return 0 end
   local g = pc_group(base, f)
@@ -242,7 +257,7 @@ local function pc_forget(base, id)
   if fences[1] ~= '' then table.insert(fences, 1, '') end
   for _, f in ipairs(fences) do
     local v = redis.call('ZSCORE', base .. 'c:' .. f, id)
-    if v then return pc_remove(base, tonumber(v), id) end
+    if v then return pc_remove(base, tonumber(v), id, f) end
   end
   return 0
 end
@@ -270,7 +285,7 @@ local function pc_counter(base)
   local groups = redis.call('ZRANGEBYLEX', base .. 'g', '-', '+')
   if #groups == 0 then return function(x) return 0 end end
   local gvalues, before, total = {}, {}, 0  -- customers in the groups before each group
-  local n = redis.call('HMGET', base .. 'gn', unpack(groups))
+  local n = pc_sliced('HMGET', base .. 'gn', groups)
   for i, g in ipairs(groups) do
     gvalues[i] = pc_fence_value(g)
     before[i] = total
@@ -322,7 +337,7 @@ local function pc_at_ranks(base, ranks)
   local out, k, seen = {}, 1, 0
   local fences = redis.call('ZRANGEBYLEX', base .. 'i', '-', '+')
   if #fences == 0 then return out end
-  local sizes = redis.call('HMGET', base .. 's', unpack(fences))
+  local sizes = pc_sliced('HMGET', base .. 's', fences)
   for i, f in ipairs(fences) do
     if k > #ranks then break end
     local n = tonumber(sizes[i])

@@ -46,7 +46,7 @@ elseif op == 'count' then
 elseif op == 'range' then
   local seen, ids = {}, {}
   for i = 5, #ARGV, 3 do
-    local lo, hi = math.max(bound(ARGV[i + 1]), 0), math.min(bound(ARGV[i + 2]), 2 ^ 53 - 2)
+    local lo, hi = math.max(bound(ARGV[i + 1]), 0), math.min(bound(ARGV[i + 2]), 2 ^ 53 - 1)
     if lo <= hi then
       local found = pc_range(bases[tonumber(ARGV[i])], lo, hi)
       for j = 1, #found, 2 do

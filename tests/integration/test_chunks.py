@@ -156,3 +156,33 @@ async def test_chunks_split_and_merge_back(client):
     chunks = await layout(client, base)
     assert [(f, len(m)) for f, m in chunks] == [("", 88)]
     assert await client.exists(base + f"c:{64:016d}c064") == 0
+
+
+async def test_more_chunks_and_groups_than_lua_unpacks_at_once(client):
+    """Redis's Lua unpacks at most ~8,000 values in one call: a population of more chunks
+    (500,000 customers in one partition at the real sizes; here 60,000 on the small sizes,
+    ~10,000 chunks, 20,000 customers added by one call) must still be counted, ranked and
+    written (sizes flushed) whole."""
+    script = library(client, SMALL)
+    base = f"chunks{next(_ns)}:"
+    rng = random.Random(5)
+    pop = {f"c{k}": rng.randrange(10**9) for k in range(60_000)}
+    items = [x for cid, v in pop.items() for x in (v, cid)]
+    await script(keys=[base], args=["add", *items[:40_000]])  # 20,000 customers at once
+    for i in range(40_000, len(items), 2_000):
+        await script(keys=[base], args=["add", *items[i:i + 2_000]])
+    assert await client.zcard(base + "i") > 8_000
+    assert await script(keys=[base], args=["total"]) == len(pop)
+    sizes = await client.hgetall(base + "s")
+    assert sum(map(int, sizes.values())) == len(pop) and len(sizes) == await client.zcard(
+        base + "i")
+    want = order(pop)
+    values = [v for v, _ in want]
+    probes = [values[0], values[len(values) // 3], values[-1] - 1, values[-1]]
+    assert await script(keys=[base], args=["count", *probes]) == [
+        sum(v <= x for v in values) for x in probes]
+    ranks = [0, 1, len(want) // 2, len(want) - 2, len(want) - 1]
+    got = await script(keys=[base], args=["ranks", *ranks])
+    assert [(int(s), m) for m, s in zip(got[::2], got[1::2], strict=True)] == \
+        [want[r] for r in ranks]
+    await client.delete(*[k async for k in client.scan_iter(match=base + "*", count=10_000)])

@@ -49,3 +49,13 @@ def test_a_customer_written_twice_starts_a_run_that_removes_its_first_values():
     assert second[4:7] == [["20", "a"], ["2", "a"], ["300", "a"]]
     assert second[8:11] == [["10", "a"], ["1", "a"], ["100", "a"]]
     assert first[11] == ["S", "1"] and second[11] == ["S", "-1", "T", "1"]
+
+
+def test_chunked_values_above_2_to_the_53_count_as_its_largest_exact_integer():
+    """A chunk's fence holds 16 digits (and Redis's scores are exact to 2^53): a monetary
+    total of 10^16 minor units is ranked, and found again, as 2^53 - 1."""
+    rows = [("w", "", (5, 1, 10**16 + 7), b"v", "", "S", (5, 1, 10**16))]
+    (run,) = commit_runs(rows, chunked=True)
+    assert run[6] == [] and run[10] == []  # both clamp to 9007199254740991: nothing moves
+    (run,) = commit_runs([("w", "", (5, 1, 10**16), b"v", "", "S", (5, 1, 100))], chunked=True)
+    assert run[6] == ["9007199254740991", "w"] and run[10] == ["100", "w"]
