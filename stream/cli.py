@@ -193,7 +193,8 @@ def worker(ctx: click.Context) -> None:
         configured = _settings(resolve=False).namespace
         click.echo(f"rfm-stream worker: state namespace {settings.namespace!r}"
                    + (f" (RFM_NAMESPACE={configured!r} resolves to it)"
-                      if configured != settings.namespace else ""), err=True)
+                      if configured != settings.namespace else "")
+                   + f", populations {settings.population_layout}", err=True)
     os.environ["RFM_NAMESPACE"] = settings.namespace
     if not asking:
         _check_layout(settings)

@@ -215,9 +215,9 @@ class Settings(BaseSettings):
         if self.window_days and self.window_days % self.window_bucket_days:
             raise ValueError("window_days must be a multiple of window_bucket_days")
         if self.window_days and self.population_layout == "chunked":
-            raise ValueError("population_layout chunked keeps no window: window_days must be 0 "
-                             "(a chunk finds a customer by the values it was stored with, which "
-                             "a window moves without a write)")
+            raise ValueError("RFM_POPULATION_LAYOUT=chunked keeps no window: RFM_WINDOW_DAYS "
+                             "must be 0 (a chunk finds a customer by the values it was stored "
+                             "with, which a window moves without a write)")
         if not all(1 <= t <= MAX_GC_THRESHOLD for t in self.gc_thresholds):
             raise ValueError(f"gc_thresholds must all be in 1..{MAX_GC_THRESHOLD:,} (0 or huge "
                              f"values turn collection off), got {self.gc_thresholds}")

@@ -685,7 +685,7 @@ async def test_a_namespace_with_data_and_no_recorded_layout_is_sorted_sets(setti
 def test_the_chunked_layout_refuses_a_window(monkeypatch):
     with pytest.raises(ValidationError) as caught:
         Settings(population_layout="chunked", window_days=30)
-    assert "chunked" in str(caught.value) and "window_days" in str(caught.value)
+    assert "chunked" in str(caught.value) and "RFM_WINDOW_DAYS" in str(caught.value)
     assert Settings(population_layout="chunked").window_days == 0
     assert Settings(window_days=30).population_layout == "sorted_sets"
     monkeypatch.setenv("RFM_POPULATION_LAYOUT", "chunked")
