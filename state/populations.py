@@ -110,6 +110,10 @@ class PopulationQueries:
             await self.client.set(key, found.pop() if found else self.population_layout,
                                   nx=True)
             stored = await self.client.get(key)
+        if stored not in LAYOUTS:
+            raise LayoutError(f"namespace {self.namespace!r}: its layout record "
+                              f"{layout_key(self.namespace)!r} holds {stored!r}, none of "
+                              f"{LAYOUTS} (set by hand?): set it to the namespace's layout")
         if stored != self.population_layout:
             raise LayoutError(
                 f"namespace {self.namespace!r} keeps its populations as {stored}, not "
@@ -322,10 +326,13 @@ class PopulationQueries:
             if 0 <= r < total:
                 it = found[max(j for j, s0 in enumerate(starts) if s0 <= r)]
                 if self.chunked:
-                    if (row := next(it)) is not None:
-                        out.append(row)
-                    continue
-                out.append((int(float(next(it))), int(float(next(it))), int(float(next(it)))))
+                    row = next(it)
+                else:  # None: a rank an erasure removed since the size was read
+                    values = (next(it), next(it), next(it))
+                    row = None if None in values else (
+                        int(float(values[0])), int(float(values[1])), int(float(values[2])))
+                if row is not None:
+                    out.append(row)
         return out
 
     async def _sample_chunked(self, partition: int, ranks: Sequence[int]

@@ -657,6 +657,30 @@ async def test_a_sample_over_ranks_an_erasure_removed_meanwhile_skips_them(chunk
     assert got[0] is not None and got[1] is not None and got[2:] == [None, None]
 
 
+async def test_the_sorted_sets_sample_answers_a_rank_an_erasure_removed_with_nothing(settings):
+    """The default layout's ``sample.lua`` given a rank past the population (an erasure
+    between the size read and the sample): false values for it, not an error."""
+    s = build_services(settings.model_copy(update={"partitions": 1}))
+    try:
+        assert (await s.processor.process(0, one_purchase("a", 0), now_ms=NOW)).applied == 1
+        k = s.store.keys(0)
+        got = await s.store._sample(keys=[k.z_last, k.z_freq, k.z_mon], args=[0, 1, 5])
+        assert got[3:] == [None] * 6 and None not in got[:3]
+    finally:
+        await s.store.client.aclose()
+
+
+async def test_a_layout_record_set_by_hand_to_anything_else_is_named(settings):
+    store = RedisStore(aioredis.Redis.from_url(settings.redis_url.get_secret_value(),
+                                               decode_responses=True), settings.namespace)
+    try:
+        await store.client.set(prefix(settings.namespace, 0) + "layout", "chunked ")
+        with pytest.raises(ValueError, match="holds 'chunked '"):
+            await store.check_layout([0])
+    finally:
+        await store.client.aclose()
+
+
 @pytest.mark.parametrize("data_in", [0, 1])
 async def test_a_namespace_with_data_and_no_recorded_layout_is_sorted_sets(settings, data_in):
     """As a release before the layouts left it: partition meta keys, no ``layout`` key.
