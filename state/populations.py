@@ -121,19 +121,21 @@ class PopulationQueries:
                 f"replay into a new namespace with the layout wanted")
 
     async def population_between(self, partition: int,
-                                 ranges: Sequence[tuple[str, float, float]]
+                                 ranges: Sequence[tuple[str, float, float]],
+                                 read: dict[str, StoredCustomer | None] | None = None
                                  ) -> tuple[list[str], npt.NDArray[np.int64]]:
         """Customers of a partition whose population value lies in any of the closed ranges
         ``(kind, low, high)``, kind ``last`` (epoch ms), ``freq`` or ``mon`` (minor units), in
         one call: their ids and an int64 array of shape (N, 3) of (last purchase ms,
-        frequency, monetary minor)."""
+        frequency, monetary minor). ``read``: gets the customers read for their values (the
+        chunked layout reads them; a caller that needs them then need not read them again)."""
         k = self.keys(partition)
         kinds = {"last": 1, "freq": 2, "mon": 3}
         args: list[str | int] = []
         for kind, lo, hi in ranges:
             args += [kinds[kind], _bound(lo), _bound(hi)]
         if self.chunked:  # the other dimensions' values: from the customers' states
-            return await self._with_values(partition, await self._pops(k, "range", args))
+            return await self._with_values(partition, await self._pops(k, "range", args), read)
         ids, flat = await self._between(keys=[k.z_last, k.z_freq, k.z_mon], args=args)
         return list(ids), np.asarray(flat, dtype=np.int64).reshape(-1, 3)
 
@@ -143,12 +145,16 @@ class PopulationQueries:
         return self._populations(keys=[k.meta], args=[op, *k.chunk_bases, *args],
                                  client=client or self.client)
 
-    async def _with_values(self, partition: int, ids: Sequence[str]
+    async def _with_values(self, partition: int, ids: Sequence[str],
+                           read: dict[str, StoredCustomer | None] | None = None
                            ) -> tuple[list[str], npt.NDArray[np.int64]]:
         """``ids`` that are scored, with their (last purchase ms, frequency, monetary minor)
         from their states (the chunked layout's values are the all-time ones: no window).
-        A customer unreadable or without a purchase is left out."""
+        A customer unreadable or without a purchase is left out. ``read``: gets the
+        customers read."""
         found = await self.read_customers(partition, ids, others=True)
+        if read is not None:
+            read.update(found)
         out = [(cid, c.state) for cid, c in found.items()
                if c is not None and c.state.last_purchase_ms is not None]
         values = [(s.last_purchase_ms, s.frequency, s.monetary_minor) for _, s in out]
@@ -166,7 +172,6 @@ class PopulationQueries:
         k = self.keys(partition)
         done = chunks = 0
         while True:
-            last = False
             if self.chunked:  # ~page customers: chunks hold 32-127
                 n = max(1, page // 64)
                 ids, read = await self._pops(k, "page", [chunks, n])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from state.rfm import Limits, Record
-from state.store import ConflictError, OrderStatistics, PartitionView, RedisStore
+from state.store import ConflictError, OrderStatistics, PartitionView, RedisStore, StoredCustomer
 from stream.changes import Change
 from stream.clustering import ClusterModel
 from stream.events import DeadLetter, encode_raw
@@ -281,11 +281,13 @@ class BatchProcessor:
             # thresholds are refreshed (and the model trained) only by steps with records, at
             # offset blocks: never by a timer sweep, whose timing would shape the output
             first = remaining[0].offset if remaining else -1
-            thresholds, text, rescore = await self._thresholds_for(view, first, now)
+            read: dict[str, StoredCustomer | None] = {}  # customers a refresh read
+            thresholds, text, rescore = await self._thresholds_for(view, first, now, read)
             if rescore:
-                missing = [c for c in rescore if c not in view.customers]
+                missing = [c for c in rescore if c not in view.customers and c not in read]
                 extra = await self.store.read_customers(partition, missing, others=True)
-                view = replace(view, customers={**extra, **view.customers})
+                known = {c: read[c] for c in rescore if c in read}
+                view = replace(view, customers={**known, **extra, **view.customers})
             await self._refresh_model(view.model_version)
             trained = (await self._train_for(view, first, now)
                        if partition == TRAINER_PARTITION and remaining else None)
@@ -415,10 +417,12 @@ class BatchProcessor:
         return self.policy.watermark(own.watermark, others, now,
                                      own_active=self.policy.active(own.seen_ms, now))
 
-    async def _thresholds_for(self, view: PartitionView, first_offset: int, now: int
+    async def _thresholds_for(self, view: PartitionView, first_offset: int, now: int,
+                              read: dict[str, StoredCustomer | None] | None = None
                               ) -> tuple[Thresholds, str | None, list[str]]:
         """The thresholds of the block starting at ``first_offset`` (-1: a sweep, which uses
-        the current ones): ``(thresholds, JSON to store or None, customers to re-score)``.
+        the current ones): ``(thresholds, JSON to store or None, customers to re-score)``;
+        ``read`` gets the customers read on the way (see ``population_between``).
         Refreshed when the block is newer than the partition's current thresholds; the
         customers a refresh may move are re-scored."""
         if self.scoring.mode == "fixed":
@@ -436,10 +440,10 @@ class BatchProcessor:
         text = json.dumps({**fresh.to_dict(), "block": block})
         if fresh == (old or self._fixed):  # no stored thresholds: the fixed ones scored
             return fresh, text, []
-        return fresh, text, await self._moved_by(view.partition, old, fresh)
+        return fresh, text, await self._moved_by(view.partition, old, fresh, read)
 
-    async def _moved_by(self, partition: int, old: Thresholds | None, new: Thresholds
-                        ) -> list[str]:
+    async def _moved_by(self, partition: int, old: Thresholds | None, new: Thresholds,
+                        read: dict[str, StoredCustomer | None] | None = None) -> list[str]:
         """Customers of a partition whose segment differs between ``old`` and ``new``
         thresholds (all of them when either side is not quintiles: a population that fell
         below the minimum goes back to the fixed thresholds). Only the customers whose
@@ -449,7 +453,7 @@ class BatchProcessor:
                   else old.moved_ranges(new))
         if not ranges:
             return []
-        ids, values = await self.store.population_between(partition, ranges)
+        ids, values = await self.store.population_between(partition, ranges, read)
         if old is None or old.anchor_ms is None or new.anchor_ms is None or not ids:
             return sorted(ids)
         last, f, m = values[:, 0], values[:, 1], values[:, 2]
