@@ -28,13 +28,16 @@
 -- (values are non-negative integers below 2^53, zero-padded to 16 digits, so that the
 -- fences' byte order is that order, as the chunks' own member order is): every member of a
 -- chunk is at or after its fence and before the next fence. Fences change only when a chunk
--- splits (the upper half moves to a new chunk, its first member as fence) or merges into its
+-- splits (the upper half moves to a new chunk, its first member as fence; a chunk given more
+-- customers at once than it has room for is rewritten as several), or merges into its
 -- predecessor (an underfull chunk after a removal).
 -- The groups are the second level of an order-statistic tree: #(value <= x) is the customers
 -- of the groups before x's group (one HMGET per call), of the chunks of that group before
 -- x's chunk (one HMGET of sizes per group and call) and one ZCOUNT in x's chunk.
--- Sizes and group counts are kept in the script's memory while it adds and removes, and
--- written once (pc_flush) before a split or merge, a read, and the script's end.
+-- Writes go through a session per population and script call (pc_session: what it read of
+-- the groups and chunks, kept in step with its own splits and merges), one ZADD or ZREM per
+-- chunk for a batch of customers (pc_add_many, pc_remove_many); sizes and group counts are
+-- written once (pc_flush) before a read and at the script's end.
 
 local PC_MAX, PC_SPLIT, PC_MERGE, PC_GMAX = 127, 64, 32, 64
 
@@ -80,78 +83,109 @@ local function pc_last_at_most(values, x)
   return lo
 end
 
--- what this script call knows of each population: chunks' groups and sizes, and the sizes
--- and group counts it changed and has not written yet
-local pc_seen = {}
-local function pc_cache(base)
-  local c = pc_seen[base]
-  if c == nil then
-    c = {group = {}, size = {}, dirty = {}, gdelta = {}, groups = nil, gvalues = nil}
-    pc_seen[base] = c
+-- byte order of two strings (Redis's order of members and of lexicographic ranges; Lua's `<`
+-- compares by the server's locale)
+local function pc_bytes_lt(a, b)
+  if a == b then return false end
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
   end
-  return c
+  return #a < #b
+end
+
+-- a fence's value (a number; -inf for '') and id
+local function pc_parse(f)
+  if f == '' then return -math.huge, '' end
+  return tonumber(string.sub(f, 1, 16)), string.sub(f, 17)
+end
+
+-- the last entry k of `list` (ascending entries {f, v, id}; list[1] a lower bound of
+-- everything) with (list[k].v, list[k].id) <= (v, id)
+local function pc_last_le(list, v, id)
+  local lo, hi = 1, #list
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    local e = list[mid]
+    if v < e.v or (v == e.v and pc_bytes_lt(id, e.id)) then hi = mid - 1 else lo = mid end
+  end
+  return lo
+end
+
+-- The write path. A script call that writes a population opens a session on it: the groups
+-- (fences and customers: 2 calls) read once, each group's chunks (fences and sizes: 2 calls)
+-- the first time a write reaches it, and then kept in step with every split and merge: a
+-- customer's chunk is found by a binary search in Lua, and a batch is one ZADD or ZREM per
+-- chunk (docs/performance.md "Twenty-sixth pass": each redis.call costs ~1 us besides the
+-- command). Sizes and group counts are written by pc_flush, before a read and at the
+-- script's end.
+--   session: {groups = {group...}, dirty = {chunk -> true}, gdirty = {group -> true}}
+--   group:   {f, v, id, n = customers, chunks = nil (not read yet) | {chunk...}}
+--   chunk:   {f, v, id, n = customers, gone = true once merged away}
+local pc_sessions = {}
+
+local function pc_session(base)
+  local s = pc_sessions[base]
+  if s ~= nil then return s end
+  s = {groups = {}, dirty = {}, gdirty = {}}
+  local fences = redis.call('ZRANGEBYLEX', base .. 'g', '-', '+')
+  local counts = pc_sliced('HMGET', base .. 'gn', fences)
+  for i, f in ipairs(fences) do
+    local v, id = pc_parse(f)
+    s.groups[i] = {f = f, v = v, id = id, n = tonumber(counts[i]) or 0}
+  end
+  pc_sessions[base] = s
+  return s
+end
+
+-- group gi's chunks, read the first time
+local function pc_chunks(base, s, gi)
+  local grp = s.groups[gi]
+  if grp.chunks ~= nil then return grp.chunks end
+  local nxt = s.groups[gi + 1]
+  local fences = redis.call('ZRANGEBYLEX', base .. 'i', '[' .. grp.f, nxt and ('(' .. nxt.f) or '+')
+  if fences[1] ~= grp.f then table.insert(fences, 1, grp.f) end  -- '' before any index entry
+  local sizes = redis.call('HMGET', base .. 's', unpack(fences))
+  grp.chunks = {}
+  for k, f in ipairs(fences) do
+    local v, id = pc_parse(f)
+    grp.chunks[k] = {f = f, v = v, id = id, n = tonumber(sizes[k]) or 0}
+  end
+  return grp.chunks
+end
+
+-- the group and chunk that hold (or would hold) (v, id)
+local function pc_find(base, s, v, id)
+  local gi = pc_last_le(s.groups, v, id)
+  return gi, pc_last_le(pc_chunks(base, s, gi), v, id)
 end
 
 local function pc_flush(base)
-  local c = pc_seen[base]
-  if c == nil then return end
-  local args = {}
-  for f in pairs(c.dirty) do args[#args + 1] = f; args[#args + 1] = c.size[f] end
-  pc_sliced('HSET', base .. 's', args)
-  for g, d in pairs(c.gdelta) do
-    if d ~= 0 then redis.call('HINCRBY', base .. 'gn', g, d) end
+  local s = pc_sessions[base]
+  if s == nil then return end
+  local sizes, counts, chunks = {}, {}, {}
+  for c in pairs(s.dirty) do sizes[#sizes + 1] = c.f; sizes[#sizes + 1] = c.n end
+  for grp in pairs(s.gdirty) do
+    counts[#counts + 1] = grp.f; counts[#counts + 1] = grp.n
+    chunks[#chunks + 1] = grp.f; chunks[#chunks + 1] = #grp.chunks
   end
-  pc_seen[base] = nil
+  pc_sliced('HSET', base .. 's', sizes)
+  pc_sliced('HSET', base .. 'gn', counts)
+  pc_sliced('HSET', base .. 'gc', chunks)
+  s.dirty, s.gdirty = {}, {}
 end
 
 local function pc_flush_all()
-  local bases = {}
-  for base in pairs(pc_seen) do bases[#bases + 1] = base end
-  for _, base in ipairs(bases) do pc_flush(base) end
+  for base in pairs(pc_sessions) do pc_flush(base) end
 end
 
--- the fence of the group that holds the chunk of fence c: found among the groups' values
--- (read once per call), or asked of Redis when a group fence has c's value (a tie, which
--- only the ids decide)
-local function pc_group(base, c)
-  local cache = pc_cache(base)
-  local g = cache.group[c]
-  if g ~= nil then return g end
-  if cache.groups == nil then
-    cache.groups = redis.call('ZRANGEBYLEX', base .. 'g', '-', '+')
-    cache.gvalues = {}
-    for i, gf in ipairs(cache.groups) do cache.gvalues[i] = pc_fence_value(gf) end
-  end
-  local values, v = cache.gvalues, pc_fence_value(c)
-  if #values == 0 or c == '' then
-    g = ''
-  else
-    local i = pc_last_at_most(values, v)
-    if values[i] == v or (values[i + 1] ~= nil and values[i + 1] == v) then
-      g = redis.call('ZREVRANGEBYLEX', base .. 'g', '[' .. c, '-', 'LIMIT', 0, 1)[1] or ''
-    else
-      g = cache.groups[i]
-    end
-  end
-  cache.group[c] = g
-  return g
+-- chunk c of group grp has d more customers
+local function pc_resize(s, grp, c, d)
+  c.n, grp.n = c.n + d, grp.n + d
+  s.dirty[c], s.gdirty[grp] = true, true
 end
 
-local function pc_size(base, f)
-  local cache = pc_cache(base).size
-  local n = cache[f]
-  if n == nil then n = redis.call('ZCARD', base .. 'c:' .. f); cache[f] = n end
-  return n
-end
-
-local function pc_resize(base, f, g, d)  -- chunk f (of group g) has d more members
-  local c = pc_cache(base)
-  c.size[f] = pc_size(base, f) + d
-  c.dirty[f] = true
-  c.gdelta[g] = (c.gdelta[g] or 0) + d
-end
-
--- the chunks' fences of group g, in order
+-- the chunks' fences of group g, in order (as stored: for reads)
 local function pc_group_chunks(base, g)
   local nxt = redis.call('ZRANGEBYLEX', base .. 'g', '(' .. g, '+', 'LIMIT', 0, 1)[1]
   local out = redis.call('ZRANGEBYLEX', base .. 'i', '[' .. g, nxt and ('(' .. nxt) or '+')
@@ -167,97 +201,217 @@ local function pc_move(from, to)  -- every member of chunk `from` into chunk `to
   redis.call('DEL', from)
 end
 
--- split the chunk of fence f (in group g): its upper half to a new chunk, in the same group;
--- a group of more than PC_GMAX chunks gives its upper half of chunks to a new group
-local function pc_split(base, f, g)
-  pc_flush(base)
-  local ck = base .. 'c:' .. f
+-- a group of more than PC_GMAX chunks: its upper half of chunks to a new group (again, until
+-- none has more)
+local function pc_split_group(base, s, gi)
+  local grp = s.groups[gi]
+  if #grp.chunks <= PC_GMAX then return end
+  local half, upper, n = math.floor(#grp.chunks / 2), {}, 0
+  for i = half + 1, #grp.chunks do
+    upper[#upper + 1] = grp.chunks[i]
+    n = n + grp.chunks[i].n
+    grp.chunks[i] = nil
+  end
+  local first = upper[1]
+  local ng = {f = first.f, v = first.v, id = first.id, n = n, chunks = upper}
+  grp.n = grp.n - n
+  table.insert(s.groups, gi + 1, ng)
+  redis.call('ZADD', base .. 'g', 0, ng.f)
+  s.gdirty[grp], s.gdirty[ng] = true, true
+  pc_split_group(base, s, gi + 1)
+  pc_split_group(base, s, gi)
+end
+
+-- split chunk k of group gi: its upper half to a new chunk, in the same group
+local function pc_split(base, s, gi, k)
+  local grp = s.groups[gi]
+  local c = grp.chunks[k]
+  local ck = base .. 'c:' .. c.f
   local moved = redis.call('ZRANGE', ck, PC_SPLIT, -1, 'WITHSCORES')
-  local nf = pc_enc(tonumber(moved[2])) .. moved[1]
+  local v = tonumber(moved[2])
+  local nc = {f = pc_enc(v) .. moved[1], v = v, id = moved[1], n = #moved / 2}
   local args = {}
   for i = 1, #moved, 2 do args[#args + 1] = moved[i + 1]; args[#args + 1] = moved[i] end
-  redis.call('ZADD', base .. 'c:' .. nf, unpack(args))
+  redis.call('ZADD', base .. 'c:' .. nc.f, unpack(args))
   redis.call('ZREMRANGEBYRANK', ck, PC_SPLIT, -1)
-  redis.call('ZADD', base .. 'i', 0, nf)
-  redis.call('HSET', base .. 's', f, PC_SPLIT, nf, #moved / 2)
-  if redis.call('HINCRBY', base .. 'gc', g, 1) <= PC_GMAX then return end
-  local chunks = pc_group_chunks(base, g)
-  local half = math.floor(#chunks / 2)
-  local ng, n = chunks[half + 1], 0
-  for _, s in ipairs(redis.call('HMGET', base .. 's', unpack(chunks, half + 1))) do
-    n = n + tonumber(s)
-  end
-  redis.call('ZADD', base .. 'g', 0, ng)
-  redis.call('HSET', base .. 'gn', ng, n)
-  redis.call('HSET', base .. 'gc', ng, #chunks - half, g, half)
-  redis.call('HINCRBY', base .. 'gn', g, -n)
+  redis.call('ZADD', base .. 'i', 0, nc.f)
+  c.n = PC_SPLIT
+  table.insert(grp.chunks, k + 1, nc)
+  s.dirty[c], s.dirty[nc], s.gdirty[grp] = true, true, true
+  pc_split_group(base, s, gi)
 end
 
--- merge the chunk of fence f (in group g, not '') into its predecessor, when that has room
-local function pc_merge(base, f, g)
-  local n = pc_size(base, f)
-  local prev = redis.call('ZREVRANGEBYLEX', base .. 'i', '(' .. f, '-', 'LIMIT', 0, 1)[1] or ''
-  if pc_size(base, prev) + n > PC_MAX then return end
-  pc_flush(base)
-  pc_move(base .. 'c:' .. f, base .. 'c:' .. prev)
-  redis.call('ZREM', base .. 'i', f)
-  redis.call('HDEL', base .. 's', f)
-  redis.call('HINCRBY', base .. 's', prev, n)
-  if g ~= f then  -- the predecessor is in the same group
-    redis.call('HINCRBY', base .. 'gc', g, -1)
-    return
+-- chunk k of group gi and the customers `ids` (values `vals`) that belong in it, more than
+-- it has room for: all of them, in order, rewritten as chunks of at most PC_SPLIT (c first,
+-- the others new, after it in its group). Redis orders them: they are added to c, which
+-- turns into a skiplist for a moment, read back in order, and c is written anew.
+local function pc_refill(base, s, gi, k, ids, vals)
+  local grp = s.groups[gi]
+  local c = grp.chunks[k]
+  local ck = base .. 'c:' .. c.f
+  local args = {}
+  for j = 1, #ids do args[#args + 1] = vals[j]; args[#args + 1] = ids[j] end
+  pc_sliced('ZADD', ck, args)
+  local all = redis.call('ZRANGE', ck, 0, -1, 'WITHSCORES')
+  redis.call('DEL', ck)
+  local total, before = #all / 2, c.n
+  local blocks = math.ceil(total / PC_SPLIT)
+  for b = 1, blocks do
+    local from, to = math.floor((b - 1) * total / blocks) + 1, math.floor(b * total / blocks)
+    local ch = c
+    if b > 1 then
+      local v, id = tonumber(all[2 * from]), all[2 * from - 1]
+      ch = {f = pc_enc(v) .. id, v = v, id = id}
+      redis.call('ZADD', base .. 'i', 0, ch.f)
+      table.insert(grp.chunks, k + b - 1, ch)
+    end
+    local block = {}
+    for i = from, to do block[#block + 1] = all[2 * i]; block[#block + 1] = all[2 * i - 1] end
+    redis.call('ZADD', base .. 'c:' .. ch.f, unpack(block))
+    ch.n = to - from + 1
+    s.dirty[ch] = true
   end
-  -- f was its group's first chunk: its customers went to the previous group's last chunk,
-  -- and the group is now named after its next chunk (or gone, if it had no other)
-  local pg = pc_group(base, prev)
-  pc_seen[base] = nil
-  redis.call('HINCRBY', base .. 'gn', pg, n)
-  local left = tonumber(redis.call('HGET', base .. 'gn', g)) - n
-  local chunks = tonumber(redis.call('HGET', base .. 'gc', g)) - 1
-  redis.call('ZREM', base .. 'g', g)
-  redis.call('HDEL', base .. 'gn', g)
-  redis.call('HDEL', base .. 'gc', g)
-  if chunks > 0 then
-    local ng = redis.call('ZRANGEBYLEX', base .. 'i', '(' .. f, '+', 'LIMIT', 0, 1)[1]
-    redis.call('ZADD', base .. 'g', 0, ng)
-    redis.call('HSET', base .. 'gn', ng, left)
-    redis.call('HSET', base .. 'gc', ng, chunks)
+  grp.n = grp.n + total - before
+  s.gdirty[grp] = true
+  pc_split_group(base, s, gi)
+end
+
+-- merge chunk k of group gi (not the population's first) into its predecessor, when that
+-- has room
+local function pc_merge(base, s, gi, k)
+  local grp = s.groups[gi]
+  local c = grp.chunks[k]
+  local pg, pk = gi, k - 1
+  if k == 1 then pg = gi - 1; pk = #pc_chunks(base, s, pg) end
+  local pgrp = s.groups[pg]
+  local p = pgrp.chunks[pk]
+  if p.n + c.n > PC_MAX then return end
+  pc_move(base .. 'c:' .. c.f, base .. 'c:' .. p.f)
+  redis.call('ZREM', base .. 'i', c.f)
+  redis.call('HDEL', base .. 's', c.f)
+  pc_resize(s, pgrp, p, c.n)
+  grp.n = grp.n - c.n
+  s.dirty[c], c.gone = nil, true
+  table.remove(grp.chunks, k)
+  if k > 1 then return end
+  -- c was its group's first chunk: the group is named after its next chunk, or gone
+  redis.call('ZREM', base .. 'g', grp.f)
+  redis.call('HDEL', base .. 'gn', grp.f)
+  redis.call('HDEL', base .. 'gc', grp.f)
+  if #grp.chunks == 0 then
+    s.gdirty[grp] = nil
+    table.remove(s.groups, gi)
+  else
+    local first = grp.chunks[1]
+    grp.f, grp.v, grp.id = first.f, first.v, first.id
+    redis.call('ZADD', base .. 'g', 0, grp.f)
   end
 end
 
--- add a customer that is not in the population
-local function pc_add(base, v, id)
-  local f = pc_fence(base, v, id)
-  if f == '' and pc_cache(base).size[''] == nil then  -- a first chunk, first group
+-- the customers of `items` (flat (value, id) pairs, values as numbers or strings) by the
+-- chunk that holds (or would hold) each: chunks in first-seen order, and per chunk its
+-- group (until the next split or merge), ids and values
+local function pc_bucket(base, s, items)
+  local order, grps, ids, values = {}, {}, {}, {}
+  for i = 1, #items, 2 do
+    local v, id = tonumber(items[i]), items[i + 1]
+    local gi, k = pc_find(base, s, v, id)
+    local c = s.groups[gi].chunks[k]
+    if ids[c] == nil then
+      order[#order + 1] = c
+      grps[c], ids[c], values[c] = s.groups[gi], {}, {}
+    end
+    ids[c][#ids[c] + 1] = id
+    values[c][#values[c] + 1] = v
+  end
+  return order, grps, ids, values
+end
+
+-- add customers that are not in the population: `items` flat (value, id) pairs. One ZADD
+-- per chunk (split if it reaches PC_MAX + 1), or the chunk rewritten when they are more
+-- than it has room for (pc_refill).
+local function pc_add_many(base, items)
+  local s = pc_session(base)
+  if #items == 0 then return end
+  if #s.groups == 0 then  -- a first chunk, first group
     redis.call('ZADD', base .. 'i', 'NX', 0, '')
-    if redis.call('ZADD', base .. 'g', 'NX', 0, '') == 1 then redis.call('HSET', base .. 'gc', '', 1) end
+    redis.call('ZADD', base .. 'g', 'NX', 0, '')
+    s.groups[1] = {f = '', v = -math.huge, id = '', n = 0,
+                   chunks = {{f = '', v = -math.huge, id = '', n = 0}}}
   end
-  local g = pc_group(base, f)
-  pc_size(base, f)
-  pc_resize(base, f, g, redis.call('ZADD', base .. 'c:' .. f, v, id))
-  if pc_seen[base].size[f] > PC_MAX then pc_split(base, f, g) end
+  local order, _, ids, values = pc_bucket(base, s, items)
+  for _, c in ipairs(order) do  -- (its fence finds a chunk wherever splits moved it)
+    local gi, k = pc_find(base, s, c.v, c.id)
+    local list, vals = ids[c], values[c]
+    if c.n + #list <= PC_MAX + 1 then
+      local args = {}
+      for j = 1, #list do args[#args + 1] = vals[j]; args[#args + 1] = list[j] end
+      pc_resize(s, s.groups[gi], c, redis.call('ZADD', base .. 'c:' .. c.f, unpack(args)))
+      if c.n > PC_MAX then pc_split(base, s, gi, k) end
+    else
+      pc_refill(base, s, gi, k, list, vals)
+    end
+  end
 end
 
--- remove a customer stored with value v (from the chunk of fence f when given); returns 0
--- when it is not there
-local function pc_remove(base, v, id, f)
-  f = f or pc_fence(base, v, id)
-  pc_size(base, f)
-  if redis.call('ZREM', base .. 'c:' .. f, id) == 0 then return 0 end
-  local g = pc_group(base, f)
-  pc_resize(base, f, g, -1)
-  if f ~= '' and pc_seen[base].size[f] < PC_MERGE then pc_merge(base, f, g) end
+local function pc_add(base, v, id)  -- add one customer that is not in the population
+  pc_add_many(base, {v, id})
+end
+
+-- remove customers stored with their values: `items` flat (value, id) pairs. One ZREM per
+-- chunk; returns the ids of the chunks where fewer were found than asked (empty when all
+-- were removed): those the caller may look for elsewhere (pc_forget).
+local function pc_remove_many(base, items)
+  local s = pc_session(base)
+  local missing = {}
+  if #s.groups == 0 then
+    for i = 2, #items, 2 do missing[#missing + 1] = items[i] end
+    return missing
+  end
+  local order, grps, ids = pc_bucket(base, s, items)
+  for _, c in ipairs(order) do
+    local list, removed = ids[c], 0
+    for i = 1, #list, PC_SLICE do
+      removed = removed + redis.call('ZREM', base .. 'c:' .. c.f,
+                                     unpack(list, i, math.min(i + PC_SLICE - 1, #list)))
+    end
+    pc_resize(s, grps[c], c, -removed)
+    if removed < #list then
+      for _, id in ipairs(list) do missing[#missing + 1] = id end
+    end
+  end
+  for _, c in ipairs(order) do  -- underfull chunks merged into their predecessors
+    if c.n < PC_MERGE and not c.gone then
+      local gi, k = pc_find(base, s, c.v, c.id)
+      if gi > 1 or k > 1 then pc_merge(base, s, gi, k) end
+    end
+  end
+  return missing
+end
+
+-- remove a customer stored with value v; 0 when it is not there
+local function pc_remove(base, v, id)
+  return 1 - #pc_remove_many(base, {v, id})
+end
+
+-- remove `id` from chunk k of group gi; 0 when it is not there
+local function pc_remove_at(base, s, gi, k, id)
+  local grp = s.groups[gi]
+  local c = grp.chunks[k]
+  if redis.call('ZREM', base .. 'c:' .. c.f, id) == 0 then return 0 end
+  pc_resize(s, grp, c, -1)
+  if c.n < PC_MERGE and (gi > 1 or k > 1) then pc_merge(base, s, gi, k) end
   return 1
 end
 
 -- remove a customer whatever its value, by looking in every chunk (one ZSCORE each: for an
 -- erasure, or a customer not found at the value it was said to have); 0 when it is in none
 local function pc_forget(base, id)
-  local fences = redis.call('ZRANGE', base .. 'i', 0, -1)
-  if fences[1] ~= '' then table.insert(fences, 1, '') end
-  for _, f in ipairs(fences) do
-    local v = redis.call('ZSCORE', base .. 'c:' .. f, id)
-    if v then return pc_remove(base, tonumber(v), id, f) end
+  local s = pc_session(base)
+  for gi = 1, #s.groups do
+    for k, c in ipairs(pc_chunks(base, s, gi)) do
+      if redis.call('ZSCORE', base .. 'c:' .. c.f, id) then return pc_remove_at(base, s, gi, k, id) end
+    end
   end
   return 0
 end

@@ -61,10 +61,8 @@ for _, run in ipairs(p.runs) do
   for k = 1, 3 do
     if p.chunks then
       local base, gone, added = p.chunks[k], run[8 + k], run[4 + k]
-      for i = 1, #gone, 2 do
-        if pc_remove(base, tonumber(gone[i]), gone[i + 1]) == 0 then pc_forget(base, gone[i + 1]) end
-      end
-      for i = 1, #added, 2 do pc_add(base, tonumber(added[i]), added[i + 1]) end
+      for _, id in ipairs(pc_remove_many(base, gone)) do pc_forget(base, id) end
+      pc_add_many(base, added)
     else
       send('ZREM', KEYS[k + 1], nil, run[4], 1); send('ZADD', KEYS[k + 1], nil, run[4 + k], 2)
     end

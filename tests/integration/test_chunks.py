@@ -27,6 +27,12 @@ elseif op == 'remove' then
   for i = 2, #ARGV, 2 do n = n + pc_remove(base, tonumber(ARGV[i]), ARGV[i + 1]) end
   pc_flush_all()
   return n
+elseif op == 'apply' then  -- ARGV[2] removals, then additions, in one call (as commit.lua)
+  local n, removed = tonumber(ARGV[2]), 0
+  for i = 3, 2 + 2 * n, 2 do removed = removed + pc_remove(base, tonumber(ARGV[i]), ARGV[i + 1]) end
+  for i = 3 + 2 * n, #ARGV, 2 do pc_add(base, tonumber(ARGV[i]), ARGV[i + 1]) end
+  pc_flush_all()
+  return removed
 elseif op == 'count' then
   local out = {}
   for i = 2, #ARGV do out[#out + 1] = pc_count_le(base, tonumber(ARGV[i])) end
@@ -85,20 +91,29 @@ async def test_chunks_hold_the_population_in_order(client, sizes, seed):
     spread = [5, 50, 10**12][seed % 3]  # many ties, some, almost none
     ids = [f"c{k}" for k in range(700)] + [f"c{k}x" for k in range(100)] + ["", "é", "c"]
     pop: dict[str, int] = {}
-    for _ in range(40):
+    for step in range(40):
         adds, removes = {}, {}
         for cid in rng.sample(ids, rng.randrange(1, 120)):
-            if cid in pop and rng.random() < 0.5:
+            r = rng.random()
+            if cid in pop and r < 0.8:
                 removes[cid] = pop.pop(cid)
+                if r < 0.4:  # a move
+                    adds[cid] = rng.randrange(spread)
             elif cid not in pop:
                 adds[cid] = rng.randrange(spread)
-        # a customer that moves: removed at its old value, added at its new one
-        if removes:
-            args = [x for cid, v in removes.items() for x in (v, cid)]
-            assert await script(keys=[base], args=["remove", *args]) == len(removes)
-        if adds:
-            await script(keys=[base], args=["add", *[x for c, v in adds.items() for x in (v, c)]])
-            pop.update(adds)
+        # a customer that moves: removed at its old value, added at its new one; in one
+        # call every other round (the writes of one call share what it read of the layout)
+        gone = [x for cid, v in removes.items() for x in (v, cid)]
+        new = [x for c, v in adds.items() for x in (v, c)]
+        if step % 2:
+            assert await script(keys=[base], args=["apply", len(removes), *gone, *new]) == \
+                len(removes)
+        else:
+            if removes:
+                assert await script(keys=[base], args=["remove", *gone]) == len(removes)
+            if adds:
+                await script(keys=[base], args=["add", *new])
+        pop.update(adds)
         want = order(pop)
         chunks = await layout(client, base)
         # the layout: '' first, every chunk within its fence and the next, none too big,
