@@ -55,7 +55,7 @@ bench-all: bench
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/replay_throughput.py
 	$(BIN)/python bench/redis_memory.py
-	$(BIN)/python bench/redis_memory.py --layout chunked
+	$(BIN)/python bench/redis_memory.py --layout sorted_sets
 	$(BIN)/python bench/layout_cost.py
 	$(BIN)/python bench/rss_soak.py
 	$(BIN)/python bench/sweep_cost.py

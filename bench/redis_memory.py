@@ -3,10 +3,11 @@ written through the store's real commit path, against the 500 bytes/customer tar
 figures; asserts nothing.
 
     .venv/bin/python bench/redis_memory.py [--customers 1000000] [--uuid-ids] [--scoring fixed]
-        [--layout chunked]
+        [--layout sorted_sets]
 
-``--layout chunked``: the populations as ``RFM_POPULATION_LAYOUT=chunked`` keeps them
-(``state/lua/chunks.lua``) instead of one sorted set each.
+``--layout``: how the populations are kept (``RFM_POPULATION_LAYOUT``): ``chunked`` (the
+default, what a new namespace gets: ``state/lua/chunks.lua``) or ``sorted_sets`` (one sorted
+set each: the layout of namespaces written before 2026-12-04, and of those with a window).
 
 Each customer's orders (1 + Poisson(7), so 8 on average; one purchase event per order, times
 spread over two years, amounts 5-200 USD) are folded with ``state.rfm.apply_event``, scored
@@ -219,7 +220,7 @@ if __name__ == "__main__":
                     help="customer values measured with MEMORY USAGE")
     ap.add_argument("--scoring", choices=("quintiles", "fixed"), default="quintiles",
                     help="quintiles (the default: no due times) or fixed thresholds")
-    ap.add_argument("--layout", choices=("sorted_sets", "chunked"), default="sorted_sets",
+    ap.add_argument("--layout", choices=("sorted_sets", "chunked"), default="chunked",
                     help="how the populations are kept (RFM_POPULATION_LAYOUT)")
     a = ap.parse_args()
     asyncio.run(main(a.customers, a.uuid_ids, a.batch, a.sample, a.scoring, a.layout))

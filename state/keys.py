@@ -22,10 +22,12 @@ Kinds
 ``z:last``        sorted set: customer -> last purchase (epoch ms), the recency population
 ``z:freq``        sorted set: customer -> frequency, the frequency population
 ``z:mon``         sorted set: customer -> monetary (minor units), the monetary population
-``p:<dim>:...``    the chunked population layout (``RFM_POPULATION_LAYOUT=chunked``, instead of
-                  the three sorted sets), ``<dim>`` one of ``last``, ``freq``, ``mon``: the
-                  same customer -> value populations as chunks of at most 127 customers,
-                  with their index, sizes and groups (``state/lua/chunks.lua``)
+                  (these three: the ``sorted_sets`` population layout)
+``p:<dim>:...``    the ``chunked`` population layout (a new namespace's with
+                  ``RFM_POPULATION_LAYOUT=auto``, instead of the three sorted sets), ``<dim>``
+                  one of ``last``, ``freq``, ``mon``: the same customer -> value populations
+                  as chunks of at most 127 customers, with their index, sizes and groups
+                  (``state/lua/chunks.lua``)
 ``segcount``      hash: segment name -> number of customers whose stored segment it is
 ``outbox``        stream: segment-change events not yet acknowledged by Kafka (field ``v``)
 ``layout``        string (partition 0's slot only): the namespace's population layout,

@@ -69,8 +69,10 @@ class PopulationQueries:
 
     client: aioredis.Redis
     namespace: str
-    population_layout: str
-    chunked: bool
+    population_layout: str  # as asked: sorted_sets, chunked or auto
+    new_layout: str  # what check_layout records for a new namespace
+    layout_partitions: int  # the partitions check_layout looks at when there is no record
+    _chunked: bool | None  # None until check_layout resolved "auto"
     _populations: Any
     _between: Any
     _counts: Any
@@ -83,17 +85,47 @@ class PopulationQueries:
                              others: bool = False) -> dict[str, StoredCustomer | None]:
         raise NotImplementedError  # RedisStore's
 
+    @property
+    def chunked(self) -> bool:
+        """Whether the namespace's populations are chunked.
+
+        Raises
+        ------
+        LayoutError
+            With the layout ``auto``, before :meth:`check_layout` (or :meth:`layout`) read it.
+        """
+        if self._chunked is None:
+            raise LayoutError(f"namespace {self.namespace!r}: its population layout is not "
+                              f"read yet (check_layout)")
+        return self._chunked
+
+    async def layout(self) -> str:
+        """The namespace's population layout, ``sorted_sets`` or ``chunked``: the one asked
+        for, or with ``auto`` the one the namespace holds (:meth:`check_layout`, the first
+        time; after that, no I/O).
+
+        Raises
+        ------
+        LayoutError
+            As :meth:`check_layout`.
+        """
+        if self._chunked is None:
+            await self.check_layout(range(self.layout_partitions))
+        return "chunked" if self.chunked else "sorted_sets"
+
     async def check_layout(self, partitions: Iterable[int]) -> None:
         """Hold the namespace to this store's population layout: the first store to ask
-        records its own (``state.keys.layout_key``), or the one whose keys some of ``partitions``
-        already hold (a namespace written before layouts were recorded, or whose record was
-        lost).
+        records its own (``state.keys.layout_key``; with ``auto``, :attr:`new_layout`), or the
+        one whose keys some of ``partitions`` already hold (a namespace written before layouts
+        were recorded, or whose record was lost). With ``auto`` the store then uses the
+        namespace's layout.
 
         Raises
         ------
         LayoutError
             When the namespace was written with the other layout (its populations would be
-            read as empty and written twice over), or holds both.
+            read as empty and written twice over), or holds both; with ``auto``, when it is
+            chunked and the store needs a window (:attr:`new_layout` ``sorted_sets``).
         """
         key = layout_key(self.namespace)
         stored = await self.client.get(key)
@@ -107,14 +139,19 @@ class PopulationQueries:
                 raise LayoutError(f"namespace {self.namespace!r} holds populations in both "
                                   f"layouts (some partitions' sorted sets, others' chunks): "
                                   f"replay it into a new namespace")
-            await self.client.set(key, found.pop() if found else self.population_layout,
-                                  nx=True)
+            await self.client.set(key, found.pop() if found else self.new_layout, nx=True)
             stored = await self.client.get(key)
         if stored not in LAYOUTS:
             raise LayoutError(f"namespace {self.namespace!r}: its layout record "
                               f"{layout_key(self.namespace)!r} holds {stored!r}, none of "
                               f"{LAYOUTS} (set by hand?): set it to the namespace's layout")
-        if stored != self.population_layout:
+        if self.population_layout == "auto":
+            if stored == "chunked" and self.new_layout == "sorted_sets":
+                raise LayoutError(
+                    f"namespace {self.namespace!r} keeps its populations chunked, which keep no "
+                    f"window (RFM_WINDOW_DAYS): replay into a new namespace to use a window")
+            self._chunked = stored == "chunked"
+        elif stored != self.population_layout:
             raise LayoutError(
                 f"namespace {self.namespace!r} keeps its populations as {stored}, not "
                 f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored}, or "
@@ -134,7 +171,7 @@ class PopulationQueries:
         args: list[str | int] = []
         for kind, lo, hi in ranges:
             args += [kinds[kind], _bound(lo), _bound(hi)]
-        if self.chunked:  # the other dimensions' values: from the customers' states
+        if await self.layout() == "chunked":  # the other dimensions' values: from the customers' states
             return await self._with_values(partition, await self._pops(k, "range", args), read)
         ids, flat = await self._between(keys=[k.z_last, k.z_freq, k.z_mon], args=args)
         return list(ids), np.asarray(flat, dtype=np.int64).reshape(-1, 3)
@@ -171,6 +208,7 @@ class PopulationQueries:
         running it again is harmless."""
         k = self.keys(partition)
         done = chunks = 0
+        await self.layout()
         while True:
             if self.chunked:  # ~page customers: chunks hold 32-127
                 n = max(1, page // 64)
@@ -194,6 +232,7 @@ class PopulationQueries:
                         ) -> list[tuple[int, int | None, int | None, int | None]]:
         """Per partition: (customers, lowest last purchase ms, highest frequency, highest
         monetary minor), None where the population is empty; one round trip."""
+        await self.layout()  # (the callers that read self.chunked after this need not)
         pipe = self.client.pipeline(transaction=False)
         for p in parts:
             k = self.keys(p)

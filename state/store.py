@@ -339,20 +339,36 @@ class RedisStore(PopulationQueries):
         (``state.rfm.Limits.text_ids``, which its pipeline sets too), and writes a customer
         already in format 4 in format 4 (its ids are digests).
     population_layout
-        ``sorted_sets`` (one sorted set per population: ``z:last``, ``z:freq``, ``z:mon``) or
-        ``chunked`` (``state/lua/chunks.lua``: ~60 B per customer instead of ~310, for several
-        times the Redis time per write and per count; its commits need each write's
-        ``previous_population``, so it cannot serve a window, whose values move without a
-        write). :meth:`check_layout` holds a namespace to one.
+        ``sorted_sets`` (one sorted set per population: ``z:last``, ``z:freq``, ``z:mon``),
+        ``chunked`` (``state/lua/chunks.lua``: ~60 B per customer instead of ~310, for about
+        twice the Redis time per write and several times per count; its commits need each
+        write's ``previous_population``, so it cannot serve a window, whose values move
+        without a write), or ``auto``: the layout the namespace holds, and for a new one
+        ``chunked`` (``sorted_sets`` when ``window``). :meth:`check_layout` holds a namespace
+        to one.
+    partitions
+        With ``auto``: the partitions whose keys tell a namespace's layout when it has no
+        layout record (``check_layout``).
+    window
+        With ``auto``: the store's writes need a window (a new namespace gets ``sorted_sets``;
+        a chunked one is refused).
     """
 
     def __init__(self, client: aioredis.Redis, namespace: str, cache_customers: int = 0,
-                 write_format: int = FORMAT, population_layout: str = "sorted_sets"):
-        if population_layout not in LAYOUTS:
-            raise ValueError(f"population layout {population_layout!r}: not one of {LAYOUTS}")
+                 write_format: int = FORMAT, population_layout: str = "sorted_sets",
+                 partitions: int = 1, window: bool = False):
+        if population_layout not in (*LAYOUTS, "auto"):
+            raise ValueError(f"population layout {population_layout!r}: not one of "
+                             f"{(*LAYOUTS, 'auto')}")
         self.client = client
         self.population_layout = population_layout
-        self.chunked = population_layout == "chunked"
+        self.layout_partitions = partitions
+        if population_layout == "auto":
+            self._chunked = None
+            self.new_layout = "sorted_sets" if window else "chunked"
+        else:
+            self._chunked = population_layout == "chunked"
+            self.new_layout = population_layout
         self.namespace = namespace
         self.cache_customers = cache_customers
         self.write_format = write_format
@@ -360,8 +376,8 @@ class RedisStore(PopulationQueries):
         self._cache: dict[int, _PartitionCache] = {}
         PartitionKeys(namespace, 0)  # validates the namespace
         chunks = _script_text("chunks.lua")
-        self._commit = client.register_script((chunks if self.chunked else "")
-                                              + _script_text("commit.lua"))
+        self._commits = {False: client.register_script(_script_text("commit.lua")),
+                         True: client.register_script(chunks + _script_text("commit.lua"))}
         self._read = client.register_script(_script_text("read.lua"))
         self._forget = client.register_script(chunks + _script_text("forget.lua"))
         self._populations = client.register_script(chunks + _script_text("populations.lua"))
@@ -512,6 +528,7 @@ class RedisStore(PopulationQueries):
             When Redis is unreachable or the script fails; nothing was written.
         """
         k = self.keys(partition)
+        chunked = await self.layout() == "chunked"
         token = secrets.token_hex(8)
         payload = commit_payload(
             {**{f: str(v) for f, v in meta.items()}, "tok": token},
@@ -521,13 +538,13 @@ class RedisStore(PopulationQueries):
               "" if w.customer is None else w.customer.segment or "",
               w.previous_population) for w in writes),
             k.customer(""), outbox, (str(model[0]), model[1]) if model else None,
-            k.chunk_bases if self.chunked else None)
+            k.chunk_bases if chunked else None)
         args = [expected_seq, payload]
         keys = [k.meta, k.z_last, k.z_freq, k.z_mon, k.due, k.segcount, k.outbox, k.model,
                 k.model_version]
         cache = self._cache.pop(partition, None)  # unknown until the commit's reply
         try:
-            seq = int(await self._commit(keys=keys, args=args))
+            seq = int(await self._commits[chunked](keys=keys, args=args))
         except ResponseError as exc:
             text = str(exc)
             if text.startswith("CONFLICT"):

@@ -100,9 +100,10 @@ def _settings(resolve: bool = True) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
-def _check_layout(settings: Any) -> None:
+def _check_layout(settings: Any) -> str:
     """Refuse, before the worker starts, a namespace written with the other population layout
-    (``RFM_POPULATION_LAYOUT``; ``RedisStore.check_layout``).
+    (``RFM_POPULATION_LAYOUT``; ``RedisStore.check_layout``); returns the namespace's layout
+    (with ``auto``, the one it holds, recorded now for a new namespace).
 
     Raises
     ------
@@ -114,15 +115,16 @@ def _check_layout(settings: Any) -> None:
     from state.store import LayoutError
     from stream.runner import store_for
 
-    async def check() -> None:
+    async def check() -> str:
         store = store_for(settings)
         try:
             await store.check_layout(range(settings.partitions))
+            return await store.layout()
         finally:
             await store.client.aclose()
 
     try:
-        asyncio.run(check())
+        return asyncio.run(check())
     except LayoutError as exc:
         raise click.ClickException(str(exc)) from exc
     except RedisError as exc:
@@ -191,13 +193,15 @@ def worker(ctx: click.Context) -> None:
     settings = _settings(resolve=not asking)
     if not asking:  # the log names the namespace the worker writes (after a replay --switch)
         configured = _settings(resolve=False).namespace
-        click.echo(f"rfm-stream worker: state namespace {settings.namespace!r}"
-                   + (f" (RFM_NAMESPACE={configured!r} resolves to it)"
-                      if configured != settings.namespace else "")
-                   + f", populations {settings.population_layout}", err=True)
+        line = (f"rfm-stream worker: state namespace {settings.namespace!r}"
+                + (f" (RFM_NAMESPACE={configured!r} resolves to it)"
+                   if configured != settings.namespace else ""))
+        layout = None
+        try:
+            layout = _check_layout(settings)
+        finally:  # the namespace is named, whatever the check says
+            click.echo(line + (f", populations {layout}" if layout else ""), err=True)
     os.environ["RFM_NAMESPACE"] = settings.namespace
-    if not asking:
-        _check_layout(settings)
     from stream.allocator import tune_gc, tune_malloc
     tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_arena_max)
     tune_gc(settings.gc_thresholds)

@@ -143,7 +143,7 @@ class BatchProcessor:
                  partitions: int, currency_decimals: int = 2, limits: Limits = Limits(),
                  policy: TimePolicy = TimePolicy(), max_due: int = 10_000,
                  trainer: TrainerConfig = TrainerConfig(), replay: bool = False):
-        if store.chunked and policy.window is not None:
+        if store.population_layout == "chunked" and policy.window is not None:
             raise ValueError("the chunked population layout keeps no window (see "
                              "RedisStore's population_layout)")
         self.store, self.rules, self.table = store, rules, table

@@ -102,7 +102,8 @@ def store_for(settings: Settings) -> RedisStore:
     """A store on the settings' Redis and namespace (the caller closes ``store.client``)."""
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     return RedisStore(client, settings.namespace, write_format=settings.state_format,
-                      population_layout=settings.population_layout)
+                      population_layout=settings.population_layout,
+                      partitions=settings.partitions, window=bool(settings.window_days))
 
 
 async def wait_applied(store: RedisStore, targets: Mapping[int, int],

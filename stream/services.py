@@ -65,7 +65,8 @@ def build_services(settings: Settings, metrics: Metrics | None = None,
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True,
                                      socket_timeout=10, socket_connect_timeout=5)
     store = RedisStore(client, settings.namespace, settings.cache_customers,
-                       settings.state_format, settings.population_layout)
+                       settings.state_format, settings.population_layout, settings.partitions,
+                       window=bool(settings.window_days))
     table = SegmentTable.load(settings.segment_table)
     m = metrics or Metrics.create(prefix=settings.metrics_prefix, segments=table.segments,
                                   reasons=REASONS, partitions=settings.partitions,

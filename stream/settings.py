@@ -116,11 +116,12 @@ class Settings(BaseSettings):
                               description="Format of the customer values written: 4, or 3 or 2 "
                               "while workers of a release before format 4 or 3 may still run "
                               "(all are read)")
-    population_layout: Literal["sorted_sets", "chunked"] = Field(
-        "sorted_sets", description="How Redis keeps each partition's recency, frequency and "
-        "monetary populations: one sorted set each (~310 B per customer), or chunks of at most "
-        "127 customers (~60 B per customer, several times the Redis time per write and per "
-        "threshold refresh; no window_days). A namespace keeps the layout it was written with")
+    population_layout: Literal["auto", "sorted_sets", "chunked"] = Field(
+        "auto", description="How Redis keeps each partition's recency, frequency and monetary "
+        "populations: one sorted set each (~310 B per customer), or chunks of at most 127 "
+        "customers (~60 B per customer, about twice the Redis time per write and several times "
+        "per threshold refresh; no window_days). A namespace keeps the layout it was written "
+        "with; auto: that one, and for a new namespace chunked (sorted_sets with window_days)")
 
     # --- scoring
     scoring_mode: Literal["quintiles", "fixed"] = Field(

@@ -27,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from state.store import RedisStore
+from state.store import LayoutError, RedisStore
 from stream.changes import Change
 from stream.pipeline import RawRecord
 from stream.services import Services, build_services, partition_for
@@ -604,7 +604,7 @@ async def test_a_namespace_refuses_a_store_of_the_other_layout(settings, written
 
 
 async def test_the_worker_command_refuses_the_other_layout_before_it_starts(settings):
-    """``rfm-stream worker`` on a namespace written in the default layout, with
+    """``rfm-stream worker`` on a namespace written with sorted sets, with
     RFM_POPULATION_LAYOUT=chunked: it exits 1 with the message, before faust starts (else it
     would run until the timeout: the process is then killed and the test fails)."""
     import subprocess
@@ -612,7 +612,8 @@ async def test_the_worker_command_refuses_the_other_layout_before_it_starts(sett
 
     from stream.runner import settings_env
 
-    s = build_services(settings.model_copy(update={"partitions": 1}))
+    s = build_services(settings.model_copy(update={"partitions": 1,
+                                                   "population_layout": "sorted_sets"}))
     try:
         assert (await s.processor.process(0, one_purchase("a", 0), now_ms=NOW)).applied == 1
     finally:
@@ -625,6 +626,46 @@ async def test_the_worker_command_refuses_the_other_layout_before_it_starts(sett
     assert done.returncode == 1, done.stderr[-2000:]
     assert "keeps its populations as sorted_sets, not chunked" in done.stderr
     assert "faust" not in done.stderr.lower().replace("rfm-stream worker", "")
+
+
+@pytest.mark.parametrize("written", ["sorted_sets", "chunked", None])
+async def test_auto_takes_the_namespace_layout_and_chunks_a_new_one(settings, written):
+    """RFM_POPULATION_LAYOUT=auto (the default) on a namespace written with either layout
+    (None: a new namespace) writes that layout's keys and no other; a new namespace is
+    chunked. A chunked one is refused when the store needs a window."""
+    base = settings.model_copy(update={"partitions": 1})
+    assert base.population_layout == "auto"
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    ns = settings.namespace
+    try:
+        if written:
+            first = build_services(base.model_copy(update={"population_layout": written}))
+            assert (await first.processor.process(0, one_purchase("a", 0), now_ms=NOW)).applied
+            await first.store.client.aclose()
+        auto = build_services(base)
+        with pytest.raises(LayoutError, match="not read yet"):
+            auto.store.chunked  # noqa: B018 - raises before the layout is read
+        out = await auto.processor.process(0, one_purchase("b", 1 if written else 0), now_ms=NOW)
+        assert out.applied == 1
+        want = written or "chunked"
+        assert await auto.store.layout() == want
+        assert await client.get(prefix(ns, 0) + "layout") == want
+        assert await auto.store.population([0]) == (2 if written else 1)
+        chunk_index = prefix(ns, 0) + "p:last:i"
+        assert await client.exists(prefix(ns, 0) + "z:last", chunk_index) == 1
+        assert await client.exists(chunk_index if want == "chunked"
+                                   else prefix(ns, 0) + "z:last") == 1
+        await auto.store.client.aclose()
+        windowed = RedisStore(client, ns, population_layout="auto", window=True)
+        if want == "chunked":
+            with pytest.raises(LayoutError, match="window"):
+                await windowed.check_layout([0])
+        else:
+            assert await windowed.layout() == "sorted_sets"
+        fresh = RedisStore(client, ns + "w", population_layout="auto", window=True)
+        assert await fresh.layout() == "sorted_sets"
+    finally:
+        await client.aclose()
 
 
 async def test_a_chunked_namespace_whose_layout_record_was_lost_is_still_chunked(settings):
@@ -657,9 +698,10 @@ async def test_a_sample_over_ranks_an_erasure_removed_meanwhile_skips_them(chunk
 
 
 async def test_the_sorted_sets_sample_answers_a_rank_an_erasure_removed_with_nothing(settings):
-    """The default layout's ``sample.lua`` given a rank past the population (an erasure
+    """The sorted sets' ``sample.lua`` given a rank past the population (an erasure
     between the size read and the sample): false values for it, not an error."""
-    s = build_services(settings.model_copy(update={"partitions": 1}))
+    s = build_services(settings.model_copy(update={"partitions": 1,
+                                                   "population_layout": "sorted_sets"}))
     try:
         assert (await s.processor.process(0, one_purchase("a", 0), now_ms=NOW)).applied == 1
         k = s.store.keys(0)
@@ -684,7 +726,8 @@ async def test_a_layout_record_set_by_hand_to_anything_else_is_named(settings):
 async def test_a_namespace_with_data_and_no_recorded_layout_is_sorted_sets(settings, data_in):
     """As a release before the layouts left it: partition meta keys, no ``layout`` key.
     The data may be in any partition the worker is given (here only in ``data_in``)."""
-    s = build_services(settings.model_copy(update={"partitions": 2}))
+    s = build_services(settings.model_copy(update={"partitions": 2,
+                                                   "population_layout": "sorted_sets"}))
     client, ns = s.store.client, settings.namespace
     try:
         out = await s.processor.process(data_in, one_purchase("a", 0, data_in), now_ms=NOW)
@@ -710,7 +753,7 @@ def test_the_chunked_layout_refuses_a_window(monkeypatch):
         Settings(population_layout="chunked", window_days=30)
     assert "chunked" in str(caught.value) and "RFM_WINDOW_DAYS" in str(caught.value)
     assert Settings(population_layout="chunked").window_days == 0
-    assert Settings(window_days=30).population_layout == "sorted_sets"
+    assert Settings(window_days=30).population_layout == "auto"  # a window: sorted sets
     monkeypatch.setenv("RFM_POPULATION_LAYOUT", "chunked")
     assert Settings().population_layout == "chunked"
     monkeypatch.setenv("RFM_WINDOW_DAYS", "60")
