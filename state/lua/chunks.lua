@@ -3,11 +3,12 @@
 -- each chunk as a listpack/ziplist sorted set (~20 B per member) instead of one skiplist
 -- sorted set (~100 B per member; docs/performance.md "Twelfth pass").
 --
--- The service's populations with RFM_POPULATION_LAYOUT=chunked (commit.lua, forget.lua and
--- populations.lua prepend it); the default keeps one sorted set per population, which is
--- faster (docs/performance.md "Eighteenth pass": ~60 B per customer for the three populations
--- instead of ~310, for several times the Redis time per write and per count). Tested
--- against a sorted list (tests/integration/test_chunks.py), measured (bench/chunked_counts.py).
+-- The service's chunked population layout (a new namespace's by default; commit.lua,
+-- forget.lua and populations.lua prepend it); the other keeps one sorted set per population,
+-- which is faster: ~60 B per customer for the three populations instead of ~310, for about
+-- twice the Redis time per write and several times per count (docs/performance.md
+-- "Eighteenth pass", "Twenty-sixth pass"). Tested against a sorted list
+-- (tests/integration/test_chunks.py), measured (bench/layout_cost.py, bench/chunked_counts.py).
 --
 -- Prepended to the scripts that would use it (RedisStore loads "chunks.lua" + the script), so it
 -- defines local functions only. A script that adds or removes calls pc_flush_all() before
