@@ -184,15 +184,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
             return False
         return True
 
-    @app.on_partitions_assigned.connect
-    async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
-        """Check the partition count, then seek each assigned partition to Redis's last
-        applied offset + 1. One receiver, in that order: faust calls the receivers of a
-        signal in no set order, and a seek sent to the consumer's thread after a crash from
-        another receiver waited out the thread's 60 s stop timeout (a test's worker took 67 s,
-        in CI over 180 s, to stop)."""
-        if not await partition_count_ok():
-            return
+    async def seek_to_redis(assigned: Any) -> None:
+        """Seek each assigned partition of the purchases topic to Redis's last applied offset
+        + 1 (nothing applied yet: offset 0, which resets to the log start if it is gone).
+        Records already fetched from another offset may still arrive: the offset check skips
+        old ones and the gap check re-reads what lies before new ones. seek_wait runs on the
+        consumer's own thread: faust's plain seek() touches aiokafka's fetcher from this
+        thread, which races with a fetch in progress (KeyError in fetched_records,
+        robinhood/aiokafka#19) and crashes the worker."""
         mine = [tp for tp in assigned if tp.topic == settings.purchases_topic]
         if not mine:
             return
@@ -201,16 +200,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
         except RedisError as exc:
             log.warning("could not read applied offsets on assignment (%r)", exc)
             return
-        # nothing applied yet: offset 0, which resets to the log start if it is gone. Records
-        # already fetched from the group's offset may still arrive: the offset check skips old
-        # ones and the gap check re-reads what lies before new ones. seek_wait runs on the
-        # consumer's own thread: faust's plain seek() touches aiokafka's fetcher from this
-        # thread, which races with a fetch in progress (KeyError in fetched_records,
-        # robinhood/aiokafka#19) and crashes the worker.
         targets = {tp: meta[tp.partition][0] + 1 for tp in mine}
         try:
             await app.consumer.seek_wait(targets)
-        except Exception as exc:  # never crash the worker over an optimisation
+        except Exception as exc:  # never crash the worker over a seek: the gap check remains
             log.warning("could not seek to Redis's applied offsets (%r)", exc)
             return
         for tp, target in targets.items():
@@ -218,6 +211,31 @@ def create_app(settings: Settings) -> tuple[faust.App, Services]:
                      tp.partition, target)
             if target > 0:  # what is applied (a restarted worker's gauge read 0 until a batch)
                 services.metrics.applied_offset.labels(str(tp.partition)).set(target - 1)
+
+    @app.on_partitions_assigned.connect
+    async def _seek_to_redis(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        """Check the partition count, then seek to Redis's applied offsets. One receiver, in
+        that order: faust calls the receivers of a signal in no set order, and a seek sent to
+        the consumer's thread after a crash from another receiver waited out the thread's 60
+        s stop timeout (a test's worker took 67 s, in CI over 180 s, to stop)."""
+        if await partition_count_ok():
+            await seek_to_redis(assigned)
+
+    seeks: set[asyncio.Task[None]] = set()
+    rebalance_end = app.on_rebalance_end
+
+    def _seek_again_when_rebalanced() -> None:
+        """faust's recovery seeks the assigned partitions to the group's committed offsets
+        after the assignment signal, or while its receivers run (``perform_seek``), and so
+        can undo their seek: seek again once the rebalance has ended. Else a partition whose
+        group offset is past Redis's (a new namespace, a Redis that lost writes while the
+        workers were stopped) applied nothing until a new record showed the gap."""
+        rebalance_end()
+        task = asyncio.ensure_future(seek_to_redis(app.consumer.assignment()))
+        seeks.add(task)
+        task.add_done_callback(seeks.discard)
+
+    app.on_rebalance_end = _seek_again_when_rebalanced  # type: ignore[method-assign]
 
     @app.on_partitions_assigned.connect
     async def _claim_outboxes(sender: Any, assigned: Any = (), **kwargs: Any) -> None:

@@ -305,7 +305,7 @@ async def test_dropped_redis_connections_lose_nothing(stack, unique, tmp_path):
         worker.stop()
         await store.client.aclose()
         redis.stop()
-    assert state == {cid: v for cid, v in cdnow_state().items() if cid < "08000"}
+    assert state == cdnow_state()
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -620,3 +620,52 @@ async def test_a_stopped_relay_is_reported_and_dies_with_its_killed_worker(stack
     finally:
         worker.stop()
         await store.client.aclose()
+
+
+async def _committed(settings: Settings) -> dict[int, int]:
+    """The consumer group's committed offsets of the purchases topic (-1: none)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_of(settings.kafka_url),
+                                group_id=settings.app_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        out = {}
+        for p in range(settings.partitions):
+            offset = await consumer.committed(TopicPartition(settings.purchases_topic, p))
+            out[p] = -1 if offset is None else offset
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def test_a_caught_up_group_on_an_empty_namespace_applies_the_whole_topic(
+        stack, unique, tmp_path):
+    """The group's offsets are committed at the end of the topic, and Redis holds nothing for
+    the namespace (a new one, or a Redis emptied while the workers were stopped): the worker
+    starts from Redis's applied offsets, not the group's, and applies every record without
+    any new one arriving (README "Guarantees"). faust seeks to the group's offsets after the
+    assignment signal; before the worker sought again after it, this waited forever."""
+    s = crash_settings(stack, unique, partitions=4, batch_max=2000)
+    targets = await load(s)  # all of CDNOW: with less, faust's seek was done before ours
+    worker = start_worker(s, tmp_path / "first.log")
+    store = store_for(s)
+    try:
+        await wait_applied(store, targets, [worker], timeout_s=300)
+        deadline = time.monotonic() + 60
+        while await _committed(s) != {p: t + 1 for p, t in targets.items()}:
+            assert time.monotonic() < deadline, await _committed(s)
+            await asyncio.sleep(0.5)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    fresh = s.model_copy(update={"namespace": f"{unique}n"})
+    worker = start_worker(fresh, tmp_path / "second.log")
+    store = store_for(fresh)
+    try:
+        await wait_applied(store, targets, [worker], timeout_s=120)
+        state = await final_state(fresh)
+    finally:
+        worker.stop()
+        await store.client.aclose()
+    assert state == cdnow_state()
