@@ -154,8 +154,8 @@ class PopulationQueries:
         elif stored != self.population_layout:
             raise LayoutError(
                 f"namespace {self.namespace!r} keeps its populations as {stored}, not "
-                f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored}, or "
-                f"replay into a new namespace with the layout wanted")
+                f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored} or auto, "
+                f"or replay into a new namespace with the layout wanted")
 
     async def population_between(self, partition: int,
                                  ranges: Sequence[tuple[str, float, float]],
