@@ -278,6 +278,7 @@ async def test_a_second_switch_moves_the_configured_name(settings):
             "replay", "--namespace", target, "--switch", "--processes", "2"], env=env)
         assert done.exit_code == 0, done.output
         assert f"{s.namespace!r} now resolves to {target!r}" in done.output
+        assert f"{target!r} keeps its populations as chunked" in done.output
         assert resolve_namespace(s).namespace == target
 
 
