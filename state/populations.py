@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from state.codec import StoredCustomer
 from state.keys import PartitionKeys, layout_key
@@ -85,6 +86,10 @@ class PopulationQueries:
                              others: bool = False) -> dict[str, StoredCustomer | None]:
         raise NotImplementedError  # RedisStore's
 
+    async def partition_meta(self, partitions: Iterable[int]
+                             ) -> dict[int, tuple[int, int | None]]:
+        raise NotImplementedError  # RedisStore's
+
     @property
     def chunked(self) -> bool:
         """Whether the namespace's populations are chunked.
@@ -125,26 +130,30 @@ class PopulationQueries:
         LayoutError
             When the namespace was written with the other layout (its populations would be
             read as empty and written twice over), or holds both; with ``auto``, when it is
-            chunked and the store needs a window (:attr:`new_layout` ``sorted_sets``).
+            chunked and the store needs a window (:attr:`new_layout` ``sorted_sets``). A
+            record on a namespace that holds no state in ``partitions`` (no applied offset, no
+            population: a worker that started and applied nothing, a replay stopped before it
+            wrote) binds nothing: it is recorded again, this store's way.
         """
-        key = layout_key(self.namespace)
-        stored = await self.client.get(key)
+        key, parts = layout_key(self.namespace), list(partitions)
+        try:
+            stored = await self.client.get(key)
+        except ResponseError as exc:  # WRONGTYPE: not a string (set by hand)
+            raise LayoutError(f"namespace {self.namespace!r}: its layout record {key!r} is "
+                              f"not a string ({exc}): set it to the namespace's layout") from exc
+        found: set[str] | None = None
         if stored is None:  # the data says which, if there is any
-            parts = list(partitions)
-            found = {name for name, n in (
-                ("sorted_sets", await self.client.exists(*(self.keys(p).z_last for p in parts))),
-                ("chunked", await self.client.exists(
-                    *(self.keys(p).chunk_bases[0] + "i" for p in parts)))) if n}
-            if len(found) > 1:
-                raise LayoutError(f"namespace {self.namespace!r} holds populations in both "
-                                  f"layouts (some partitions' sorted sets, others' chunks): "
-                                  f"replay it into a new namespace")
-            await self.client.set(key, found.pop() if found else self.new_layout, nx=True)
+            found = await self._layouts_found(parts)
+            await self.client.set(key, next(iter(found), self.new_layout), nx=True)
             stored = await self.client.get(key)
         if stored not in LAYOUTS:
             raise LayoutError(f"namespace {self.namespace!r}: its layout record "
                               f"{layout_key(self.namespace)!r} holds {stored!r}, none of "
                               f"{LAYOUTS} (set by hand?): set it to the namespace's layout")
+        if stored != self.new_layout and not (found or await self._layouts_found(parts)) \
+                and all(offset < 0 for offset, _ in (await self.partition_meta(parts)).values()):
+            await self.client.set(key, self.new_layout)  # no state: the record binds nothing
+            stored = self.new_layout
         if self.population_layout == "auto":
             if stored == "chunked" and self.new_layout == "sorted_sets":
                 raise LayoutError(
@@ -156,6 +165,24 @@ class PopulationQueries:
                 f"namespace {self.namespace!r} keeps its populations as {stored}, not "
                 f"{self.population_layout} (RFM_POPULATION_LAYOUT): set it to {stored} or auto, "
                 f"or replay into a new namespace with the layout wanted")
+
+    async def _layouts_found(self, parts: list[int]) -> set[str]:
+        """The layouts whose population keys some of ``parts`` hold.
+
+        Raises
+        ------
+        LayoutError
+            When they hold both.
+        """
+        found = {name for name, n in (
+            ("sorted_sets", await self.client.exists(*(self.keys(p).z_last for p in parts))),
+            ("chunked", await self.client.exists(
+                *(self.keys(p).chunk_bases[0] + "i" for p in parts)))) if n}
+        if len(found) > 1:
+            raise LayoutError(f"namespace {self.namespace!r} holds populations in both "
+                              f"layouts (some partitions' sorted sets, others' chunks): "
+                              f"replay it into a new namespace")
+        return found
 
     async def population_between(self, partition: int,
                                  ranges: Sequence[tuple[str, float, float]],

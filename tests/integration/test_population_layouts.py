@@ -668,6 +668,39 @@ async def test_auto_takes_the_namespace_layout_and_chunks_a_new_one(settings, wr
         await client.aclose()
 
 
+async def test_a_layout_record_binds_only_a_namespace_with_state(settings):
+    """A breaker's case: a worker started on a new namespace records its layout before it
+    applies anything; the namespace, still without state, must take a restart with a window
+    (sorted sets) or the other layout, and keep it once it holds state. A record that is not
+    a string is named, not a Redis error."""
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    ns, key = settings.namespace, prefix(settings.namespace, 0) + "layout"
+    try:
+        await RedisStore(client, ns, population_layout="auto").check_layout([0, 1])
+        assert await client.get(key) == "chunked"
+        windowed = RedisStore(client, ns, population_layout="auto", window=True)
+        assert await windowed.layout() == "sorted_sets" == await client.get(key)
+        chunked = RedisStore(client, ns, population_layout="chunked")
+        await chunked.check_layout([0, 1])
+        assert await client.get(key) == "chunked"
+        base = settings.model_copy(update={"partitions": 2})
+        s = build_services(base)  # auto: takes the chunked record, then holds state
+        assert (await s.processor.process(1, one_purchase("a", 0, 1), now_ms=NOW)).applied
+        await s.store.client.aclose()
+        with pytest.raises(LayoutError, match="window"):
+            await RedisStore(client, ns, population_layout="auto", window=True).check_layout(
+                [0, 1])
+        with pytest.raises(LayoutError, match="keeps its populations as chunked"):
+            await RedisStore(client, ns, population_layout="sorted_sets").check_layout([0, 1])
+        assert await client.get(key) == "chunked"
+        await client.delete(key)
+        await client.hset(key, "layout", "chunked")
+        with pytest.raises(LayoutError, match="not a string"):
+            await RedisStore(client, ns, population_layout="auto").check_layout([0, 1])
+    finally:
+        await client.aclose()
+
+
 async def test_a_chunked_namespace_whose_layout_record_was_lost_is_still_chunked(settings):
     """The record deleted (by hand, a wipe of that key, an eviction): the chunks in any
     partition say which layout the namespace has; both kinds of keys are refused."""
