@@ -86,10 +86,6 @@ class PopulationQueries:
                              others: bool = False) -> dict[str, StoredCustomer | None]:
         raise NotImplementedError  # RedisStore's
 
-    async def partition_meta(self, partitions: Iterable[int]
-                             ) -> dict[int, tuple[int, int | None]]:
-        raise NotImplementedError  # RedisStore's
-
     @property
     def chunked(self) -> bool:
         """Whether the namespace's populations are chunked.
@@ -130,10 +126,10 @@ class PopulationQueries:
         LayoutError
             When the namespace was written with the other layout (its populations would be
             read as empty and written twice over), or holds both; with ``auto``, when it is
-            chunked and the store needs a window (:attr:`new_layout` ``sorted_sets``). A
-            record on a namespace that holds no state in ``partitions`` (no applied offset, no
-            population: a worker that started and applied nothing, a replay stopped before it
-            wrote) binds nothing: it is recorded again, this store's way.
+            chunked and the store needs a window (:attr:`new_layout` ``sorted_sets``). The
+            record binds from the first check, before any state: two workers of different
+            layouts started at once on a new namespace would otherwise each write their own
+            (no commit can check the record, which lives in partition 0's slot).
         """
         key, parts = layout_key(self.namespace), list(partitions)
         try:
@@ -141,7 +137,6 @@ class PopulationQueries:
         except ResponseError as exc:  # WRONGTYPE: not a string (set by hand)
             raise LayoutError(f"namespace {self.namespace!r}: its layout record {key!r} is "
                               f"not a string ({exc}): set it to the namespace's layout") from exc
-        found: set[str] | None = None
         if stored is None:  # the data says which, if there is any
             found = await self._layouts_found(parts)
             await self.client.set(key, next(iter(found), self.new_layout), nx=True)
@@ -150,10 +145,6 @@ class PopulationQueries:
             raise LayoutError(f"namespace {self.namespace!r}: its layout record "
                               f"{layout_key(self.namespace)!r} holds {stored!r}, none of "
                               f"{LAYOUTS} (set by hand?): set it to the namespace's layout")
-        if stored != self.new_layout and not (found or await self._layouts_found(parts)) \
-                and all(offset < 0 for offset, _ in (await self.partition_meta(parts)).values()):
-            await self.client.set(key, self.new_layout)  # no state: the record binds nothing
-            stored = self.new_layout
         if self.population_layout == "auto":
             if stored == "chunked" and self.new_layout == "sorted_sets":
                 raise LayoutError(
