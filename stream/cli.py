@@ -132,20 +132,6 @@ def _check_layout(settings: Any) -> str:
             f"Redis unreachable at the configured RFM_REDIS_URL: {exc}") from exc
 
 
-def _layout_of(settings: Any, namespace: str) -> str:
-    """The population layout ``namespace`` holds (``RedisStore.layout``)."""
-    from stream.runner import store_for
-
-    async def read() -> str:
-        store = store_for(settings.model_copy(update={"namespace": namespace}))
-        try:
-            return await store.layout()
-        finally:
-            await store.client.aclose()
-
-    return asyncio.run(read())
-
-
 def _version(ctx: click.Context, asked: bool) -> None:
     """``--version``: the release and the format of the customer values it writes (README
     "Upgrading"); imported only when asked, as the CLI imports what a command needs."""
@@ -418,8 +404,8 @@ def replay(namespace: str, from_time: str | None, changes_topic: str | None,
                f"{' published to ' + changes_topic if changes_topic else ' (not published)'}")
     for reason, n in sorted(s.dead_letter_reasons.items()):
         click.echo(f"  dead letters ({reason}): {n:,} (not re-sent to the dead-letter topic)")
-    click.echo(f"{namespace!r} keeps its populations as {_layout_of(settings, namespace)} "
-               f"(RFM_POPULATION_LAYOUT)")
+    layout = _check_layout(settings.model_copy(update={"namespace": namespace}))
+    click.echo(f"{namespace!r} keeps its populations as {layout} (RFM_POPULATION_LAYOUT)")
     if switch:
         click.echo(f"{configured.namespace!r} now resolves to {namespace!r}: restart the workers")
 

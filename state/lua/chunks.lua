@@ -65,10 +65,10 @@ local function pc_fence(base, v, id)
   return redis.call('ZREVRANGEBYLEX', base .. 'i', '[' .. pc_enc(v) .. id, '-', 'LIMIT', 0, 1)[1] or ''
 end
 
--- the value part of a fence, as a number ('' -> -inf)
-local function pc_fence_value(f)
-  if f == '' then return -math.huge end
-  return tonumber(string.sub(f, 1, 16))
+-- a fence's value (a number; -inf for '') and id
+local function pc_parse(f)
+  if f == '' then return -math.huge, '' end
+  return tonumber(string.sub(f, 1, 16)), string.sub(f, 17)
 end
 
 -- the last of `fences` (ascending) whose value is <= x: its position (fences[1] is a
@@ -93,12 +93,6 @@ local function pc_bytes_lt(a, b)
     if x ~= y then return x < y end
   end
   return #a < #b
-end
-
--- a fence's value (a number; -inf for '') and id
-local function pc_parse(f)
-  if f == '' then return -math.huge, '' end
-  return tonumber(string.sub(f, 1, 16)), string.sub(f, 17)
 end
 
 -- the last entry k of `list` (ascending entries {f, v, id}; list[1] a lower bound of
@@ -139,13 +133,19 @@ local function pc_session(base)
   return s
 end
 
+-- the fences of the chunks from fence g up to fence nxt (nil: the last), in order
+local function pc_index_range(base, g, nxt)
+  local out = redis.call('ZRANGEBYLEX', base .. 'i', '[' .. g, nxt and ('(' .. nxt) or '+')
+  if out[1] ~= g then table.insert(out, 1, g) end  -- '' before any index entry
+  return out
+end
+
 -- group gi's chunks, read the first time
 local function pc_chunks(base, s, gi)
   local grp = s.groups[gi]
   if grp.chunks ~= nil then return grp.chunks end
   local nxt = s.groups[gi + 1]
-  local fences = redis.call('ZRANGEBYLEX', base .. 'i', '[' .. grp.f, nxt and ('(' .. nxt.f) or '+')
-  if fences[1] ~= grp.f then table.insert(fences, 1, grp.f) end  -- '' before any index entry
+  local fences = pc_index_range(base, grp.f, nxt and nxt.f)
   local sizes = redis.call('HMGET', base .. 's', unpack(fences))
   grp.chunks = {}
   for k, f in ipairs(fences) do
@@ -188,10 +188,8 @@ end
 
 -- the chunks' fences of group g, in order (as stored: for reads)
 local function pc_group_chunks(base, g)
-  local nxt = redis.call('ZRANGEBYLEX', base .. 'g', '(' .. g, '+', 'LIMIT', 0, 1)[1]
-  local out = redis.call('ZRANGEBYLEX', base .. 'i', '[' .. g, nxt and ('(' .. nxt) or '+')
-  if out[1] ~= g then table.insert(out, 1, g) end  -- '' before any index entry
-  return out
+  return pc_index_range(base, g,
+                        redis.call('ZRANGEBYLEX', base .. 'g', '(' .. g, '+', 'LIMIT', 0, 1)[1])
 end
 
 local function pc_move(from, to)  -- every member of chunk `from` into chunk `to`; deletes from
@@ -277,11 +275,12 @@ local function pc_refill(base, s, gi, k, ids, vals)
   pc_split_group(base, s, gi)
 end
 
--- merge chunk k of group gi (not the population's first) into its predecessor, when that
--- has room
+-- merge chunk k of group gi into its predecessor, when it is underfull (< PC_MERGE), not
+-- the population's first, and the predecessor has room
 local function pc_merge(base, s, gi, k)
   local grp = s.groups[gi]
   local c = grp.chunks[k]
+  if c.n >= PC_MERGE or (gi == 1 and k == 1) then return end
   local pg, pk = gi, k - 1
   if k == 1 then pg = gi - 1; pk = #pc_chunks(base, s, pg) end
   local pgrp = s.groups[pg]
@@ -382,10 +381,7 @@ local function pc_remove_many(base, items)
     end
   end
   for _, c in ipairs(order) do  -- underfull chunks merged into their predecessors
-    if c.n < PC_MERGE and not c.gone then
-      local gi, k = pc_find(base, s, c.v, c.id)
-      if gi > 1 or k > 1 then pc_merge(base, s, gi, k) end
-    end
+    if not c.gone then pc_merge(base, s, pc_find(base, s, c.v, c.id)) end
   end
   return missing
 end
@@ -401,7 +397,7 @@ local function pc_remove_at(base, s, gi, k, id)
   local c = grp.chunks[k]
   if redis.call('ZREM', base .. 'c:' .. c.f, id) == 0 then return 0 end
   pc_resize(s, grp, c, -1)
-  if c.n < PC_MERGE and (gi > 1 or k > 1) then pc_merge(base, s, gi, k) end
+  pc_merge(base, s, gi, k)
   return 1
 end
 
@@ -442,7 +438,7 @@ local function pc_counter(base)
   local gvalues, before, total = {}, {}, 0  -- customers in the groups before each group
   local n = pc_sliced('HMGET', base .. 'gn', groups)
   for i, g in ipairs(groups) do
-    gvalues[i] = pc_fence_value(g)
+    gvalues[i] = pc_parse(g)
     before[i] = total
     total = total + tonumber(n[i] or 0)
   end
@@ -453,7 +449,7 @@ local function pc_counter(base)
       local fences = pc_group_chunks(base, groups[i])
       local values, below, sum = {}, {}, 0
       for k, size in ipairs(redis.call('HMGET', base .. 's', unpack(fences))) do
-        values[k] = pc_fence_value(fences[k])
+        values[k] = pc_parse(fences[k])
         below[k] = sum
         sum = sum + tonumber(size)
       end
